@@ -1,0 +1,100 @@
+"""The element that flows between bulkinfer's stages: a batch of rows, not one row.
+
+Beam's Python runners pay about 100 us per element, so read, infer and write move `Batch`es of
+hundreds or thousands of rows.  A user's own row-level DoFn can sit between them: `BulkInference`
+and `WriteDataset` accept plain dict rows too (see `Rebatch`), and `Unbatch` turns batches into rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+FAILED = "failed"  # tag of every dead-letter output
+
+
+@dataclasses.dataclass
+class Batch:
+    """rows: dicts.  source: the file they came from, if any.  positions: each row's 1-based line or
+    row number in that file (for error messages).  from_rows: built from single-row elements, so
+    BulkInference hands single rows back."""
+
+    rows: list[dict]
+    source: str | None = None
+    positions: Sequence[int] | None = None
+    from_rows: bool = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def where(self, i: int) -> str:
+        """Where row i came from, for error messages: 'data/a.jsonl line 7' or 'row 3'."""
+        pos = self.positions[i] if self.positions is not None else i + 1
+        return f"{self.source} row {pos}" if self.source else f"row {pos}"
+
+    def take(self, indices: Iterable[int], rows: list[dict] | None = None) -> Batch:
+        """A batch of the given rows (or replacement rows), keeping their positions."""
+        indices = list(indices)
+        positions = [self.positions[i] for i in indices] if self.positions is not None else [i + 1 for i in indices]
+        return Batch(
+            rows if rows is not None else [self.rows[i] for i in indices],
+            source=self.source, positions=positions, from_rows=self.from_rows,
+        )
+
+
+def dead_letter(*, stage: str, error: str, record: Any, row_id: Any = None, source: str | None = None,
+                position: int | None = None) -> dict:
+    """One failed row: where it failed, why, and the raw record as it arrived."""
+    return {"id": row_id, "stage": stage, "error": error, "record": record, "source": source, "position": position}
+
+
+def to_json(obj: Any) -> str:
+    """JSON for rows and dead letters, whatever they hold (numpy arrays become lists, bytes are decoded)."""
+    return json.dumps(obj, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, bytes | bytearray):
+        return o.decode("utf-8", errors="replace")
+    return str(o)
+
+
+class Rebatch(beam.DoFn):
+    """Passes `Batch`es through; gathers single dict rows into batches of up to `rows` rows per bundle."""
+
+    def __init__(self, rows: int = 1024):
+        self._size = rows
+        self._buf: list[dict] = []
+
+    def start_bundle(self):
+        self._buf = []
+
+    def process(self, element):
+        if isinstance(element, Batch):
+            yield element
+            return
+        self._buf.append(element)
+        if len(self._buf) >= self._size:
+            yield Batch(self._buf, from_rows=True)
+            self._buf = []
+
+    def finish_bundle(self):
+        if self._buf:
+            yield WindowedValue(Batch(self._buf, from_rows=True), MIN_TIMESTAMP, [GlobalWindow()])
+            self._buf = []
+
+
+class Unbatch(beam.PTransform):
+    """Batches -> single rows, for a row-level DoFn of the user's."""
+
+    def expand(self, pcoll):
+        return pcoll | beam.FlatMap(lambda b: b.rows if isinstance(b, Batch) else [b])

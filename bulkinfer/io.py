@@ -1,0 +1,283 @@
+"""Datasets in and out: JSONL, Parquet and CSV by file extension, on any Beam filesystem.
+
+    >>> rows = p | ReadDataset("data/*.jsonl")                 # PCollection of Batch
+    >>> rows | WriteDataset("out/", format="parquet")          # out/part-<uuid>.parquet
+
+Both move `Batch`es of rows, not single rows.  A line or record that cannot be read (malformed JSON,
+invalid UTF-8, a CSV row with the wrong column count) is a dead letter naming the file and line; by
+default it fails the job, after `.with_exception_handling()` it is returned as a second output.
+Files are written to a temporary name and renamed when complete, so a killed job never leaves a
+half-written file that looks finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from bulkinfer.batch import FAILED, Batch, dead_letter, to_json
+
+NAMESPACE = "bulkinfer"
+READ_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+WRITE_FORMATS = ("parquet", "jsonl")
+
+
+def input_format(path: str) -> str:
+    for ext, fmt in READ_FORMATS.items():
+        if path.lower().endswith(ext):
+            return fmt
+    raise ValueError(f"{path}: unknown input format; expected one of the extensions {sorted(READ_FORMATS)}")
+
+
+def match_files(pattern: str) -> list[str]:
+    """Every file matching a glob on any Beam filesystem, sorted; a clear error if there is none."""
+    matched = FileSystems.match([pattern])[0].metadata_list
+    files = sorted(m.path for m in matched if not m.path.endswith("/"))
+    if not files:
+        raise FileNotFoundError(f"no input file matches {pattern!r}")
+    for f in files:
+        input_format(f)
+    return files
+
+
+def estimate_rows(files: list[str]) -> int | None:
+    """Rows in the files if cheap to know (Parquet metadata, newline counts of local files), else None."""
+    total = 0
+    for path in files:
+        fmt = input_format(path)
+        if fmt == "parquet":
+            with FileSystems.open(path) as f:
+                try:
+                    total += pq.ParquetFile(f).metadata.num_rows
+                except (pa.ArrowInvalid, OSError):
+                    return None
+        elif "://" in path:
+            return None
+        else:
+            with open(path, "rb") as f:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            total -= 1 if fmt == "csv" else 0
+    return total
+
+
+class ReadDataset(beam.PTransform):
+    """Rows of every file matching `pattern`, as `Batch`es of up to `batch_rows` rows."""
+
+    def __init__(self, pattern: str, *, batch_rows: int = 1024):
+        super().__init__()
+        self._files = match_files(pattern)
+        self._batch_rows = batch_rows
+        self._dead_letters = False
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._files)
+
+    def with_exception_handling(self) -> ReadDataset:
+        """Return (batches, dead_letters) instead of failing on an unreadable record."""
+        self._dead_letters = True
+        return self
+
+    def expand(self, pbegin):
+        result = (
+            pbegin
+            | "Files" >> beam.Create(self._files)
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(_ReadFile(self._batch_rows)).with_outputs(FAILED, main="rows")
+        )
+        if self._dead_letters:
+            return result.rows, result[FAILED]
+        _ = result[FAILED] | "FailOnDeadLetter" >> beam.Map(_fail)
+        return result.rows
+
+
+def _fail(letter):
+    raise ValueError(f"{letter['error']}; use ReadDataset(...).with_exception_handling() to skip such records")
+
+
+class _ReadFile(beam.DoFn):
+    def __init__(self, batch_rows: int):
+        self._batch_rows = batch_rows
+        self._rows = Metrics.counter(NAMESPACE, "read_rows")
+        self._failed = Metrics.counter(NAMESPACE, "read_rows_failed")
+
+    def process(self, path: str):
+        reader = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}[input_format(path)]
+        rows, positions = [], []
+        for position, row, error, raw in reader(path):
+            if error is not None:
+                self._failed.inc()
+                yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
+                    stage="read", error=f"{path} line {position}: {error}", record=raw, source=path,
+                    position=position))
+                continue
+            rows.append(row)
+            positions.append(position)
+            if len(rows) >= self._batch_rows:
+                self._rows.inc(len(rows))
+                yield Batch(rows, source=path, positions=positions)
+                rows, positions = [], []
+        if rows:
+            self._rows.inc(len(rows))
+            yield Batch(rows, source=path, positions=positions)
+
+
+# Each reader yields (1-based line/row number, row or None, error or None, raw record).
+
+
+def _jsonl_records(path: str):
+    with FileSystems.open(path) as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, None, f"invalid UTF-8 at byte {e.start}", raw.decode("utf-8", errors="replace")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, None, f"malformed JSON ({e.msg} at column {e.colno})", line.rstrip("\n")
+                continue
+            if not isinstance(row, dict):
+                yield n, None, f"expected a JSON object, got {type(row).__name__}", line.rstrip("\n")
+                continue
+            yield n, row, None, None
+
+
+def _csv_records(path: str):
+    with FileSystems.open(path) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="strict", newline="")
+        reader = csv.reader(text)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:
+            yield 1, None, f"invalid UTF-8 in the header ({e.reason})", None
+            return
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as e:
+                yield reader.line_num + 1, None, f"invalid UTF-8 ({e.reason}); the rest of the file is unreadable", None
+                return
+            except csv.Error as e:
+                yield reader.line_num, None, f"malformed CSV ({e})", None
+                continue
+            if not values:
+                continue
+            if len(values) != len(header):
+                yield reader.line_num, None, (
+                    f"{len(values)} columns, the header has {len(header)}"), ",".join(values)
+                continue
+            yield reader.line_num, dict(zip(header, values)), None, None
+
+
+def _parquet_records(path: str):
+    with FileSystems.open(path) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            yield 1, None, f"not a readable Parquet file ({e})", None
+            return
+        n = 0
+        for record_batch in pf.iter_batches(batch_size=8192):
+            for row in record_batch.to_pylist():
+                n += 1
+                yield n, row, None, None
+
+
+class WriteDataset(beam.PTransform):
+    """Writes rows or `Batch`es to `directory` as sharded Parquet (default) or JSONL files.
+
+    columns: write only these fields (default: all).  prefix: file name prefix ("part").
+    Each bundle writes its own shards `prefix-<uuid>.<ext>`, committed by rename.  Returns a
+    PCollection of the committed file paths.
+    """
+
+    def __init__(self, directory: str, *, format: str = "parquet", columns: list[str] | None = None,
+                 prefix: str = "part", rows_per_file: int = 100_000):
+        super().__init__()
+        if format not in WRITE_FORMATS:
+            raise ValueError(f"unknown output format {format!r}; expected one of {WRITE_FORMATS}")
+        self._args = dict(directory=directory.rstrip("/"), fmt=format, columns=columns, prefix=prefix,
+                          rows_per_file=rows_per_file)
+
+    def expand(self, pcoll):
+        return pcoll | "Write" >> beam.ParDo(_WriteShards(**self._args))
+
+
+class _WriteShards(beam.DoFn):
+    def __init__(self, *, directory, fmt, columns, prefix, rows_per_file):
+        self._dir, self._fmt, self._columns, self._prefix = directory, fmt, columns, prefix
+        self._rows_per_file = rows_per_file
+        self._written = Metrics.counter(NAMESPACE, f"{prefix}_rows_written")
+
+    def setup(self):
+        try:
+            FileSystems.mkdirs(self._dir)
+        except OSError:
+            if not FileSystems.exists(self._dir):  # already there is fine; anything else is not
+                raise
+
+    def start_bundle(self):
+        self._buf: list[dict] = []
+
+    def process(self, element):
+        self._buf.extend(element.rows if isinstance(element, Batch) else [element])
+        if len(self._buf) >= self._rows_per_file:
+            yield self._commit()
+
+    def finish_bundle(self):
+        if self._buf:
+            yield WindowedValue(self._commit(), MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _commit(self) -> str:
+        rows, self._buf = self._buf, []
+        if self._columns:
+            rows = [{c: r.get(c) for c in self._columns} for r in rows]
+        name = f"{self._prefix}-{uuid.uuid4().hex[:16]}.{self._fmt}"
+        final = FileSystems.join(self._dir, name)
+        temp = FileSystems.join(self._dir, f".tmp-{name}")
+        with FileSystems.create(temp) as f:
+            if self._fmt == "parquet":
+                pq.write_table(rows_to_table(rows), f)
+            else:
+                f.write("".join(to_json(r) + "\n" for r in rows).encode("utf-8"))
+        FileSystems.rename([temp], [final])
+        self._written.inc(len(rows))
+        return final
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """An Arrow table from dict rows; equal-length 1-D numpy vectors become fixed-size float lists."""
+    names: dict[str, None] = {}
+    for r in rows:
+        names.update(dict.fromkeys(r))
+    columns = {}
+    for name in names:
+        values = [r.get(name) for r in rows]
+        first = values[0]
+        if isinstance(first, np.ndarray) and first.ndim == 1 and all(
+                isinstance(v, np.ndarray) and v.shape == first.shape for v in values):
+            flat = pa.array(np.stack(values).reshape(-1))
+            columns[name] = pa.FixedSizeListArray.from_arrays(flat, first.shape[0])
+        else:
+            columns[name] = pa.array([v.tolist() if isinstance(v, np.ndarray) else v for v in values])
+    return pa.table(columns)

@@ -1,0 +1,138 @@
+"""A BERT-family encoder as pure JAX functions over a parameter pytree.
+
+Nothing here imports Beam or touches files; `checkpoint.py` turns an HF directory into the
+`BertConfig` and parameter pytree used here.
+
+Parameter layout (all float arrays, transformer layers stacked on a leading axis so the encoder is
+one `lax.scan`; D = hidden size, F = intermediate size, N = number of layers):
+
+    embeddings: word [V, D], position [P, D], token_type [T, D], ln_scale [D], ln_bias [D]
+    layers:     qkv_w [N, D, 3D], qkv_b [N, 3D], out_w [N, D, D], out_b [N, D],
+                ln1_scale [N, D], ln1_bias [N, D], ffn_in_w [N, D, F], ffn_in_b [N, F],
+                ffn_out_w [N, F, D], ffn_out_b [N, D], ln2_scale [N, D], ln2_bias [N, D]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position: int
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}"
+            )
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> BertConfig:
+        """Builds the config from the fields of an HF `config.json` for a BERT-style model."""
+        try:
+            return cls(
+                vocab_size=cfg["vocab_size"],
+                hidden_size=cfg["hidden_size"],
+                num_layers=cfg["num_hidden_layers"],
+                num_heads=cfg["num_attention_heads"],
+                intermediate_size=cfg["intermediate_size"],
+                max_position=cfg["max_position_embeddings"],
+                type_vocab_size=cfg.get("type_vocab_size", 2),
+                layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+                hidden_act=cfg.get("hidden_act", "gelu"),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the field {e.args[0]!r} that a BERT encoder needs") from None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def _layer_norm(x, scale, bias, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def encode_tokens(params: Params, input_ids: jax.Array, mask: jax.Array, *, config: BertConfig) -> jax.Array:
+    """Token states of the encoder.
+
+    input_ids, mask: [B, L] int32 (mask 1 for real tokens, 0 for padding).  Returns [B, L, D].
+    """
+    emb = params["embeddings"]
+    b, length = input_ids.shape
+    dtype = emb["word"].dtype
+    x = emb["word"][input_ids] + emb["position"][:length][None] + emb["token_type"][0]  # [B, L, D]
+    x = _layer_norm(x, emb["ln_scale"], emb["ln_bias"], config.layer_norm_eps)
+    # Additive attention bias: 0 where the key is a real token, a large negative number on padding.
+    bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)  # [B, 1, 1, L]
+    h, hd = config.num_heads, config.head_dim
+    act = _ACTIVATIONS[config.hidden_act]
+    eps = config.layer_norm_eps
+
+    def layer(x, p):
+        qkv = x @ p["qkv_w"] + p["qkv_b"]  # [B, L, 3D]
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x [B, L, D]
+        q, k, v = (t.reshape(b, length, h, hd) for t in (q, k, v))  # [B, L, H, Dh]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) + bias  # [B, H, L, L]
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, h * hd)  # [B, L, D]
+        x = _layer_norm(x + ctx @ p["out_w"] + p["out_b"], p["ln1_scale"], p["ln1_bias"], eps)
+        ffn = act(x @ p["ffn_in_w"] + p["ffn_in_b"]) @ p["ffn_out_w"] + p["ffn_out_b"]  # [B, L, D]
+        x = _layer_norm(x + ffn, p["ln2_scale"], p["ln2_bias"], eps)
+        return x, None
+
+    x, _ = jax.lax.scan(layer, x, params["layers"])
+    return x
+
+
+def pool(tokens: jax.Array, mask: jax.Array, *, mode: str, normalize: bool) -> jax.Array:
+    """Sentence vectors from token states [B, L, D] -> [B, D] (float32)."""
+    tokens = tokens.astype(jnp.float32)
+    m = mask.astype(jnp.float32)[..., None]  # [B, L, 1]
+    if mode == "mean":
+        out = (tokens * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
+    elif mode == "cls":
+        out = tokens[:, 0]
+    elif mode == "max":
+        out = jnp.where(m > 0, tokens, -1e9).max(1)
+    else:
+        raise ValueError(f"pooling mode {mode!r} is not supported; expected mean, cls or max")
+    if normalize:
+        out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return out
+
+
+def embed(
+    params: Params, input_ids: jax.Array, mask: jax.Array, *, config: BertConfig, pooling: str, normalize: bool
+) -> jax.Array:
+    """Pooled sentence embeddings [B, D] for token ids [B, L]."""
+    return pool(encode_tokens(params, input_ids, mask, config=config), mask, mode=pooling, normalize=normalize)

@@ -1,0 +1,1 @@
+"""Bulk-inference jobs built from models, the runtime and the Beam transforms."""

@@ -1,0 +1,229 @@
+"""`BulkInference`: the PTransform that runs a model over a PCollection of rows or batches.
+
+    with beam.Pipeline() as p:
+        (p | bulkinfer.io.ReadDataset("data/*.jsonl")
+           | beam.ParDo(MyPreprocess())
+           | bulkinfer.BulkInference(bulkinfer.TextEmbedder.from_name("minilm"),
+                                     accelerator="type:nvidia-h200;count:1", min_ram="16GB")
+           | beam.ParDo(MyPostprocess())
+           | bulkinfer.io.WriteDataset("out/"))
+
+The model is any object with `load()`; the loaded model has `predict(values)`, `input_type` and
+`output_name` (see `TextEmbedder`).  It is loaded once per worker process in `DoFn.setup` and shared
+by all of that process's DoFn threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from bulkinfer import progress
+from bulkinfer.batch import FAILED, Batch, Rebatch, dead_letter
+from bulkinfer.runtime import EngineStats
+
+NAMESPACE = "bulkinfer"
+
+_loaded: dict[Any, Any] = {}
+_loaded_lock = threading.Lock()
+
+
+def load_shared(model) -> Any:
+    """The process's one loaded instance of `model` (a hashable spec); loads it on first use."""
+    with _loaded_lock:
+        if model not in _loaded:
+            _loaded[model] = model.load()
+            Metrics.distribution(NAMESPACE, "model_load_ms").update(
+                int(getattr(_loaded[model], "load_s", 0.0) * 1000))
+        return _loaded[model]
+
+
+class BulkInference(beam.PTransform):
+    """Runs `model` on field `input_field` of each row and adds the prediction as `output_field`.
+
+    Input elements are dict rows or `Batch`es; output elements are of the same kind.  Rows whose input
+    is missing or of the wrong type, or on which the model fails, are dead letters: by default the
+    pipeline fails on the first one; after `.with_exception_handling()` the transform returns
+    `(predictions, dead_letters)` and the job goes on.
+
+    accelerator, min_ram: Beam resource hints for the inference stage, e.g.
+      accelerator="type:nvidia-h200;count:1;install-nvidia-driver", min_ram="16GB".
+    flush_rows: rows gathered (per bundle) before the engine runs them; more rows -> less padding.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        accelerator: str | None = None,
+        min_ram: str | None = None,
+        input_field: str = "text",
+        id_field: str | None = "id",
+        output_field: str | None = None,
+        flush_rows: int = 8192,
+    ):
+        super().__init__()
+        if flush_rows < 1:
+            raise ValueError(f"flush_rows must be >= 1, got {flush_rows}")
+        self._model = model
+        self._hints = {k: v for k, v in (("accelerator", accelerator), ("min_ram", min_ram)) if v}
+        self._fields = dict(input_field=input_field, id_field=id_field, output_field=output_field)
+        self._flush_rows = flush_rows
+        self._dead_letters = False
+
+    def with_exception_handling(self) -> BulkInference:
+        """Return (predictions, dead_letters) instead of failing on a bad row."""
+        self._dead_letters = True
+        return self
+
+    def expand(self, pcoll):
+        infer = beam.ParDo(_InferDoFn(self._model, flush_rows=self._flush_rows, **self._fields))
+        infer = infer.with_outputs(FAILED, main="predictions")
+        if self._hints:
+            infer = infer.with_resource_hints(**self._hints)
+        result = pcoll | "Rebatch" >> beam.ParDo(Rebatch()) | "Infer" >> infer
+        if self._dead_letters:
+            return result.predictions, result[FAILED]
+        _ = result[FAILED] | "FailOnDeadLetter" >> beam.Map(_fail)
+        return result.predictions
+
+
+def _fail(letter: dict):
+    raise ValueError(
+        f"{letter['error']} (stage {letter['stage']}); use BulkInference(...).with_exception_handling() "
+        "to send bad rows to a dead-letter output instead of failing the job"
+    )
+
+
+class _InferDoFn(beam.DoFn):
+    def __init__(self, model, *, input_field, id_field, output_field, flush_rows):
+        self._model = model
+        self._input_field, self._id_field = input_field, id_field
+        self._output_field = output_field
+        self._flush_rows = flush_rows
+        self._rows_in = Metrics.counter(NAMESPACE, "infer_rows_in")
+        self._rows_out = Metrics.counter(NAMESPACE, "infer_rows_out")
+        self._failed = Metrics.counter(NAMESPACE, "infer_rows_failed")
+        self._batches = Metrics.counter(NAMESPACE, "batches")
+        self._real_tokens = Metrics.counter(NAMESPACE, "real_tokens")
+        self._padded_tokens = Metrics.counter(NAMESPACE, "padded_tokens")
+        self._compiles = Metrics.counter(NAMESPACE, "compiles")
+        self._device_ms = Metrics.counter(NAMESPACE, "engine_ms")
+
+    def setup(self):
+        self._loaded = load_shared(self._model)
+        self._output = self._output_field or self._loaded.output_name
+
+    def start_bundle(self):
+        self._pending: list[tuple[Batch, list[int], list]] = []  # (batch, valid row indices, values)
+        self._pending_rows = 0
+
+    def process(self, batch: Batch):
+        self._rows_in.inc(len(batch))
+        valid, values = [], []
+        for i, row in enumerate(batch.rows):
+            error = self._check(row)
+            if error is None:
+                valid.append(i)
+                values.append(row[self._input_field])
+            else:
+                yield self._letter(batch, i, error)
+        self._pending.append((batch, valid, values))
+        self._pending_rows += len(values)
+        if self._pending_rows >= self._flush_rows:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for out in self._flush():
+            yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _check(self, row) -> str | None:
+        field = self._input_field
+        if not isinstance(row, dict):
+            return f"expected a dict row, got {type(row).__name__}"
+        if field not in row:
+            return f"field {field!r} is missing"
+        want = self._loaded.input_type
+        if not isinstance(row[field], want):
+            got = "null" if row[field] is None else type(row[field]).__name__
+            return f"field {field!r} is {got}, expected {want.__name__}"
+        return None
+
+    def _letter(self, batch: Batch, i: int, error: str, stage: str = "inference"):
+        self._failed.inc()
+        row = batch.rows[i]
+        row_id = row.get(self._id_field) if isinstance(row, dict) and self._id_field else None
+        where = batch.where(i) + (f" (id {row_id!r})" if row_id is not None else "")
+        pos = batch.positions[i] if batch.positions is not None else None
+        return beam.pvalue.TaggedOutput(FAILED, dead_letter(
+            stage=stage, error=f"{where}: {error}", record=row, row_id=row_id, source=batch.source, position=pos))
+
+    def _flush(self):
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        values = [v for _, _, vs in pending for v in vs]
+        if not values:  # every pending row was a dead letter
+            progress.advance(sum(len(b) for b, _, _ in pending))
+            return
+        stats = EngineStats()
+        preds, errors = _predict_isolating(self._loaded, values, stats)
+        self._batches.inc(stats.batches)
+        self._real_tokens.inc(stats.real_tokens)
+        self._padded_tokens.inc(stats.padded_tokens)
+        self._compiles.inc(stats.compiles)
+        self._device_ms.inc(int(stats.run_s * 1000))
+        k = 0
+        for batch, valid, _ in pending:
+            keep, rows = [], []
+            for i in valid:
+                if k in errors:
+                    yield self._letter(batch, i, f"model failed: {errors[k]}")
+                else:
+                    keep.append(i)
+                    rows.append({**batch.rows[i], self._output: preds[k]})
+                k += 1
+            self._rows_out.inc(len(rows))
+            progress.advance(len(batch))
+            yield from self._emit(batch.take(keep, rows))
+
+    @staticmethod
+    def _emit(batch: Batch):
+        if batch.from_rows:
+            yield from batch.rows
+        elif batch.rows:
+            yield batch
+
+
+def _predict_isolating(loaded, values: list, stats: EngineStats):
+    """Predictions for all values; if the model fails, bisect until the failing values are isolated.
+
+    Returns (predictions indexed like values, {index: error text} for values that failed alone).
+    """
+    import numpy as np
+
+    errors: dict[int, str] = {}
+    out: list | None = None
+
+    def attempt(lo: int, hi: int):
+        nonlocal out
+        try:
+            part = loaded.predict(values[lo:hi], stats=stats)
+        except Exception as e:  # any model failure: isolate it, never lose the rest
+            if hi - lo == 1:
+                errors[lo] = f"{type(e).__name__}: {e}"
+                return
+            mid = (lo + hi) // 2
+            attempt(lo, mid)
+            attempt(mid, hi)
+            return
+        if out is None:
+            out = np.empty((len(values),) + part.shape[1:], part.dtype)
+        out[lo:hi] = part
+
+    attempt(0, len(values))
+    return out, errors
