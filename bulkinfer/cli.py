@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args, beam_args = _parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Beam warns on import about optional Google Cloud clients that local jobs never use.
+    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
     if args.command == "run":
         return _run(args, beam_args)
     return 2

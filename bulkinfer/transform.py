@@ -94,6 +94,10 @@ class BulkInference(beam.PTransform):
         return result.predictions
 
 
+def _in_global_window(value) -> WindowedValue:
+    return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
+
+
 def _fail(letter: dict):
     raise ValueError(
         f"{letter['error']} (stage {letter['stage']}); use BulkInference(...).with_exception_handling() "
@@ -141,7 +145,10 @@ class _InferDoFn(beam.DoFn):
 
     def finish_bundle(self):
         for out in self._flush():
-            yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(out.tag, _in_global_window(out.value))
+            else:
+                yield _in_global_window(out)
 
     def _check(self, row) -> str | None:
         field = self._input_field

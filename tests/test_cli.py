@@ -1,0 +1,92 @@
+"""End-to-end: the real `bulkinfer` command in a subprocess, on real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bulkinfer(*args, cwd=ROOT):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "bulkinfer.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_run_embeds_jsonl_rows_like_sentence_transformers(tmp_path, reference):
+    texts, expected = reference
+    n = len(texts)
+    with open(tmp_path / "a.jsonl", "w", encoding="utf-8") as a, open(tmp_path / "b.jsonl", "w", encoding="utf-8") as b:
+        for i in range(4 * n):  # every reference text four times, over two files
+            (a if i % 2 else b).write(json.dumps({"id": f"r{i}", "text": texts[i % n]}) + "\n")
+        b.write('{"id": "bad-1", "text": 7}\n{"id": "bad-2"}\nnot json\n')
+    out = tmp_path / "out"
+    proc = bulkinfer("run", "--model", "minilm", "--input", tmp_path / "*.jsonl", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (4 * n + 3, 4 * n, 3)
+    assert report["model"] == "minilm" and report["runner"] == "FnApiRunner" and report["rows_per_s"] > 0
+    table = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read()
+    assert table.column_names == ["id", "embedding"]
+    rows = table.to_pydict()
+    got = np.array(rows["embedding"], np.float32)
+    assert got.shape == (4 * n, 384)
+    order = np.array([int(i[1:]) % n for i in rows["id"]])
+    assert sorted(int(i[1:]) for i in rows["id"]) == list(range(4 * n))
+    assert cosine(got, expected[order]).min() >= 0.9999
+    failed = [json.loads(line) for f in out.glob("failed-*.jsonl") for line in f.read_text().splitlines()]
+    assert sorted((str(d["id"]), d["stage"]) for d in failed) == [
+        ("None", "read"), ("bad-1", "inference"), ("bad-2", "inference")]
+    assert all(d["error"] and d["source"].endswith("b.jsonl") for d in failed)
+
+
+def test_jsonl_output_and_refusal_to_mix_runs(tmp_path):
+    (tmp_path / "in.csv").write_text("key,body\nk1,hello world\nk2,second row\n")
+    out = tmp_path / "out"
+    args = ["run", "--model", "minilm", "--input", tmp_path / "in.csv", "--output", out, "--format", "jsonl",
+            "--id-field", "key", "--text-field", "body"]
+    assert bulkinfer(*args).returncode == 0
+    rows = [json.loads(line) for f in out.glob("part-*.jsonl") for line in f.read_text().splitlines()]
+    assert sorted(r["key"] for r in rows) == ["k1", "k2"] and all(len(r["embedding"]) == 384 for r in rows)
+    again = bulkinfer(*args)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert bulkinfer(*args, "--overwrite").returncode == 0
+    assert len(list(out.glob("part-*.jsonl"))) == len(list(out.glob("part-*.jsonl"))) >= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model"], "neither a built-in name (minilm) nor a directory"),
+    (["--model", "minilm", "--input", "/nonexistent/*.jsonl"], "no input file matches"),
+])
+def test_bad_configuration_is_one_clear_line(tmp_path, args, message):
+    base = {"--model": "minilm", "--input": str(ROOT / "data/sample/part-0.jsonl"), "--output": str(tmp_path / "o")}
+    base.update(dict(zip(args[::2], args[1::2])))
+    proc = bulkinfer("run", *[x for kv in base.items() for x in kv])
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_teaches_the_flags_and_beam_pass_through():
+    proc = bulkinfer("run", "--help")
+    assert proc.returncode == 0
+    for flag in ("--model", "--input", "--output", "--id-field", "--text-field", "--format", "--runner",
+                 "failed-*.jsonl", "report.json"):
+        assert flag in proc.stdout
+
+
+def test_readme_python_example_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "BULKINFER_EXAMPLE_OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    files = list(tmp_path.glob("part-*.parquet"))
+    assert files and sum(pq.read_metadata(f).num_rows for f in files) == 3000

@@ -1,0 +1,102 @@
+import json
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.util import assert_that, equal_to
+
+from bulkinfer import io
+from bulkinfer.batch import Batch
+
+
+def _run(build):
+    with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(flags=[])) as p:
+        build(p)
+
+
+def _rows(batches):
+    return [(r["id"], r["text"]) for b in batches for r in b.rows]
+
+
+def test_reads_jsonl_parquet_and_csv_by_extension(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"id": 1, "text": "one"}\n\n{"id": 2, "text": "two"}\n')
+    pq.write_table(pa.table({"id": [3, 4], "text": ["three", "four"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.csv").write_text('id,text\n5,"five, with a comma"\n6,six\n')
+    expected = [(1, "one"), (2, "two"), (3, "three"), (4, "four"), ("5", "five, with a comma"), ("6", "six")]
+
+    def check(batches):
+        assert all(isinstance(b, Batch) and b.source for b in batches)
+        assert sorted(_rows(batches), key=str) == sorted(expected, key=str)
+
+    _run(lambda p: assert_that(p | io.ReadDataset(str(tmp_path / "*")), check))
+
+
+def test_batches_are_bounded_and_positions_are_line_numbers(tmp_path):
+    lines = [json.dumps({"id": i, "text": f"t{i}"}) for i in range(25)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+
+    def check(batches):
+        assert sorted(len(b) for b in batches) == [5, 10, 10]
+        assert sorted(p for b in batches for p in b.positions) == list(range(1, 26))
+
+    _run(lambda p: assert_that(p | io.ReadDataset(str(tmp_path / "a.jsonl"), batch_rows=10), check))
+
+
+def test_unreadable_records_become_dead_letters_naming_file_and_line(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(
+        b'{"id": 1, "text": "ok"}\n{"id": 2, "text": \n[1, 2]\n{"id": 4, "text": "caf\xe9"}\n{"id": 5, "text": "ok"}\n')
+    (tmp_path / "b.csv").write_text("id,text\n1,ok\n2,too,many\n")
+
+    def build(p):
+        rows, failed = p | io.ReadDataset(str(tmp_path / "*")).with_exception_handling()
+        assert_that(rows | beam.FlatMap(lambda b: _rows([b])), equal_to([(1, "ok"), (5, "ok"), ("1", "ok")]), label="rows")
+        assert_that(failed | beam.Map(lambda d: (d["stage"], d["position"], d["error"].split(": ", 1)[1])),
+                    equal_to([
+                        ("read", 2, "malformed JSON (Expecting value at character 19)"),
+                        ("read", 3, "expected a JSON object, got list"),
+                        ("read", 4, "invalid UTF-8 at byte 22"),
+                        ("read", 3, "3 columns, the header has 2"),
+                    ]), label="failed")
+
+    _run(build)
+
+
+def test_no_matching_file_and_unknown_extension_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no input file matches"):
+        io.ReadDataset(str(tmp_path / "*.jsonl"))
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"a.txt: unknown input format"):
+        io.ReadDataset(str(tmp_path / "*"))
+    with pytest.raises(ValueError, match="unknown output format 'xml'"):
+        io.WriteDataset(str(tmp_path), format="xml")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_write_round_trips_rows_and_batches_with_vectors(tmp_path, fmt):
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
+    batch = Batch([{"id": i, "v": vectors[i], "extra": "x"} for i in range(3)])
+    row = {"id": 3, "v": vectors[3], "extra": "x"}
+    _run(lambda p: p | beam.Create([batch, row]) | io.WriteDataset(str(tmp_path / "out"), format=fmt,
+                                                                   columns=["id", "v"]))
+    files = sorted((tmp_path / "out").iterdir())
+    assert files and all(f.name.startswith("part-") and f.suffix == f".{fmt}" for f in files)
+    if fmt == "parquet":
+        table = pa.concat_tables(pq.read_table(f) for f in files)
+        assert table.column_names == ["id", "v"]
+        assert pa.types.is_fixed_size_list(table.schema.field("v").type)
+        got = {r["id"]: r["v"] for r in table.to_pylist()}
+    else:
+        got = {r["id"]: r["v"] for f in files for r in map(json.loads, f.read_text().splitlines())}
+    assert sorted(got) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(np.array([got[i] for i in range(4)], np.float32), vectors)
+
+
+def test_estimate_rows_counts_lines_and_parquet_metadata(tmp_path):
+    (tmp_path / "a.jsonl").write_text("{}\n{}\n{}\n")
+    (tmp_path / "b.csv").write_text("id\n1\n2\n")
+    pq.write_table(pa.table({"id": list(range(7))}), tmp_path / "c.parquet")
+    assert io.estimate_rows(io.match_files(str(tmp_path / "*"))) == 3 + 2 + 7
