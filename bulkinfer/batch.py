@@ -49,6 +49,21 @@ class Batch:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceDone:
+    """Follows the last rows of one input file through the pipeline (only with ReadDataset(markers=True)).
+
+    Stages that buffer rows flush them before passing the marker on, so when the marker reaches the
+    writer, every prediction and dead letter of that file has arrived before it (Beam runs a fused
+    stage depth-first within a bundle) and the file's outputs can be committed as one unit.
+    rows: rows read; failed: records the reader could not parse.
+    """
+
+    source: str
+    rows: int
+    failed: int
+
+
 def dead_letter(*, stage: str, error: str, record: Any, row_id: Any = None, source: str | None = None,
                 position: int | None = None) -> dict:
     """One failed row: where it failed, why, and the raw record as it arrived."""
@@ -79,7 +94,7 @@ class Rebatch(beam.DoFn):
         self._buf = []
 
     def process(self, element):
-        if isinstance(element, Batch):
+        if isinstance(element, Batch | SourceDone):
             yield element
             return
         self._buf.append(element)
@@ -97,4 +112,10 @@ class Unbatch(beam.PTransform):
     """Batches -> single rows, for a row-level DoFn of the user's."""
 
     def expand(self, pcoll):
-        return pcoll | beam.FlatMap(lambda b: b.rows if isinstance(b, Batch) else [b])
+        return pcoll | beam.FlatMap(_rows_of)
+
+
+def _rows_of(element) -> list:
+    if isinstance(element, Batch):
+        return element.rows
+    return [] if isinstance(element, SourceDone) else [element]

@@ -84,7 +84,7 @@ def _run(args, beam_args) -> int:
         print(f"bulkinfer: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: report[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_per_s", "elapsed_s")}))
-    if not report["reconciled"]:
+    if not report["reconciled"] or report["files_done"] != report["files"]:
         print("bulkinfer: error: rows_in != rows_out + rows_failed; see report.json", file=sys.stderr)
         return 1
     return 0

@@ -27,7 +27,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from bulkinfer.batch import FAILED, Batch, dead_letter, to_json
+from bulkinfer.batch import FAILED, Batch, SourceDone, dead_letter, to_json
 
 NAMESPACE = "bulkinfer"
 READ_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
@@ -73,12 +73,18 @@ def estimate_rows(files: list[str]) -> int | None:
 
 
 class ReadDataset(beam.PTransform):
-    """Rows of every file matching `pattern`, as `Batch`es of up to `batch_rows` rows."""
+    """Rows of every file matching `pattern`, as `Batch`es of up to `batch_rows` rows.
 
-    def __init__(self, pattern: str, *, batch_rows: int = 1024):
+    files: read exactly these files instead of matching the pattern (e.g. those a resumed job has left).
+    markers: after each file's rows, emit a `SourceDone` (for per-file commits; see shards.py).
+    """
+
+    def __init__(self, pattern: str, *, batch_rows: int = 1024, files: list[str] | None = None,
+                 markers: bool = False):
         super().__init__()
-        self._files = match_files(pattern)
+        self._files = match_files(pattern) if files is None else list(files)
         self._batch_rows = batch_rows
+        self._markers = markers
         self._dead_letters = False
 
     @property
@@ -95,7 +101,7 @@ class ReadDataset(beam.PTransform):
             pbegin
             | "Files" >> beam.Create(self._files)
             | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadFile(self._batch_rows)).with_outputs(FAILED, main="rows")
+            | "Read" >> beam.ParDo(_ReadFile(self._batch_rows, self._markers)).with_outputs(FAILED, main="rows")
         )
         if self._dead_letters:
             return result.rows, result[FAILED]
@@ -108,16 +114,19 @@ def _fail(letter):
 
 
 class _ReadFile(beam.DoFn):
-    def __init__(self, batch_rows: int):
+    def __init__(self, batch_rows: int, markers: bool):
         self._batch_rows = batch_rows
+        self._markers = markers
         self._rows = Metrics.counter(NAMESPACE, "read_rows")
         self._failed = Metrics.counter(NAMESPACE, "read_rows_failed")
 
     def process(self, path: str):
         reader = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}[input_format(path)]
         rows, positions = [], []
+        n_rows = n_failed = 0
         for position, row, error, raw in reader(path):
             if error is not None:
+                n_failed += 1
                 self._failed.inc()
                 yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
                     stage="read", error=f"{path} line {position}: {error}", record=raw, source=path,
@@ -125,6 +134,7 @@ class _ReadFile(beam.DoFn):
                 continue
             rows.append(row)
             positions.append(position)
+            n_rows += 1
             if len(rows) >= self._batch_rows:
                 self._rows.inc(len(rows))
                 yield Batch(rows, source=path, positions=positions)
@@ -132,6 +142,8 @@ class _ReadFile(beam.DoFn):
         if rows:
             self._rows.inc(len(rows))
             yield Batch(rows, source=path, positions=positions)
+        if self._markers:
+            yield SourceDone(path, rows=n_rows, failed=n_failed)
 
 
 # Each reader yields (1-based line/row number, row or None, error or None, raw record).
@@ -197,10 +209,13 @@ def _parquet_records(path: str):
             yield 1, None, f"not a readable Parquet file ({e})", None
             return
         n = 0
-        for record_batch in pf.iter_batches(batch_size=8192):
-            for row in record_batch.to_pylist():
-                n += 1
-                yield n, row, None, None
+        try:
+            for record_batch in pf.iter_batches(batch_size=8192):
+                for row in record_batch.to_pylist():
+                    n += 1
+                    yield n, row, None, None
+        except (pa.ArrowException, OSError) as e:
+            yield n + 1, None, f"unreadable from row {n + 1} on ({e})", None
 
 
 class WriteDataset(beam.PTransform):
@@ -230,16 +245,14 @@ class _WriteShards(beam.DoFn):
         self._written = Metrics.counter(NAMESPACE, f"{prefix}_rows_written")
 
     def setup(self):
-        try:
-            FileSystems.mkdirs(self._dir)
-        except OSError:
-            if not FileSystems.exists(self._dir):  # already there is fine; anything else is not
-                raise
+        ensure_dir(self._dir)
 
     def start_bundle(self):
         self._buf: list[dict] = []
 
     def process(self, element):
+        if isinstance(element, SourceDone):
+            return
         self._buf.extend(element.rows if isinstance(element, Batch) else [element])
         if len(self._buf) >= self._rows_per_file:
             yield self._commit()
@@ -252,17 +265,41 @@ class _WriteShards(beam.DoFn):
         rows, self._buf = self._buf, []
         if self._columns:
             rows = [{c: r.get(c) for c in self._columns} for r in rows]
-        name = f"{self._prefix}-{uuid.uuid4().hex[:16]}.{self._fmt}"
-        final = FileSystems.join(self._dir, name)
-        temp = FileSystems.join(self._dir, f".tmp-{name}")
-        with FileSystems.create(temp) as f:
-            if self._fmt == "parquet":
-                pq.write_table(rows_to_table(rows), f)
-            else:
-                f.write("".join(to_json(r) + "\n" for r in rows).encode("utf-8"))
-        FileSystems.rename([temp], [final])
+        final = FileSystems.join(self._dir, f"{self._prefix}-{uuid.uuid4().hex[:16]}.{self._fmt}")
+        commit(write_temp(final, rows, self._fmt), final)
         self._written.inc(len(rows))
         return final
+
+
+def ensure_dir(path: str) -> None:
+    """Creates a directory on any Beam filesystem; one that already exists is fine."""
+    try:
+        FileSystems.mkdirs(path)
+    except OSError:
+        if not FileSystems.exists(path):
+            raise
+
+
+def temp_name(final: str) -> str:
+    """Where `final` is written before it is complete: a hidden name in the same directory."""
+    directory, name = final.rsplit("/", 1)
+    return f"{directory}/.tmp-{name}"
+
+
+def write_temp(final: str, rows: list[dict], fmt: str) -> str:
+    """Writes rows under the temporary name of `final`; returns that name.  `commit` makes it visible."""
+    temp = temp_name(final)
+    with FileSystems.create(temp) as f:
+        if fmt == "parquet":
+            pq.write_table(rows_to_table(rows), f)
+        else:
+            f.write("".join(to_json(r) + "\n" for r in rows).encode("utf-8"))
+    return temp
+
+
+def commit(temp: str, final: str) -> None:
+    """Renames a complete temporary file to its final name (atomic on local and HDFS-like filesystems)."""
+    FileSystems.rename([temp], [final])
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
@@ -279,5 +316,12 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
             flat = pa.array(np.stack(values).reshape(-1))
             columns[name] = pa.FixedSizeListArray.from_arrays(flat, first.shape[0])
         else:
-            columns[name] = pa.array([v.tolist() if isinstance(v, np.ndarray) else v for v in values])
+            values = [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
+            try:
+                columns[name] = pa.array(values)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                # Mixed types in one column (an id that is sometimes a number, sometimes a string):
+                # keep every value, as text (strings as they are, anything else as JSON).
+                columns[name] = pa.array([v if v is None or isinstance(v, str) else to_json(v) for v in values],
+                                         pa.string())
     return pa.table(columns)

@@ -2,13 +2,17 @@
 
     DIR/part-*.parquet     predictions (id + model output)
     DIR/failed-*.jsonl     dead letters: id, stage, error, raw record, source file and line
+    DIR/_committed/*.json  one commit record per finished input file (see shards.py)
     DIR/report.json        rows_in = rows_out + rows_failed, throughput and engine metrics
+
+Rerunning the same command after a crash resumes: input files already committed are skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 
 import apache_beam as beam
@@ -16,8 +20,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from bulkinfer import io, progress
+from bulkinfer import io, progress, shards
 from bulkinfer.transform import NAMESPACE, BulkInference
+
+log = logging.getLogger(__name__)
+JOB_FILE = "_job.json"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,36 +41,57 @@ class JobSpec:
         if self.format not in io.WRITE_FORMATS:
             raise ValueError(f"unknown output format {self.format!r}; expected one of {io.WRITE_FORMATS}")
 
+    @property
+    def out(self) -> str:
+        return self.output.rstrip("/")
 
-def build(p: beam.Pipeline, model, job: JobSpec):
-    """Adds the job's transforms to pipeline `p`."""
-    out = job.output.rstrip("/")
+
+def build(p: beam.Pipeline, model, job: JobSpec, files: list[str]):
+    """Adds the job's transforms for `files` to pipeline `p`."""
     rows, read_failed = p | "ReadDataset" >> io.ReadDataset(
-        job.input, batch_rows=job.batch_rows).with_exception_handling()
+        job.input, files=files, batch_rows=job.batch_rows, markers=True).with_exception_handling()
     infer = BulkInference(model, input_field=job.input_field, id_field=job.id_field)
     predictions, infer_failed = rows | "BulkInference" >> infer.with_exception_handling()
     output_field = getattr(model, "output_name", "embedding")
-    _ = predictions | "WriteDataset" >> io.WriteDataset(out, format=job.format, columns=[job.id_field, output_field])
-    _ = ((read_failed, infer_failed) | "DeadLetters" >> beam.Flatten()
-         | "WriteDeadLetters" >> io.WriteDataset(out, format="jsonl", prefix="failed"))
+    return ((predictions, read_failed, infer_failed) | "Outputs" >> beam.Flatten()
+            | "CommitShards" >> shards.CommitShards(job.out, format=job.format, columns=[job.id_field, output_field]))
 
 
-def prepare_output(job: JobSpec) -> None:
-    """Refuses to mix a new run into an old one's files unless --overwrite; checks the directory is writable."""
-    out = job.output.rstrip("/")
-    existing = [m.path for m in FileSystems.match([out + "/*"])[0].metadata_list]
-    if existing and not job.overwrite:
-        raise FileExistsError(
-            f"{out} already holds {len(existing)} files from an earlier run; pass --overwrite to replace them")
-    if existing:
-        FileSystems.delete(existing)
+def _settings(model, job: JobSpec) -> dict:
+    return {"model": getattr(model, "name", str(model)), "format": job.format, "id_field": job.id_field,
+            "input_field": job.input_field}
+
+
+def prepare_output(model, job: JobSpec, files: list[str]) -> list[str]:
+    """Makes DIR ready and returns the input files still to process (all, or those a crash left)."""
+    out = job.out
+    _check_writable(out)
+    settings_path = FileSystems.join(out, JOB_FILE)
+    if job.overwrite:
+        ours = [m.path for pattern in ("part-*", "failed-*", ".tmp-*", "report.json", JOB_FILE, "_committed/*")
+                for m in FileSystems.match([FileSystems.join(out, pattern)])[0].metadata_list]
+        if ours:
+            FileSystems.delete(ours)
+    elif FileSystems.exists(settings_path):
+        with FileSystems.open(settings_path) as f:
+            before = json.loads(f.read())
+        if before != _settings(model, job):
+            raise FileExistsError(f"{out} holds a run with other settings ({before}); pass --overwrite to replace it")
+    elif FileSystems.match([FileSystems.join(out, "part-*")])[0].metadata_list:
+        raise FileExistsError(f"{out} holds outputs that are not from a bulkinfer run; pass --overwrite")
+    with FileSystems.create(settings_path) as f:
+        f.write(json.dumps(_settings(model, job)).encode())
+    removed = shards.remove_uncommitted(out)
+    if removed:
+        log.warning("removed %d files that an interrupted run left uncommitted", len(removed))
+    done = shards.committed(out)
+    return [f for f in files if f not in done]
+
+
+def _check_writable(out: str) -> None:
     try:
-        FileSystems.mkdirs(out)
-    except OSError:
-        if not FileSystems.exists(out):
-            raise PermissionError(f"cannot create the output directory {out}") from None
-    probe = FileSystems.join(out, ".write-check")
-    try:
+        io.ensure_dir(out)
+        probe = FileSystems.join(out, ".tmp-write-check")
         with FileSystems.create(probe) as f:
             f.write(b"ok")
         FileSystems.delete([probe])
@@ -72,7 +100,7 @@ def prepare_output(job: JobSpec) -> None:
 
 
 def run(model, job: JobSpec, pipeline_args: list[str] | None = None) -> dict:
-    """Runs the job to completion and returns (and writes) its report."""
+    """Runs the job to completion (resuming an interrupted one) and returns and writes its report."""
     options = PipelineOptions(pipeline_args or [])
     runner_name = options.view_as(StandardOptions).runner
     runner = None
@@ -81,18 +109,23 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None) -> dict:
 
         runner, runner_name = FnApiRunner(), "FnApiRunner"
     files = io.match_files(job.input)
-    prepare_output(job)
+    todo = prepare_output(model, job, files)
     t0 = time.perf_counter()
-    with progress.Progress(io.estimate_rows(files)):
-        p = beam.Pipeline(runner=runner, options=options)
-        build(p, model, job)
-        result = p.run()
-        result.wait_until_finish()
+    counters: dict[str, float] = {}
+    if todo:
+        with progress.Progress(io.estimate_rows(todo)):
+            p = beam.Pipeline(runner=runner, options=options)
+            build(p, model, job, todo)
+            result = p.run()
+            result.wait_until_finish()
+        counters = _counters(result)
     elapsed = time.perf_counter() - t0
-    report = make_report(_counters(result), elapsed=elapsed, model=getattr(model, "name", str(model)),
-                         runner=runner_name)
-    with FileSystems.create(FileSystems.join(job.output.rstrip("/"), "report.json")) as f:
+    report = make_report(shards.committed(job.out), files, counters, elapsed=elapsed,
+                         model=getattr(model, "name", str(model)), runner=runner_name)
+    path = FileSystems.join(job.out, "report.json")
+    with FileSystems.create(io.temp_name(path)) as f:
         f.write(json.dumps(report, indent=2).encode())
+    io.commit(io.temp_name(path), path)
     return report
 
 
@@ -109,18 +142,27 @@ def _counters(result) -> dict[str, float]:
     return totals
 
 
-def make_report(c: dict[str, float], *, elapsed: float, model: str, runner: str) -> dict:
-    rows_in = int(c.get("read_rows", 0) + c.get("read_rows_failed", 0))
-    rows_out = int(c.get("part_rows_written", 0))
-    rows_failed = int(c.get("failed_rows_written", 0))
+def make_report(records: dict[str, dict], files: list[str], c: dict[str, float], *, elapsed: float,
+                model: str, runner: str) -> dict:
+    """Totals over every committed input file (this run's and earlier ones'), this run's speed and engine figures."""
+    rows_in = sum(r["rows_in"] for r in records.values())
+    rows_out = sum(r["rows_out"] for r in records.values())
+    rows_failed = sum(r["rows_failed"] for r in records.values())
+    this_run_in = int(c.get("read_rows", 0) + c.get("read_rows_failed", 0))
+    this_run_out = int(c.get("part_rows_written", 0))
     padded = c.get("padded_tokens", 0)
     return {
         "rows_in": rows_in,
         "rows_out": rows_out,
         "rows_failed": rows_failed,
-        "reconciled": rows_in == rows_out + rows_failed,
+        "reconciled": rows_in == rows_out + rows_failed and all(
+            r["rows_in"] == r["rows_out"] + r["rows_failed"] for r in records.values()),
+        "files": len(files),
+        "files_done": sum(f in records for f in files),
+        "files_resumed_from_earlier_runs": int(len(records) - c.get("sources_committed", 0)),
         "elapsed_s": round(elapsed, 3),
-        "rows_per_s": round(rows_out / elapsed, 1) if elapsed > 0 else None,
+        "rows_per_s": round(this_run_out / elapsed, 1) if elapsed > 0 else None,
+        "this_run_rows_in": this_run_in,
         "model": model,
         "runner": runner,
         "batches": int(c.get("batches", 0)),

@@ -25,7 +25,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from bulkinfer import progress
-from bulkinfer.batch import FAILED, Batch, Rebatch, dead_letter
+from bulkinfer.batch import FAILED, Batch, Rebatch, SourceDone, dead_letter
 from bulkinfer.runtime import EngineStats
 
 NAMESPACE = "bulkinfer"
@@ -128,7 +128,11 @@ class _InferDoFn(beam.DoFn):
         self._pending: list[tuple[Batch, list[int], list]] = []  # (batch, valid row indices, values)
         self._pending_rows = 0
 
-    def process(self, batch: Batch):
+    def process(self, batch: Batch | SourceDone):
+        if isinstance(batch, SourceDone):  # all rows of that file must leave before the marker
+            yield from self._flush()
+            yield batch
+            return
         self._rows_in.inc(len(batch))
         valid, values = [], []
         for i, row in enumerate(batch.rows):

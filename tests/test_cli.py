@@ -47,18 +47,24 @@ def test_run_embeds_jsonl_rows_like_sentence_transformers(tmp_path, reference):
     assert all(d["error"] and d["source"].endswith("b.jsonl") for d in failed)
 
 
-def test_jsonl_output_and_refusal_to_mix_runs(tmp_path):
+def test_jsonl_output_rerun_resumes_and_other_settings_need_overwrite(tmp_path):
     (tmp_path / "in.csv").write_text("key,body\nk1,hello world\nk2,second row\n")
     out = tmp_path / "out"
     args = ["run", "--model", "minilm", "--input", tmp_path / "in.csv", "--output", out, "--format", "jsonl",
             "--id-field", "key", "--text-field", "body"]
     assert bulkinfer(*args).returncode == 0
-    rows = [json.loads(line) for f in out.glob("part-*.jsonl") for line in f.read_text().splitlines()]
+    files = sorted(out.glob("part-*.jsonl"))
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
     assert sorted(r["key"] for r in rows) == ["k1", "k2"] and all(len(r["embedding"]) == 384 for r in rows)
-    again = bulkinfer(*args)
-    assert again.returncode == 2 and "--overwrite" in again.stderr
-    assert bulkinfer(*args, "--overwrite").returncode == 0
-    assert len(list(out.glob("part-*.jsonl"))) == len(list(out.glob("part-*.jsonl"))) >= 1
+    again = bulkinfer(*args)  # everything is committed: nothing to redo
+    assert again.returncode == 0, again.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["files_resumed_from_earlier_runs"] == 1 and report["rows_out"] == 2
+    assert sorted(out.glob("part-*.jsonl")) == files
+    other = bulkinfer(*args[:-6], "--id-field", "key", "--text-field", "body")  # parquet now
+    assert other.returncode == 2 and "--overwrite" in other.stderr
+    assert bulkinfer(*args[:-6], "--id-field", "key", "--text-field", "body", "--overwrite").returncode == 0
+    assert not list(out.glob("part-*.jsonl")) and len(list(out.glob("part-*.parquet"))) == 1
 
 
 @pytest.mark.parametrize("args, message", [

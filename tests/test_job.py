@@ -1,0 +1,122 @@
+"""The file-to-file job: reconciled counts on messy data, per-file commits, resume after a crash."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import cosine
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bulkinfer import job, shards
+from bulkinfer.testing import CountingModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = st.builds(lambda i, t: json.dumps({"id": i, "text": t}), st.integers(), st.text(max_size=30))
+BAD = st.one_of(
+    st.just('{"id": 1, "text": '),                                   # malformed JSON
+    st.builds(lambda i: json.dumps({"id": i}), st.integers()),       # missing field
+    st.builds(lambda v: json.dumps({"id": 0, "text": v}),           # null / number / list / object
+              st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.lists(st.integers()),
+                        st.dictionaries(st.text(max_size=3), st.integers()))),
+    st.just("[1, 2, 3]"),                                            # not an object
+    st.builds(lambda t: json.dumps({"id": 2, "text": "boom " + t}), st.text(max_size=5)),  # model fails
+)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.lists(st.tuples(st.booleans(), st.data()), max_size=40), min_size=1, max_size=3),
+       data=st.data())
+def test_counts_reconcile_on_generated_messy_datasets(tmp_path_factory, files, data):
+    root = tmp_path_factory.mktemp("messy")
+    good = bad = 0
+    for k, lines in enumerate(files):
+        with open(root / f"in-{k}.jsonl", "w", encoding="utf-8") as f:
+            for is_good, _ in lines:
+                f.write(data.draw(GOOD if is_good else BAD) + "\n")
+                good, bad = good + is_good, bad + (not is_good)
+    out = root / "out"
+    report = job.run(CountingModel(fail_on="boom"), job.JobSpec(input=str(root / "*.jsonl"), output=str(out)))
+    assert report["reconciled"]
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (good + bad, good, bad)
+    written = sum(pq.read_metadata(f).num_rows for f in out.glob("part-*.parquet"))
+    letters = [json.loads(line) for f in out.glob("failed-*.jsonl") for line in f.read_text().splitlines()]
+    assert (written, len(letters)) == (good, bad)
+    assert all(d["stage"] in ("read", "inference") and d["source"] and d["error"] for d in letters)
+    assert report["files_done"] == report["files"] == len(files)
+
+
+def test_empty_files_and_wrong_schema_parquet_are_accounted_for(tmp_path):
+    import pyarrow as pa
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "empty.csv").write_text("")
+    pq.write_table(pa.table({"id": [1, 2], "body": ["no text column", "here"]}), tmp_path / "wrong.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    report = job.run(CountingModel(), job.JobSpec(input=str(tmp_path / "*"), output=str(tmp_path / "out")))
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (3, 0, 3)
+    assert report["reconciled"] and report["files_done"] == 4
+    errors = sorted(json.loads(line)["error"] for f in (tmp_path / "out").glob("failed-*.jsonl")
+                    for line in f.read_text().splitlines())
+    assert "not a readable Parquet file" in errors[0]
+    assert [e.split(": ", 1)[1] for e in errors[1:]] == ["field 'text' is missing"] * 2
+
+
+def test_uncommitted_outputs_are_removed_and_committed_ones_kept(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"id": 1, "text": "x"}\n')
+    out = tmp_path / "out"
+    job.run(CountingModel(), job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(out)))
+    committed_files = sorted(p.name for p in out.glob("part-*"))
+    (out / "part-0123456789abcdef-00000.parquet").write_bytes(b"left by a killed run")
+    (out / ".tmp-part-0123456789abcdef-00001.parquet").write_bytes(b"half")
+    removed = shards.remove_uncommitted(str(out))
+    assert sorted(Path(p).name for p in removed) == [".tmp-part-0123456789abcdef-00001.parquet",
+                                                     "part-0123456789abcdef-00000.parquet"]
+    assert sorted(p.name for p in out.glob("part-*")) == committed_files
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_every_row_exactly_once(tmp_path, minilm):
+    from bulkinfer.testing import synthetic_texts
+
+    texts = synthetic_texts(2400, seed=3)
+    n_files = 12
+    for k in range(n_files):
+        with open(tmp_path / f"in-{k:02d}.jsonl", "w") as f:
+            for i in range(k, len(texts), n_files):
+                f.write(json.dumps({"id": i, "text": texts[i]}) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bulkinfer.cli", "run", "--model", "minilm", "--input", str(tmp_path / "in-*.jsonl"),
+           "--output", str(out)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("_committed/*.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed_at_kill = len(list(out.glob("_committed/*.json")))
+    assert 2 <= committed_at_kill < n_files, "the kill must land mid-run for this test to mean anything"
+    for f in out.glob("part-*.parquet"):  # whatever has a final name is a complete file
+        pq.read_metadata(f)
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["files_resumed_from_earlier_runs"] == committed_at_kill
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (len(texts), len(texts), 0)
+    table = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read().to_pydict()
+    ids = table["id"]
+    assert sorted(ids) == list(range(len(texts)))  # no loss, no duplicate
+    got = np.array(table["embedding"], np.float32)
+    expected = minilm.predict([texts[i] for i in ids])
+    assert cosine(got, expected).min() >= 0.99999
+    assert not list(out.glob(".tmp-*")) and not list(out.glob("_committed/.tmp-*"))
