@@ -7,8 +7,9 @@
 
 from bulkinfer import io
 from bulkinfer.batch import Batch, Rebatch, Unbatch
+from bulkinfer.handler import JaxModelHandler
 from bulkinfer.tasks.embed import TextEmbedder
 from bulkinfer.transform import BulkInference
 
-__all__ = ["Batch", "BulkInference", "Rebatch", "TextEmbedder", "Unbatch", "io"]
+__all__ = ["Batch", "BulkInference", "JaxModelHandler", "Rebatch", "TextEmbedder", "Unbatch", "io"]
 __version__ = "0.1.0"
