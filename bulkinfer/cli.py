@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-length", type=int, default=None,
                      help="truncate texts to this many tokens (default: the model's max_seq_length)")
     run.add_argument("--token-budget", type=int, default=None,
-                     help="tokens per device batch, rows x padded length (default: 8192)")
+                     help="tokens per device batch, rows x padded length (default: 2048)")
     run.add_argument("--warmup", action="store_true", help="compile every batch shape before reading data")
     run.add_argument("--compilation-cache", metavar="DIR", default=None,
                      help="persistent XLA compilation cache directory, shared across runs")

@@ -139,6 +139,7 @@ def _counters(result) -> dict[str, float]:
         value = d.committed if d.committed is not None else d.attempted
         if value is not None and value.count:
             totals[d.key.metric.name + "_max"] = max(totals.get(d.key.metric.name + "_max", 0), value.max)
+            totals[d.key.metric.name + "_count"] = totals.get(d.key.metric.name + "_count", 0) + value.count
     return totals
 
 
@@ -151,6 +152,7 @@ def make_report(records: dict[str, dict], files: list[str], c: dict[str, float],
     this_run_in = int(c.get("read_rows", 0) + c.get("read_rows_failed", 0))
     this_run_out = int(c.get("part_rows_written", 0))
     padded = c.get("padded_tokens", 0)
+    engines = max(1, int(c.get("model_load_ms_count", 0)))
     return {
         "rows_in": rows_in,
         "rows_out": rows_out,
@@ -170,4 +172,9 @@ def make_report(records: dict[str, dict], files: list[str], c: dict[str, float],
         "compiles": int(c.get("compiles", 0)),
         "model_load_s": round(c.get("model_load_ms_max", 0) / 1000, 3),
         "engine_busy_fraction": round(c.get("engine_ms", 0) / 1000 / elapsed, 3) if elapsed > 0 else None,
+        # Seconds some batch was running on an engine's devices, per engine (one per process that
+        # loaded the model), per second of the job.
+        "device_busy_fraction": (round(c.get("device_busy_ms", 0) / 1000 / elapsed / engines, 3)
+                                 if elapsed > 0 else None),
+        "oom_backoffs": int(c.get("oom_backoffs", 0)),
     }

@@ -69,3 +69,60 @@ class _LoadedCounting:
         if self._fail_on is not None and any(self._fail_on in t for t in texts):
             raise RuntimeError(f"injected failure on a text containing {self._fail_on!r}")
         return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+
+
+def out_of_memory_above(fn, max_rows: int):
+    """`fn` for an Engine, failing like a device out of memory on batches of more than max_rows rows.
+
+    Compiling such a shape raises XLA's error (jax.errors.JaxRuntimeError, RESOURCE_EXHAUSTED), as
+    XLA does when a program's buffers cannot fit in device memory.  Smaller batches run `fn` as is.
+
+        >>> engine = Engine(out_of_memory_above(fn, 8), params, bucketing=Bucketing(...))
+    """
+    import jax
+
+    def wrapped(params, input_ids, mask):
+        rows = input_ids.shape[0]  # static: decided once per compiled shape
+        if rows > max_rows:
+            raise jax.errors.JaxRuntimeError(
+                f"RESOURCE_EXHAUSTED: injected out of memory on a batch of {rows} rows (limit {max_rows})")
+        return fn(params, input_ids, mask)
+
+    return wrapped
+
+
+def tiny_bert(*, seed: int = 0, vocab: int = 101, hidden: int = 32, layers: int = 2, heads: int = 4,
+              intermediate: int = 64, max_position: int = 128):
+    """(fn, params): a randomly initialized BERT encoder small enough to compile in well under a second.
+
+    fn(params, input_ids [B, L], mask [B, L]) -> [B, hidden] mean-pooled, normalized float32 vectors,
+    the same function TextEmbedder runs; params use the layout of `bulkinfer.models.bert`.
+    """
+    import functools
+
+    from bulkinfer.models import bert
+
+    config = bert.BertConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                             intermediate_size=intermediate, max_position=max_position)
+    rng = np.random.default_rng(seed)
+    d, f, n = hidden, intermediate, layers
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    params = {
+        "embeddings": {"word": w(vocab, d), "position": w(max_position, d), "token_type": w(2, d),
+                       "ln_scale": 1 + w(d), "ln_bias": w(d)},
+        "layers": {"qkv_w": w(n, d, 3 * d), "qkv_b": w(n, 3 * d), "out_w": w(n, d, d), "out_b": w(n, d),
+                   "ln1_scale": 1 + w(n, d), "ln1_bias": w(n, d), "ffn_in_w": w(n, d, f), "ffn_in_b": w(n, f),
+                   "ffn_out_w": w(n, f, d), "ffn_out_b": w(n, d), "ln2_scale": 1 + w(n, d), "ln2_bias": w(n, d)},
+    }
+    fn = functools.partial(bert.embed, config=config, pooling="mean", normalize=True)
+    return fn, params
+
+
+def random_token_rows(n: int, *, max_len: int, vocab: int = 101, seed: int = 0) -> list[np.ndarray]:
+    """n int32 token sequences with a skewed length mix between 1 and max_len (for engine tests)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(max_len / 6), 0.8, n).astype(int), 1, max_len)
+    return [rng.integers(1, vocab, size=k).astype(np.int32) for k in lengths]

@@ -31,6 +31,7 @@ from bulkinfer.runtime import EngineStats
 NAMESPACE = "bulkinfer"
 
 _loaded: dict[Any, Any] = {}
+_load_unreported: set = set()  # loaded models whose load time no bundle has reported yet
 _loaded_lock = threading.Lock()
 
 
@@ -39,9 +40,17 @@ def load_shared(model) -> Any:
     with _loaded_lock:
         if model not in _loaded:
             _loaded[model] = model.load()
-            Metrics.distribution(NAMESPACE, "model_load_ms").update(
-                int(getattr(_loaded[model], "load_s", 0.0) * 1000))
+            _load_unreported.add(model)
         return _loaded[model]
+
+
+def _report_load(model) -> None:
+    """Records the model's load time once per load, from a bundle (metrics need a step context; setup has none)."""
+    with _loaded_lock:
+        if model not in _load_unreported:
+            return
+        _load_unreported.discard(model)
+    Metrics.distribution(NAMESPACE, "model_load_ms").update(int(getattr(_loaded[model], "load_s", 0.0) * 1000))
 
 
 class BulkInference(beam.PTransform):
@@ -119,12 +128,15 @@ class _InferDoFn(beam.DoFn):
         self._padded_tokens = Metrics.counter(NAMESPACE, "padded_tokens")
         self._compiles = Metrics.counter(NAMESPACE, "compiles")
         self._device_ms = Metrics.counter(NAMESPACE, "engine_ms")
+        self._busy_ms = Metrics.counter(NAMESPACE, "device_busy_ms")
+        self._oom_backoffs = Metrics.counter(NAMESPACE, "oom_backoffs")
 
     def setup(self):
         self._loaded = load_shared(self._model)
         self._output = self._output_field or self._loaded.output_name
 
     def start_bundle(self):
+        _report_load(self._model)
         self._pending: list[tuple[Batch, list[int], list]] = []  # (batch, valid row indices, values)
         self._pending_rows = 0
 
@@ -188,6 +200,8 @@ class _InferDoFn(beam.DoFn):
         self._padded_tokens.inc(stats.padded_tokens)
         self._compiles.inc(stats.compiles)
         self._device_ms.inc(int(stats.run_s * 1000))
+        self._busy_ms.inc(int(stats.busy_s * 1000))
+        self._oom_backoffs.inc(stats.oom_backoffs)
         k = 0
         for batch, valid, _ in pending:
             keep, rows = [], []

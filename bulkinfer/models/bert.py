@@ -136,3 +136,25 @@ def embed(
 ) -> jax.Array:
     """Pooled sentence embeddings [B, D] for token ids [B, L]."""
     return pool(encode_tokens(params, input_ids, mask, config=config), mask, mode=pooling, normalize=normalize)
+
+
+# How to split the big matrices over a "model" mesh axis (Megatron style): the first matrix of each
+# block along its output dim, the second along its input dim.  Everything else is replicated.
+_MODEL_SPLIT = {
+    "qkv_w": (None, None, "model"),  # [N, D, 3D]: split 3D
+    "qkv_b": (None, "model"),  # [N, 3D]
+    "ffn_in_w": (None, None, "model"),  # [N, D, F]: split F
+    "ffn_in_b": (None, "model"),  # [N, F]
+    "out_w": (None, "model", None),  # [N, D, D]: split the input D
+    "ffn_out_w": (None, "model", None),  # [N, F, D]: split F
+}
+
+
+def param_spec(path, leaf):
+    """The `Engine(param_spec=...)` for this layout: a PartitionSpec for the big layer matrices, else None."""
+    from jax.sharding import PartitionSpec
+
+    name = getattr(path[-1], "key", None)
+    if len(path) == 2 and getattr(path[0], "key", None) == "layers" and name in _MODEL_SPLIT:
+        return PartitionSpec(*_MODEL_SPLIT[name])
+    return None

@@ -1,9 +1,19 @@
 """Static shapes: length buckets and token-budget batch sizes.
 
 jit compiles once per input shape, so every batch the engine runs has one of a small, fixed set of
-shapes (batch_size, bucket_length).  Rows are sorted by length, each padded up to its bucket, and cut
-into batches of about `token_budget` tokens; a final short batch is padded with masked dummy rows up
-to the next size on a short ladder of batch sizes, never to a new shape.
+shapes (batch_size, bucket_length).  `plan` sorts rows by length, longest first, and cuts them into
+batches of about `token_budget` tokens, each padded to its longest row's bucket.  A bucket's short
+tail (too few rows for a full batch) is either padded with masked dummy rows up to the next size on a
+short ladder of halvings (`tails="pad"`), or, when that costs fewer padded tokens, filled up with the
+next shorter rows, which then ride in the longer bucket (`tails="merge"`, the default).  Nothing ever
+creates a shape outside `shapes()`.
+
+Defaults come from `bench/padding.py` on `bulkinfer.testing.synthetic_texts(20000)` with the MiniLM
+tokenizer (mean 22 tokens, max 256), flushed 8192 rows at a time like BulkInference: padding
+efficiency 0.91 with at most 21 lengths x 2 batch sizes = 42 shapes, 28 of them used (the walking
+skeleton's step-8 lengths, 8192 budget and dummy-row tails gave 0.80).  A larger token budget means
+fewer, longer-padded tails: 4096 gives 0.89 and 8192 gives 0.87 on 8192-row flushes, so raise
+`flush_rows` together with the budget on an accelerator.  See NOTES-runtime.md for the table.
 """
 
 from __future__ import annotations
@@ -12,9 +22,12 @@ import dataclasses
 
 import numpy as np
 
-# Fine buckets where most text lives (short), coarser ones for the long tail.  Chosen for padding
-# efficiency >= 0.9 on a realistic length mix (see bench/); capped at the model's max length.
-DEFAULT_LENGTHS = (8, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+# Fine buckets where most text lives (short), coarser ones for the long tail: a ~1.2x geometric
+# ladder (bucket padding alone costs 7% on the synthetic mix; 8-token steps cost 15%).  The model's max length becomes the last bucket (`for_max_length`).
+DEFAULT_LENGTHS = (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+                   320, 384, 448, 512)
+
+_TAILS = ("pad", "merge")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -25,33 +38,54 @@ class Bucketing:
       tokenizer truncates to the model's max length, which `for_max_length` makes the last bucket).
     token_budget: target rows x padded length of one batch.
     max_batch: upper bound on rows per batch, whatever the budget.
-    ladder: how many halvings of a bucket's full batch size a final short batch may use.
+    ladder: how many halvings of a bucket's full batch size a short batch may use.
     multiple: every batch size is a multiple of this (the number of devices the batch is split over).
+    tails: "merge" fills a bucket's short tail with the next shorter rows when that pads fewer tokens
+      than dummy rows would; "pad" always pads it with dummy rows.
     """
 
     lengths: tuple[int, ...] = DEFAULT_LENGTHS
-    token_budget: int = 8192
+    token_budget: int = 2048
     max_batch: int = 512
-    ladder: int = 4
+    ladder: int = 1
     multiple: int = 1
+    tails: str = "merge"
 
     def __post_init__(self):
         if not self.lengths or list(self.lengths) != sorted(set(self.lengths)) or self.lengths[0] < 1:
             raise ValueError(f"lengths must be positive and strictly ascending, got {self.lengths}")
         if self.token_budget < self.lengths[-1]:
-            raise ValueError(f"token_budget {self.token_budget} is below the longest bucket {self.lengths[-1]}")
+            raise ValueError(
+                f"token_budget {self.token_budget} is below the longest bucket {self.lengths[-1]}; "
+                f"raise token_budget or cap lengths with for_max_length()")
         if self.max_batch < 1 or self.ladder < 0 or self.multiple < 1:
-            raise ValueError("max_batch and multiple must be >= 1 and ladder >= 0")
+            raise ValueError(
+                f"max_batch ({self.max_batch}) and multiple ({self.multiple}) must be >= 1 "
+                f"and ladder ({self.ladder}) >= 0")
+        if self.tails not in _TAILS:
+            raise ValueError(f"tails {self.tails!r} is not supported; expected one of {_TAILS}")
 
     def for_max_length(self, max_length: int) -> Bucketing:
         """The same bucketing with lengths capped at max_length (which becomes the last bucket)."""
         lengths = tuple(n for n in self.lengths if n < max_length) + (max_length,)
         return dataclasses.replace(self, lengths=lengths, token_budget=max(self.token_budget, max_length))
 
+    def halved(self) -> Bucketing | None:
+        """Half the token budget, for out-of-memory back-off; None if that is below the longest bucket.
+
+        The lengths stay the same, so only batch sizes change (each halving is already on the ladder
+        while `ladder >= 1`, so the shapes are usually ones the engine compiled before).
+        """
+        budget = self.token_budget // 2
+        if budget < self.lengths[-1]:
+            return None
+        return dataclasses.replace(self, token_budget=budget)
+
     def bucket_length(self, n: int) -> int:
         i = int(np.searchsorted(self.lengths, n))
         if i == len(self.lengths):
-            raise ValueError(f"a row of {n} tokens exceeds the longest bucket {self.lengths[-1]}")
+            raise ValueError(f"a row of {n} tokens exceeds the longest bucket {self.lengths[-1]}; "
+                             f"truncate it or add a longer bucket")
         return self.lengths[i]
 
     def batch_sizes(self, length: int) -> tuple[int, ...]:
@@ -65,25 +99,66 @@ class Bucketing:
         """Every (batch_size, length) the engine may compile, for warm-up."""
         return [(b, n) for n in self.lengths for b in self.batch_sizes(n)]
 
-    def plan(self, lengths: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-        """Cuts rows into batches: a list of (batch_size, bucket_length, row indices)."""
+    def plan(self, lengths: np.ndarray, *, final: bool = True) -> list[tuple[int, int, np.ndarray]]:
+        """Cuts rows into batches: a list of (batch_size, bucket_length, row indices).
+
+        final=False leaves out the rows that would need a short (padded) batch, so a caller can carry
+        them over to its next call; `carry(lengths)` names them.  Row indices refer to `lengths`.
+        """
+        batches, _ = self._plan(lengths, final=final)
+        return batches
+
+    def carry(self, lengths: np.ndarray) -> np.ndarray:
+        """The rows `plan(lengths, final=False)` leaves out, to run with later rows."""
+        _, rest = self._plan(lengths, final=False)
+        return rest
+
+    def _plan(self, lengths, *, final: bool):
         lengths = np.asarray(lengths)
         if lengths.size and lengths.max() > self.lengths[-1]:
             row = int(np.argmax(lengths))
-            raise ValueError(f"row {row} has {lengths[row]} tokens; the longest bucket is {self.lengths[-1]}")
-        order = np.argsort(lengths, kind="stable")
+            raise ValueError(f"row {row} has {lengths[row]} tokens; the longest bucket is {self.lengths[-1]}; "
+                             f"truncate it or add a longer bucket")
+        order = np.argsort(-lengths, kind="stable")  # [N] longest first
         bucket_of = np.searchsorted(self.lengths, lengths[order])  # [N] bucket index per sorted row
-        batches = []
-        for b in np.unique(bucket_of):
-            rows = order[bucket_of == b]
-            length = self.lengths[b]
+        pad_len = np.asarray(self.lengths)[bucket_of]  # [N] each row's own padded length
+        # For each sorted position, where its bucket's rows end (rows are grouped by bucket).
+        bucket_end = np.searchsorted(-bucket_of, -bucket_of, side="right")
+        batches, rest = [], []
+        i, n = 0, len(order)
+        while i < n:
+            length = int(pad_len[i])
             sizes = self.batch_sizes(length)
             full = sizes[0]
-            for start in range(0, len(rows), full):
-                chunk = rows[start : start + full]
-                size = min(s for s in sizes if s >= len(chunk))
-                batches.append((size, length, chunk))
-        return batches
+            end = int(bucket_end[i])
+            if end - i >= full:  # a full batch of this bucket alone
+                batches.append((full, length, order[i : i + full]))
+                i += full
+                continue
+            short = end - i  # this bucket's tail: fewer rows than a full batch
+            padded = min(s for s in sizes if s >= short)
+            if self.tails == "merge" and end < n:
+                # Filling the batch with the next shorter rows costs full*length padded tokens, and
+                # saves what those rows would have cost in their own buckets.
+                take = min(full, n - i)
+                saved = int(pad_len[end : i + take].sum())
+                pad_cost = padded * length
+                merge_cost = min(s for s in sizes if s >= take) * length - saved
+                if merge_cost < pad_cost:
+                    if take < full and not final:
+                        rest.append(order[i:])
+                        break
+                    size = min(s for s in sizes if s >= take)
+                    batches.append((size, length, order[i : i + take]))
+                    i += take
+                    continue
+            if not final:
+                rest.append(order[i:end])
+            else:
+                batches.append((padded, length, order[i:end]))
+            i = end
+        rest = np.concatenate(rest) if rest else np.zeros(0, np.int64)
+        return batches, rest
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -33,6 +33,8 @@ class TextEmbedder:
     bucketing: the static shapes the engine may run.
     warmup: compile every shape at load time instead of on first use.
     compilation_cache_dir: a persistent XLA compilation cache shared across processes and runs.
+    model_parallel: split the encoder's big matrices over this many devices (a "model" mesh axis),
+      for a model larger than one device; the remaining factor of the devices splits the batch.
     """
 
     path: str
@@ -43,6 +45,7 @@ class TextEmbedder:
     max_in_flight: int = 2
     warmup: bool = False
     compilation_cache_dir: str | None = None
+    model_parallel: int = 1
 
     input_kind = "text"  # the row field this model reads must hold a str
 
@@ -83,7 +86,7 @@ class LoadedTextEmbedder:
         pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.engine = Engine(
             fn, params, bucketing=spec.bucketing.for_max_length(max_len), pad_id=pad_id,
-            max_in_flight=spec.max_in_flight,
+            max_in_flight=spec.max_in_flight, model_parallel=spec.model_parallel, param_spec=bert.param_spec,
         )
         if spec.warmup:
             self.engine.warmup()

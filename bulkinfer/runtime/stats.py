@@ -1,0 +1,38 @@
+"""Counters of what the engine ran: rows, batches, tokens, compiles, device time, out-of-memory back-offs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counts of one `Engine.run` call, or (`Engine.stats`) of everything an engine ran in this process.
+
+    real_tokens / padded_tokens: tokens of the rows vs. tokens of the padded batches they ran in.
+    compiles, compile_s: shapes compiled (each once per process) and the seconds that took.
+    run_s: wall seconds inside `Engine.run` (padding, dispatch, waiting for results).
+    busy_s: seconds during which the devices had at least one batch running (from dispatch, or the
+      previous batch's completion, to this batch's completion); busy_s / wall time is the
+      device-busy fraction.
+    oom_backoffs: batches that ran out of device memory and were split and rerun with half the budget.
+    """
+
+    rows: int = 0
+    batches: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    compiles: int = 0
+    compile_s: float = 0.0
+    run_s: float = 0.0
+    busy_s: float = 0.0
+    oom_backoffs: int = 0
+
+    def add(self, other: EngineStats, *, compiles: bool = True) -> None:
+        for f in dataclasses.fields(self):
+            if compiles or f.name not in ("compiles", "compile_s"):
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
