@@ -51,17 +51,22 @@ class Batch:
 
 @dataclasses.dataclass(frozen=True)
 class SourceDone:
-    """Follows the last rows of one input file through the pipeline (only with ReadDataset(markers=True)).
+    """Follows the last rows of one input file down the main output (only with ReadDataset(markers=True)).
 
-    Stages that buffer rows flush them before passing the marker on, so when the marker reaches the
-    writer, every prediction and dead letter of that file has arrived before it (Beam runs a fused
-    stage depth-first within a bundle) and the file's outputs can be committed as one unit.
+    Stages that buffer rows flush them before passing the marker on, and every stage adds the dead
+    letters it made for that file to `letters`; so when the marker reaches the writer, everything the
+    file produced has arrived and its outputs can be committed as one unit.  Rows and marker travel one
+    chain of ParDos (no Flatten, whose inputs a runner may deliver in any order).
     rows: rows read; failed: records the reader could not parse.
     """
 
     source: str
     rows: int
     failed: int
+    letters: tuple = ()
+
+    def with_letters(self, letters) -> SourceDone:
+        return dataclasses.replace(self, letters=self.letters + tuple(letters))
 
 
 def dead_letter(*, stage: str, error: str, record: Any, row_id: Any = None, source: str | None = None,

@@ -122,15 +122,15 @@ class _ReadFile(beam.DoFn):
 
     def process(self, path: str):
         reader = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}[input_format(path)]
-        rows, positions = [], []
-        n_rows = n_failed = 0
+        rows, positions, letters = [], [], []
+        n_rows = 0
         for position, row, error, raw in reader(path):
             if error is not None:
-                n_failed += 1
                 self._failed.inc()
-                yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
+                letters.append(dead_letter(
                     stage="read", error=f"{path} line {position}: {error}", record=raw, source=path,
                     position=position))
+                yield beam.pvalue.TaggedOutput(FAILED, letters[-1])
                 continue
             rows.append(row)
             positions.append(position)
@@ -143,7 +143,7 @@ class _ReadFile(beam.DoFn):
             self._rows.inc(len(rows))
             yield Batch(rows, source=path, positions=positions)
         if self._markers:
-            yield SourceDone(path, rows=n_rows, failed=n_failed)
+            yield SourceDone(path, rows=n_rows, failed=len(letters), letters=tuple(letters))
 
 
 # Each reader yields (1-based line/row number, row or None, error or None, raw record).

@@ -48,13 +48,15 @@ class JobSpec:
 
 def build(p: beam.Pipeline, model, job: JobSpec, files: list[str]):
     """Adds the job's transforms for `files` to pipeline `p`."""
-    rows, read_failed = p | "ReadDataset" >> io.ReadDataset(
+    # Dead letters reach the writer inside each file's SourceDone marker, on the same chain as its rows;
+    # the separate dead-letter outputs are not needed here.
+    rows, _ = p | "ReadDataset" >> io.ReadDataset(
         job.input, files=files, batch_rows=job.batch_rows, markers=True).with_exception_handling()
     infer = BulkInference(model, input_field=job.input_field, id_field=job.id_field)
-    predictions, infer_failed = rows | "BulkInference" >> infer.with_exception_handling()
+    predictions, _ = rows | "BulkInference" >> infer.with_exception_handling()
     output_field = getattr(model, "output_name", "embedding")
-    return ((predictions, read_failed, infer_failed) | "Outputs" >> beam.Flatten()
-            | "CommitShards" >> shards.CommitShards(job.out, format=job.format, columns=[job.id_field, output_field]))
+    return predictions | "CommitShards" >> shards.CommitShards(
+        job.out, format=job.format, columns=[job.id_field, output_field])
 
 
 def _settings(model, job: JobSpec) -> dict:

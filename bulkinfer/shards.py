@@ -58,7 +58,7 @@ def remove_uncommitted(directory: str) -> list[str]:
 
 
 class CommitShards(beam.PTransform):
-    """Writes predictions (Batches) and dead letters (dicts) per source, committing at `SourceDone`."""
+    """Writes predictions (Batches) per source and, at its `SourceDone`, its dead letters; then commits."""
 
     def __init__(self, directory: str, *, format: str, columns: list[str] | None, rows_per_file: int = 100_000):
         super().__init__()
@@ -73,7 +73,7 @@ class _Pending:
 
     def __init__(self):
         self.rows: list[dict] = []
-        self.failed: list[dict] = []
+        self.failed: list[dict] = []  # dead letters, from the marker
         self.temps: list[tuple[str, str]] = []  # (temporary, final)
         self.rows_out = 0
 
@@ -102,11 +102,11 @@ class _CommitDoFn(beam.DoFn):
             p.rows.extend(rows)
             if len(p.rows) >= self._rows_per_file:
                 self._spill(element.source, p)
-        else:  # a dead letter
-            self._of(element.get("source")).failed.append(element)
+        else:
+            raise TypeError(f"CommitShards takes Batches and SourceDone markers, got {type(element).__name__}")
 
     def finish_bundle(self):
-        leftover = [s for s, p in self._pending.items() if p.rows or p.failed or p.temps]
+        leftover = [s for s, p in self._pending.items() if p.rows or p.temps]
         if leftover:  # a source whose marker never came: nothing of it is committed, nothing claimed done
             raise RuntimeError(f"outputs of {leftover[:3]} arrived without their end-of-file marker")
 
@@ -123,6 +123,7 @@ class _CommitDoFn(beam.DoFn):
 
     def _commit(self, done: SourceDone):
         p = self._pending.pop(done.source, _Pending())
+        p.failed = list(done.letters)
         key = source_key(done.source)
         record_path = FileSystems.join(self._dir, COMMITTED, f"{key}.json")
         if FileSystems.exists(record_path):  # a retried bundle: the first commit stands

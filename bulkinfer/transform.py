@@ -139,11 +139,12 @@ class _InferDoFn(beam.DoFn):
         _report_load(self._model)
         self._pending: list[tuple[Batch, list[int], list]] = []  # (batch, valid row indices, values)
         self._pending_rows = 0
+        self._letters: dict[str, list] = {}  # source -> dead letters made here, for its SourceDone
 
     def process(self, batch: Batch | SourceDone):
         if isinstance(batch, SourceDone):  # all rows of that file must leave before the marker
             yield from self._flush()
-            yield batch
+            yield batch.with_letters(self._letters.pop(batch.source, ()))
             return
         self._rows_in.inc(len(batch))
         valid, values = [], []
@@ -184,8 +185,11 @@ class _InferDoFn(beam.DoFn):
         row_id = row.get(self._id_field) if isinstance(row, dict) and self._id_field else None
         where = batch.where(i) + (f" (id {row_id!r})" if row_id is not None else "")
         pos = batch.positions[i] if batch.positions is not None else None
-        return beam.pvalue.TaggedOutput(FAILED, dead_letter(
-            stage=stage, error=f"{where}: {error}", record=row, row_id=row_id, source=batch.source, position=pos))
+        letter = dead_letter(
+            stage=stage, error=f"{where}: {error}", record=row, row_id=row_id, source=batch.source, position=pos)
+        if batch.source is not None:
+            self._letters.setdefault(batch.source, []).append(letter)
+        return beam.pvalue.TaggedOutput(FAILED, letter)
 
     def _flush(self):
         pending, self._pending, self._pending_rows = self._pending, [], 0
