@@ -80,6 +80,55 @@ def test_bad_configuration_is_one_clear_line(tmp_path, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def _model_copy(tmp_path, minilm_spec):
+    """A copy of the MiniLM directory whose files can be broken one at a time (weights linked, not copied)."""
+    src, dst = Path(minilm_spec.path), tmp_path / "model"
+    dst.mkdir()
+    for f in src.rglob("*"):
+        if f.is_file():
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            (dst / f.relative_to(src)).symlink_to(f)
+    return dst
+
+
+def _truncate_weights(d):
+    data = (d / "model.safetensors").read_bytes()[:5_000_000]
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").write_bytes(data)
+
+
+def _shrink_ffn_in_config(d):
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").unlink()
+    (d / "config.json").write_text(json.dumps({**config, "intermediate_size": 1024}))
+
+
+def _drop_tokenizer(d):
+    (d / "tokenizer.json").unlink()
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (_truncate_weights, "model.safetensors: cannot read weights"),
+    (_shrink_ffn_in_config, "do not match config.json, e.g. encoder.layer.0.intermediate.dense.weight: "
+                            "shape (1536, 384), config implies (1024, 384)"),
+    (_drop_tokenizer, "tokenizer.json: file is missing"),
+])
+def test_broken_checkpoint_is_one_clear_line(tmp_path, minilm_spec, breakage, message):
+    model = _model_copy(tmp_path, minilm_spec)
+    breakage(model)
+    proc = bulkinfer("run", "--model", model, "--input", ROOT / "data/sample/part-0.jsonl", "--output", tmp_path / "o")
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_unwritable_output_directory_is_one_clear_line(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    proc = bulkinfer("run", "--model", "minilm", "--input", ROOT / "data/sample/part-0.jsonl",
+                     "--output", tmp_path / "a-file" / "out")
+    assert proc.returncode == 2 and "is not writable" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_help_teaches_the_flags_and_beam_pass_through():
     proc = bulkinfer("run", "--help")
     assert proc.returncode == 0

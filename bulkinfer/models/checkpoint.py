@@ -53,10 +53,9 @@ def _strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return tensors
 
 
-def bert_params(tensors: dict[str, np.ndarray], config: BertConfig, dtype=np.float32) -> Params:
-    """Converts HF BertModel tensors to the stacked layout of `bert.py`, checking every name and shape."""
-    t = _strip_prefix(tensors)
-    d, f, n = config.hidden_size, config.intermediate_size, config.num_layers
+def _bert_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF BertModel checkpoint must hold for `config`, with its shape."""
+    d, f = config.hidden_size, config.intermediate_size
     expected: dict[str, tuple[int, ...]] = {
         "embeddings.word_embeddings.weight": (config.vocab_size, d),
         "embeddings.position_embeddings.weight": (config.max_position, d),
@@ -82,19 +81,51 @@ def bert_params(tensors: dict[str, np.ndarray], config: BertConfig, dtype=np.flo
         "output.LayerNorm.weight": (d,),
         "output.LayerNorm.bias": (d,),
     }
-    for i in range(n):
+    for i in range(config.num_layers):
         expected.update({f"encoder.layer.{i}.{k}": s for k, s in per_layer.items()})
-    missing = sorted(set(expected) - set(t))
+    return expected
+
+
+def check_bert_shapes(shapes: dict[str, tuple[int, ...]], config: BertConfig) -> None:
+    """Raises CheckpointError unless `shapes` (tensor name -> shape) hold every tensor `config` implies."""
+    shapes = _strip_prefix(shapes)
+    expected = _bert_shapes(config)
+    missing = sorted(set(expected) - set(shapes))
     if missing:
         raise CheckpointError(
             f"weights lack {len(missing)} of {len(expected)} tensors config.json implies, e.g. {missing[:3]}"
         )
-    wrong = [(k, t[k].shape, s) for k, s in expected.items() if tuple(t[k].shape) != s]
+    wrong = [(k, tuple(shapes[k]), s) for k, s in expected.items() if tuple(shapes[k]) != s]
     if wrong:
         k, got, want = wrong[0]
         raise CheckpointError(
             f"{len(wrong)} tensors do not match config.json, e.g. {k}: shape {got}, config implies {want}"
         )
+
+
+def safetensors_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors headers, without reading the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no *.safetensors weights file")
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                for k in st.keys():
+                    shapes[k] = tuple(st.get_slice(k).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot read weights ({e}); the file may be truncated or corrupt") from None
+    return shapes
+
+
+def bert_params(tensors: dict[str, np.ndarray], config: BertConfig, dtype=np.float32) -> Params:
+    """Converts HF BertModel tensors to the stacked layout of `bert.py`, checking every name and shape."""
+    check_bert_shapes({k: v.shape for k, v in tensors.items()}, config)
+    t = _strip_prefix(tensors)
+    n = config.num_layers
 
     def get(k):
         return np.asarray(t[k], dtype=dtype)

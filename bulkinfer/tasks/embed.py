@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -59,7 +60,18 @@ class TextEmbedder:
     def from_name(cls, name_or_path: str, **settings) -> TextEmbedder:
         """A built-in model name (`minilm`) or a path to a model directory."""
         name, path = resolve_model_dir(name_or_path)
-        return cls(path=str(path), name=name, **settings)
+        spec = cls(path=str(path), name=name, **settings)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        """Validates the directory without loading weights (config, tokenizer, every tensor's name and
+        shape, a complete weights file), so a bad checkpoint fails before a pipeline starts."""
+        directory = Path(self.path)
+        config = bert.BertConfig.from_hf(checkpoint.read_json(directory / "config.json"))
+        _, _, max_len = checkpoint.sentence_settings(directory, config)
+        checkpoint.load_tokenizer(directory, max_len)
+        checkpoint.check_bert_shapes(checkpoint.safetensors_shapes(directory), config)
 
     def load(self) -> LoadedTextEmbedder:
         return LoadedTextEmbedder(self)
@@ -75,7 +87,7 @@ class LoadedTextEmbedder:
         if spec.compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", spec.compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        directory = checkpoint.Path(spec.path)
+        directory = Path(spec.path)
         config = bert.BertConfig.from_hf(checkpoint.read_json(directory / "config.json"))
         pooling, normalize, max_len = checkpoint.sentence_settings(directory, config)
         max_len = min(spec.max_length or max_len, config.max_position)
