@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Batch": "bulkinfer.batch",
     "BulkInference": "bulkinfer.transform",
+    "Guarded": "bulkinfer.guard",
     "JaxModelHandler": "bulkinfer.handler",
     "Rebatch": "bulkinfer.batch",
     "TextEmbedder": "bulkinfer.tasks.embed",

@@ -13,6 +13,9 @@ Any flag not listed above is a Beam pipeline option, passed through unchanged, e
   --direct_num_workers=2 --direct_running_mode=multi_processing
 Without --runner the job runs on Beam's embedded FnApiRunner in this process.
 
+Rerunning the same command after an interruption resumes: input files already committed
+(DIR/_committed/) are skipped.
+
 Outputs in DIR:
   part-*.parquet (or .jsonl)  one row per input row that succeeded: the id field and the embedding
   failed-*.jsonl              one row per input row that failed: id, stage, error, raw record
@@ -38,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--id-field", default="id", help="row field copied to the output as the row's id (default: id)")
     run.add_argument("--text-field", default="text", help="row field holding the text to embed (default: text)")
     run.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="output format (default: parquet)")
-    run.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in DIR")
+    run.add_argument("--overwrite", action="store_true", help="start from scratch: delete an earlier run's outputs in DIR (default: resume it)")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     run.add_argument("--max-length", type=int, default=None,
                      help="truncate texts to this many tokens (default: the model's max_seq_length)")

@@ -113,3 +113,20 @@ def test_without_exception_handling_a_bad_row_fails_the_job_with_its_reason():
 def test_flush_rows_is_checked_on_construction():
     with pytest.raises(ValueError, match="flush_rows"):
         bulkinfer.BulkInference(CountingModel(), flush_rows=0)
+
+
+def test_guarded_user_dofn_turns_row_failures_into_dead_letters():
+    def parse(row):
+        yield {"id": row["id"], "text": row["raw"].strip()}
+
+    rows = [{"id": 1, "raw": " a "}, {"id": 2, "raw": None}, {"id": 3, "raw": "c"}]
+    with _pipeline() as p:
+        good, bad = p | beam.Create(rows) | bulkinfer.Guarded(parse, stage="preprocess")
+        assert_that(good, equal_to([{"id": 1, "text": "a"}, {"id": 3, "text": "c"}]), label="good")
+        assert_that(bad | beam.Map(lambda d: (d["id"], d["stage"], d["error"].split(": ")[1], d["record"])),
+                    equal_to([(2, "preprocess", "AttributeError", {"id": 2, "raw": None})]), label="bad")
+
+
+def test_guarded_rejects_unknown_stage():
+    with pytest.raises(ValueError, match="stage must be one of"):
+        bulkinfer.Guarded(lambda r: [r], stage="inference")
