@@ -37,7 +37,10 @@ class Batch:
     def where(self, i: int) -> str:
         """Where row i came from, for error messages: 'data/a.jsonl line 7' or 'row 3'."""
         pos = self.positions[i] if self.positions is not None else i + 1
-        return f"{self.source} row {pos}" if self.source else f"row {pos}"
+        if not self.source:
+            return f"row {pos}"
+        unit = "row" if self.source.lower().endswith(".parquet") else "line"
+        return f"{self.source} {unit} {pos}"
 
     def take(self, indices: Iterable[int], rows: list[dict] | None = None) -> Batch:
         """A batch of the given rows (or replacement rows), keeping their positions."""
