@@ -91,7 +91,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview
     try:
         obj = json.loads(bytes(body[:n]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        hint = f"; binary tensors need the {HEADER_LENGTH} header" if header_length is None else ""
+        hint = ""
+        if header_length is None and "Extra data" in str(e):
+            hint = f"; binary tensor data after the JSON needs the {HEADER_LENGTH} header"
         raise ProtocolError(f"the request's JSON is malformed: {e}{hint}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"the request must be a JSON object, got {type(obj).__name__}")
