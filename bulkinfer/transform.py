@@ -152,7 +152,10 @@ class _InferDoFn(beam.DoFn):
 
     def finish_bundle(self):
         for out in self._flush():
-            yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
+            if isinstance(out, beam.pvalue.TaggedOutput):  # a dead letter: the window goes inside the tag
+                yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, MIN_TIMESTAMP, [GlobalWindow()]))
+            else:
+                yield WindowedValue(out, MIN_TIMESTAMP, [GlobalWindow()])
 
     def _check(self, row) -> str | None:
         field = self._input_field
