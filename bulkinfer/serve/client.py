@@ -94,29 +94,37 @@ class V2Client:
         self._timeout = timeout_s
         self._local = threading.local()
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, and whether it has carried a request before (it may have gone stale)."""
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            conn = self._local.conn = cls(self._host, self._port, timeout=self._timeout)
-        return conn
+        if conn is not None:
+            return conn, True
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        self._local.conn = cls(self._host, self._port, timeout=self._timeout)
+        return self._local.conn, False
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
-        """(status, headers, body).  Raises OSError or http.client.HTTPException if the connection fails."""
-        conn = self._connection()
-        try:
-            conn.request(method, self._prefix + path, body=body, headers={**self._headers, **(headers or {})})
-            resp = conn.getresponse()
-            data = resp.read()
-        except BaseException:
-            conn.close()
-            self._local.conn = None
-            raise
-        if resp.will_close:
-            conn.close()
-            self._local.conn = None
-        return resp.status, resp.headers, data
+        """(status, headers, body).  Raises OSError or http.client.HTTPException if the connection fails.
+
+        A kept-alive connection that the server closed while idle is replaced once, silently.
+        """
+        while True:
+            conn, reused = self._connection()
+            try:
+                conn.request(method, self._prefix + path, body=body, headers={**self._headers, **(headers or {})})
+                resp = conn.getresponse()
+                data = resp.read()
+            except BaseException as e:
+                conn.close()
+                self._local.conn = None
+                if reused and isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+                    continue  # stale keep-alive connection: one fresh try, not a failure
+                raise
+            if resp.will_close:
+                conn.close()
+                self._local.conn = None
+            return resp.status, resp.headers, data
 
     def _json(self, method: str, path: str) -> dict:
         status, _, data = self.request(method, path)

@@ -50,6 +50,7 @@ class ServeConfig:
     max_queue_rows: rows waiting for the model before new requests get 429.
     max_request_bytes: larger request bodies get 413, unread.
     drain_timeout_s: on shutdown, how long to wait for requests in flight.
+    idle_timeout_s: a connection idle (or trickling a body) this long is closed.
     """
 
     host: str = "127.0.0.1"
@@ -60,6 +61,7 @@ class ServeConfig:
     max_queue_rows: int = 65536
     max_request_bytes: int = 64 << 20
     drain_timeout_s: float = 30.0
+    idle_timeout_s: float = 120.0
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -174,8 +176,11 @@ class _Reply(Exception):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
     server_version = "bulkinfer"
-    timeout = 120  # seconds a connection may sit idle or trickle a body before its thread gives up
     server: _HTTPServer
+
+    def setup(self):
+        self.timeout = self.server.app.config.idle_timeout_s  # socket timeout: idle keep-alive threads end
+        super().setup()
 
     def log_message(self, format, *args):  # noqa: A002 -- BaseHTTPRequestHandler's signature
         log.debug("%s %s", self.address_string(), format % args)

@@ -84,3 +84,16 @@ def test_wrong_token_fails_at_load_with_the_reason(embedder):
 def test_unknown_model_name_fails_at_load(server):
     with pytest.raises(ModelUnavailable, match="not served here"):
         RemoteModel(url=server.url, name="bert-large").load()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_retry(embedder, caplog):
+    srv = start(embedder, ServeConfig(port=0, idle_timeout_s=0.3))
+    try:
+        loaded = RemoteModel(url=srv.url, name="minilm").load()
+        assert loaded.predict(["first"]).shape == (1, 384)
+        time.sleep(0.8)  # the server drops the kept-alive connection
+        with caplog.at_level("WARNING", logger="bulkinfer.serve.client"):
+            assert loaded.predict(["second"]).shape == (1, 384)
+        assert not [r for r in caplog.records if "retry" in r.getMessage()]
+    finally:
+        srv.stop()
