@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 EPILOG_RUN = """\
@@ -21,8 +22,26 @@ Outputs in DIR:
   failed-*.jsonl              one row per input row that failed: id, stage, error, raw record
   report.json                 rows_in = rows_out + rows_failed, rows/s, padding, compiles, ...
 
-Example:
+Examples:
   bulkinfer run --model minilm --input 'data/sample/*.jsonl' --output out/demo
+  bulkinfer run --model minilm --server http://127.0.0.1:8000 --input 'data/sample/*.jsonl' --output out/remote
+"""
+
+EPILOG_SERVE = """\
+Routes (Open Inference Protocol / KServe v2 REST, JSON or binary tensors):
+  GET  /v2/health/live, /v2/health/ready      (never need the token)
+  GET  /v2/models/NAME                        metadata: input text BYTES [-1] -> output embedding FP32 [-1, dim]
+  GET  /v2/models/NAME/ready, /v2/models/NAME/stats
+  POST /v2/models/NAME/infer
+NAME is the built-in model name (minilm) or the model directory's name.
+Concurrent requests are merged into one model call (dynamic batching).  SIGTERM or Ctrl-C stops
+accepting connections, finishes the requests in flight and exits 0.
+
+Examples:
+  bulkinfer serve --model minilm --port 8000
+  BULKINFER_TOKEN=s3cret bulkinfer serve --model minilm --host 0.0.0.0
+  curl -s localhost:8000/v2/models/minilm/infer \\
+    -d '{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]}'
 """
 
 
@@ -33,25 +52,66 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="embed a dataset: files in, predictions out",
         description="Run a model over every row of a dataset and write the predictions.",
         epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--model", required=True,
-                     help="a built-in model name (minilm) or a sentence-transformers/HF BERT directory")
+    _model_args(run)
     run.add_argument("--input", required=True, metavar="GLOB",
                      help="input files: .jsonl, .parquet or .csv, on any Beam filesystem (quote the glob)")
     run.add_argument("--output", required=True, metavar="DIR", help="output directory")
     run.add_argument("--id-field", default="id", help="row field copied to the output as the row's id (default: id)")
     run.add_argument("--text-field", default="text", help="row field holding the text to embed (default: text)")
     run.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="output format (default: parquet)")
-    run.add_argument("--overwrite", action="store_true", help="start from scratch: delete an earlier run's outputs in DIR (default: resume it)")
-    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    run.add_argument("--max-length", type=int, default=None,
-                     help="truncate texts to this many tokens (default: the model's max_seq_length)")
-    run.add_argument("--token-budget", type=int, default=None,
-                     help="tokens per device batch, rows x padded length (default: 2048)")
-    run.add_argument("--warmup", action="store_true", help="compile every batch shape before reading data")
-    run.add_argument("--compilation-cache", metavar="DIR", default=None,
-                     help="persistent XLA compilation cache directory, shared across runs")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start from scratch: delete an earlier run's outputs in DIR (default: resume it)")
+    run.add_argument("--server", metavar="URL", default=None,
+                     help="run the model on this Open Inference Protocol (v2) server, e.g. http://127.0.0.1:8000 "
+                          "(bulkinfer serve, Triton, ...) instead of in this job; the engine flags then do not apply")
+    run.add_argument("--server-token", metavar="TOKEN", default=None,
+                     help="bearer token for --server (default: $BULKINFER_TOKEN)")
     run.add_argument("-v", "--verbose", action="store_true", help="log Beam's and bulkinfer's progress")
+
+    serve = sub.add_parser(
+        "serve", help="serve a model over the Open Inference Protocol (KServe v2 REST)",
+        description="Serve a model to remote jobs and any v2 client (tritonclient, KServe, curl).",
+        epilog=EPILOG_SERVE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for the network)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000; 0 picks a free one)")
+    serve.add_argument("--token", default=None,
+                       help="require 'Authorization: Bearer TOKEN' on every route but health (default: $BULKINFER_TOKEN)")
+    serve.add_argument("--max-queue-delay-ms", type=float, default=5.0,
+                       help="how long a request may wait for others to share its model call (default: 5)")
+    serve.add_argument("--max-batch-rows", type=int, default=1024, help="rows per model call, at most (default: 1024)")
+    serve.add_argument("--max-request-bytes", type=int, default=64 << 20,
+                       help="larger request bodies get 413, unread (default: 64 MiB)")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="a built-in model name (minilm) or a sentence-transformers/HF BERT directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate texts to this many tokens (default: the model's max_seq_length)")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="tokens per device batch, rows x padded length (default: 2048)")
+    p.add_argument("--warmup", action="store_true", help="compile every batch shape before taking data")
+    p.add_argument("--compilation-cache", metavar="DIR", default=None,
+                   help="persistent XLA compilation cache directory, shared across runs")
+
+
+def _embedder(args):
+    import dataclasses
+
+    from bulkinfer.runtime import Bucketing
+    from bulkinfer.tasks.embed import TextEmbedder
+
+    bucketing = Bucketing()
+    if args.token_budget:
+        bucketing = dataclasses.replace(bucketing, token_budget=args.token_budget)
+    return TextEmbedder.from_name(
+        args.model, dtype=args.dtype, max_length=args.max_length, bucketing=bucketing,
+        warmup=args.warmup, compilation_cache_dir=args.compilation_cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,24 +122,49 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
     if args.command == "run":
         return _run(args, beam_args)
+    if args.command == "serve":
+        if beam_args:
+            print(f"bulkinfer serve: error: unrecognized arguments: {' '.join(beam_args)}", file=sys.stderr)
+            return 2
+        logging.getLogger("bulkinfer").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+        return _serve(args)
     return 2
 
 
-def _run(args, beam_args) -> int:
-    import dataclasses
-
-    from bulkinfer import job
+def _serve(args) -> int:
     from bulkinfer.models import CheckpointError
-    from bulkinfer.runtime import Bucketing
-    from bulkinfer.tasks.embed import TextEmbedder
+    from bulkinfer.serve import ServeConfig, serve
 
     try:
-        bucketing = Bucketing()
-        if args.token_budget:
-            bucketing = dataclasses.replace(bucketing, token_budget=args.token_budget)
-        model = TextEmbedder.from_name(
-            args.model, dtype=args.dtype, max_length=args.max_length, bucketing=bucketing,
-            warmup=args.warmup, compilation_cache_dir=args.compilation_cache)
+        config = ServeConfig(host=args.host, port=args.port, token=args.token or os.environ.get("BULKINFER_TOKEN"),
+                             max_queue_delay_ms=args.max_queue_delay_ms, max_batch_rows=args.max_batch_rows,
+                             max_request_bytes=args.max_request_bytes)
+        return serve(_embedder(args), config)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"bulkinfer serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args, beam_args) -> int:
+    from bulkinfer import job
+    from bulkinfer.models import CheckpointError
+
+    try:
+        if args.server:
+            local_only = [f for f, v in (("--max-length", args.max_length), ("--token-budget", args.token_budget),
+                                         ("--warmup", args.warmup), ("--compilation-cache", args.compilation_cache),
+                                         ("--dtype", args.dtype != "float32")) if v]
+            if local_only:
+                raise ValueError(f"{', '.join(local_only)} configure the local engine and do not apply with --server; "
+                                 "pass them to `bulkinfer serve` instead")
+            from bulkinfer.serve.client import RemoteModel
+
+            model = RemoteModel.for_model(args.server, args.model,
+                                          token=args.server_token or os.environ.get("BULKINFER_TOKEN"))
+        elif args.server_token:
+            raise ValueError("--server-token needs --server URL")
+        else:
+            model = _embedder(args)
         spec = job.JobSpec(input=args.input, output=args.output, format=args.format, id_field=args.id_field,
                            input_field=args.text_field, overwrite=args.overwrite)
         report = job.run(model, spec, beam_args)

@@ -10,7 +10,8 @@
 
 The model is any object with `load()`; the loaded model has `predict(values)`, `input_type` and
 `output_name` (see `TextEmbedder`).  It is loaded once per worker process in `DoFn.setup` and shared
-by all of that process's DoFn threads.
+by all of that process's DoFn threads.  With `server="http://host:port"` the model runs on an Open
+Inference Protocol server instead (`bulkinfer serve`, Triton, ...; see `bulkinfer.serve.RemoteModel`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from bulkinfer import progress
 from bulkinfer.batch import FAILED, Batch, Rebatch, SourceDone, dead_letter
+from bulkinfer.errors import ModelUnavailable
 from bulkinfer.runtime import EngineStats
 
 NAMESPACE = "bulkinfer"
@@ -64,6 +66,7 @@ class BulkInference(beam.PTransform):
     accelerator, min_ram: Beam resource hints for the inference stage, e.g.
       accelerator="type:nvidia-h200;count:1;install-nvidia-driver", min_ram="16GB".
     flush_rows: rows gathered (per bundle) before the engine runs them; more rows -> less padding.
+    server, server_token: run `model` (by its name) on this v2 server instead of loading it here.
     """
 
     def __init__(
@@ -76,10 +79,18 @@ class BulkInference(beam.PTransform):
         id_field: str | None = "id",
         output_field: str | None = None,
         flush_rows: int = 8192,
+        server: str | None = None,
+        server_token: str | None = None,
     ):
         super().__init__()
         if flush_rows < 1:
             raise ValueError(f"flush_rows must be >= 1, got {flush_rows}")
+        if server_token is not None and server is None:
+            raise ValueError("server_token needs server=URL")
+        if server is not None:
+            from bulkinfer.serve.client import RemoteModel
+
+            model = RemoteModel.for_model(server, model, token=server_token)
         self._model = model
         self._hints = {k: v for k, v in (("accelerator", accelerator), ("min_ram", min_ram)) if v}
         self._fields = dict(input_field=input_field, id_field=id_field, output_field=output_field)
@@ -242,6 +253,9 @@ def _predict_isolating(loaded, values: list, stats: EngineStats):
         nonlocal out
         try:
             part = loaded.predict(values[lo:hi], stats=stats)
+        except ModelUnavailable as e:  # not these rows' fault (a server down): bisecting cannot help
+            errors.update({i: f"{type(e).__name__}: {e}" for i in range(lo, hi)})
+            return
         except Exception as e:  # any model failure: isolate it, never lose the rest
             if hi - lo == 1:
                 errors[lo] = f"{type(e).__name__}: {e}"

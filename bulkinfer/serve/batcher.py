@@ -1,0 +1,132 @@
+"""Dynamic batching: concurrent requests merged into one model call by a single batcher thread.
+
+    batcher = DynamicBatcher(loaded.predict, max_batch_rows=1024, max_queue_delay_s=0.005)
+    rows = batcher.submit(["a", "b"]).result()       # [2, dim], from a call shared with other requests
+
+The batcher waits up to `max_queue_delay_s` after the oldest queued request for more to arrive (or
+until `max_batch_rows` rows are queued), then runs them as one call.  While the model runs, new
+requests queue, so under load every call takes all that queued meanwhile and the delay never applies.
+A request larger than `max_batch_rows` runs alone.  If a merged call fails, each of its requests is
+retried alone so that one bad request cannot fail the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """More rows are queued than `max_queue_rows`; the client should back off and retry (HTTP 429)."""
+
+
+class Closed(RuntimeError):
+    """The batcher is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclasses.dataclass
+class BatcherStats:
+    requests: int = 0  # requests answered
+    rows: int = 0  # rows answered
+    calls: int = 0  # model calls (a merged call counts once)
+    failed_requests: int = 0
+
+
+@dataclasses.dataclass
+class _Item:
+    values: Sequence
+    future: Future
+    arrived: float
+
+
+class DynamicBatcher:
+    def __init__(self, predict: Callable[[list], np.ndarray], *, max_batch_rows: int = 1024,
+                 max_queue_delay_s: float = 0.005, max_queue_rows: int = 65536, clock=time.monotonic):
+        if max_batch_rows < 1 or max_queue_delay_s < 0 or max_queue_rows < 1:
+            raise ValueError("max_batch_rows and max_queue_rows must be >= 1 and max_queue_delay_s >= 0")
+        self._predict = predict
+        self._max_rows, self._delay, self._max_queued = max_batch_rows, max_queue_delay_s, max_queue_rows
+        self._clock = clock
+        self._cv = threading.Condition()
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_rows = 0
+        self._closed = False
+        self.stats = BatcherStats()
+        self._thread = threading.Thread(target=self._loop, name="bulkinfer-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, values: Sequence) -> Future:
+        """A future of predict(values); raises Overloaded or Closed instead of queueing."""
+        future: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise Closed("the server is shutting down")
+            if self._queued_rows and self._queued_rows + len(values) > self._max_queued:
+                raise Overloaded(f"{self._queued_rows} rows are already queued (limit {self._max_queued}); retry later")
+            self._queue.append(_Item(values, future, self._clock()))
+            self._queued_rows += len(values)
+            self._cv.notify()
+        return future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stops taking requests; answers every queued one, then the thread ends."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _take(self) -> list[_Item] | None:
+        """The next group of requests to run together, or None when closed and drained."""
+        with self._cv:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cv.wait()
+            deadline = self._queue[0].arrived + self._delay
+            while self._queued_rows < self._max_rows and not self._closed:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                self._cv.wait(remaining)
+            group, rows = [], 0
+            while self._queue and (not group or rows + len(self._queue[0].values) <= self._max_rows):
+                item = self._queue.popleft()
+                group.append(item)
+                rows += len(item.values)
+            self._queued_rows -= rows
+            return group
+
+    def _loop(self) -> None:
+        while (group := self._take()) is not None:
+            self._run(group)
+
+    def _run(self, group: list[_Item]) -> None:
+        values = [v for item in group for v in item.values]
+        try:
+            out = self._predict(values)  # [N, ...]
+        except Exception as e:  # noqa: BLE001 -- answered to the requests, never lost
+            if len(group) > 1:
+                log.warning("a merged call of %d requests failed (%s); running them one by one", len(group), e)
+                for item in group:
+                    self._run([item])
+                return
+            self.stats.failed_requests += 1
+            group[0].future.set_exception(e)
+            return
+        self.stats.calls += 1
+        start = 0
+        for item in group:
+            n = len(item.values)
+            item.future.set_result(out[start : start + n])
+            start += n
+            self.stats.requests += 1
+            self.stats.rows += n

@@ -1,0 +1,413 @@
+"""`bulkinfer serve`: an Open Inference Protocol (KServe v2) REST server for one text embedder.
+
+    config = ServeConfig(port=8000, token="s3cret")
+    serve(TextEmbedder.from_name("minilm"), config)    # blocks until SIGTERM/SIGINT, then drains
+
+Routes (JSON errors are `{"error": "..."}`):
+    GET  /v2/health/live, /v2/health/ready         no token needed
+    GET  /v2                                       server metadata
+    GET  /v2/models/{name}[/versions/{v}]          model metadata: input `text` BYTES [-1] -> output FP32 [-1, dim]
+    GET  /v2/models/{name}/ready
+    GET  /v2/models/{name}/stats                   requests, rows and model calls so far
+    POST /v2/models/{name}/infer                   JSON tensors or the binary tensor data extension
+
+The model runs in one batcher thread (`DynamicBatcher`) that merges concurrent requests; HTTP
+threads only parse and encode.  Request bodies are parsed with `json.loads` and `struct`, never
+unpickled.  The body size is checked against `Content-Length` before any of it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import logging
+import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+from bulkinfer import __version__
+from bulkinfer.serve import protocol
+from bulkinfer.serve.batcher import Closed, DynamicBatcher, Overloaded
+from bulkinfer.serve.protocol import HEADER_LENGTH, ProtocolError
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME, OUTPUT_NAME = "text", "embedding"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """How the server listens and batches.
+
+    host: the address to bind; the loopback default keeps the server off the network.
+    port: 0 picks a free port (see `Server.port`).
+    token: if set, every route except /v2/health/* needs `Authorization: Bearer <token>`.
+    max_queue_delay_ms: how long the batcher waits for more requests to merge with the oldest one.
+    max_batch_rows: rows per model call, at most (a larger request runs alone).
+    max_queue_rows: rows waiting for the model before new requests get 429.
+    max_request_bytes: larger request bodies get 413, unread.
+    drain_timeout_s: on shutdown, how long to wait for requests in flight.
+    idle_timeout_s: a connection idle (or trickling a body) this long is closed.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    max_queue_delay_ms: float = 5.0
+    max_batch_rows: int = 1024
+    max_queue_rows: int = 65536
+    max_request_bytes: int = 64 << 20
+    drain_timeout_s: float = 30.0
+    idle_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_batch_rows < 1 or self.max_queue_rows < 1:
+            raise ValueError("max_batch_rows and max_queue_rows must be >= 1")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.token is not None and not self.token:
+            raise ValueError("token must not be empty; leave it unset to serve without authentication")
+
+
+class Server:
+    """A running server: HTTP threads plus one batcher thread.  `set_model` makes it ready."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self._http = _HTTPServer((config.host, config.port), _Handler)
+        self._http.app = self
+        self.model = None  # a loaded model: predict(list[str]) -> [N, dim], name, dim
+        self.name: str | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.draining = False
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._http.serve_forever, name="bulkinfer-http", daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return self._http.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    def set_model(self, loaded) -> None:
+        self.batcher = DynamicBatcher(
+            loaded.predict, max_batch_rows=self.config.max_batch_rows,
+            max_queue_delay_s=self.config.max_queue_delay_ms / 1000, max_queue_rows=self.config.max_queue_rows)
+        self.name = loaded.name
+        self.model = loaded
+
+    def stop(self) -> None:
+        """Stops accepting connections, finishes the requests in flight (up to drain_timeout_s), closes."""
+        self.draining = True
+        self._http.shutdown()  # the accept loop ends; open connections keep their threads
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._in_flight == 0, self.config.drain_timeout_s):
+                log.warning("%d requests still in flight after %.0f s; closing anyway",
+                            self._in_flight, self.config.drain_timeout_s)
+        if self.batcher is not None:
+            self.batcher.close(self.config.drain_timeout_s)
+        self._http.server_close()
+
+    def _enter(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            self._idle.notify_all()
+
+
+def start(loaded, config: ServeConfig) -> Server:
+    """A ready server for an already loaded model, listening in background threads (for tests and benchmarks)."""
+    server = Server(config)
+    server.set_model(loaded)
+    return server
+
+
+def serve(model, config: ServeConfig) -> int:
+    """Binds, loads `model` (answering 503 on /ready until loaded), serves until SIGTERM or SIGINT, drains.
+
+    Returns the process exit status (0).
+    """
+    server = Server(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("listening on %s; loading %s", server.url, getattr(model, "name", model))
+    loaded = model.load()
+    server.set_model(loaded)
+    log.info("serving model %r (dim %d) on %s; loaded in %.1f s%s", loaded.name, loaded.dim, server.url,
+             loaded.load_s, "; a bearer token is required" if config.token else "")
+    while not stop.wait(0.5):
+        pass
+    log.info("shutting down: finishing requests in flight")
+    server.stop()
+    stats = server.batcher.stats
+    log.info("stopped after %d requests, %d rows, %d model calls", stats.requests, stats.rows, stats.calls)
+    return 0
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # idle keep-alive connections must not keep the process alive
+    allow_reuse_address = True  # a restarted server can bind the same port at once
+    app: Server
+
+
+class _Reply(Exception):
+    """An early answer from a route: status and JSON body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
+    server_version = "bulkinfer"
+    server: _HTTPServer
+
+    def setup(self):
+        self.timeout = self.server.app.config.idle_timeout_s  # socket timeout: idle keep-alive threads end
+        super().setup()
+
+    def log_message(self, format, *args):  # noqa: A002 -- BaseHTTPRequestHandler's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        app = self.server.app
+        app._enter()
+        self._body_read = method == "GET"
+        try:
+            if app.draining:
+                raise _Reply(503, "the server is shutting down; retry on a new connection")
+            status, body, headers = self._route(method, app)
+            self._send(status, body, headers)
+        except _Reply as r:
+            self._send_error(r.status, str(r))
+        except ProtocolError as e:
+            self._send_error(e.status, str(e))
+        except Exception as e:  # noqa: BLE001 -- the server must answer and stay up
+            log.exception("unexpected error on %s %s", method, self.path)
+            self._send_error(500, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            app._leave()
+
+    def _route(self, method: str, app: Server):
+        parts = self.path.split("?", 1)[0].strip("/").split("/")
+        if parts[:1] != ["v2"]:
+            raise _Reply(404, f"no route {self.path!r}; the Open Inference Protocol routes start with /v2")
+        rest = parts[1:]
+        if rest in (["health", "live"], ["health", "ready"]):
+            self._need(method, "GET")
+            live = rest[1] == "live" or app.model is not None
+            return (200 if live else 503), {"live": True} if rest[1] == "live" else {"ready": live}, {}
+        self._authorize(app)
+        if rest == []:
+            self._need(method, "GET")
+            return 200, {"name": "bulkinfer", "version": __version__, "extensions": ["binary_tensor_data"]}, {}
+        if rest[:1] != ["models"] or len(rest) < 2:
+            raise _Reply(404, f"no route {self.path!r}")
+        name, tail = rest[1], rest[2:]
+        if tail[:1] == ["versions"] and len(tail) >= 2:  # one version per model: any version names it
+            tail = tail[2:]
+        model = self._model(app, name)
+        if tail == []:
+            self._need(method, "GET")
+            return 200, _metadata(model), {}
+        if tail == ["ready"]:
+            self._need(method, "GET")
+            return 200, {"name": name, "ready": True}, {}
+        if tail == ["stats"]:
+            self._need(method, "GET")
+            s = app.batcher.stats
+            return 200, {"model_stats": [{"name": name, "version": "1", "inference_count": s.rows,
+                                          "execution_count": s.calls, "request_count": s.requests,
+                                          "failed_request_count": s.failed_requests}]}, {}
+        if tail == ["infer"]:
+            self._need(method, "POST")
+            return self._infer(app, model)
+        raise _Reply(404, f"no route {self.path!r}")
+
+    def _need(self, method: str, want: str) -> None:
+        if method != want:
+            raise _Reply(405, f"{self.path} takes {want}, not {method}")
+
+    def _authorize(self, app: Server) -> None:
+        token = app.config.token
+        if token is None:
+            return
+        got = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            raise _Reply(401, "missing or wrong bearer token; send the header 'Authorization: Bearer <token>'"
+                         if got else "this server needs a bearer token; send 'Authorization: Bearer <token>'")
+
+    def _model(self, app: Server, name: str):
+        if app.model is None:
+            raise _Reply(503, "the model is still loading; retry shortly")
+        if name != app.name:
+            raise _Reply(404, f"model {name!r} is not served here; this server serves {app.name!r}")
+        return app.model
+
+    def _read_body(self, app: Server) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
+            raise _Reply(411, "chunked request bodies are not supported; send a Content-Length")
+        encoding = self.headers.get("Content-Encoding", "identity").lower()
+        if encoding != "identity":
+            raise _Reply(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise _Reply(411, "a Content-Length header is required")
+        try:
+            n = int(length)
+        except ValueError:
+            raise _Reply(400, f"Content-Length must be an integer, got {length!r}") from None
+        limit = app.config.max_request_bytes
+        if n > limit:
+            raise _Reply(413, f"the request body is {n} bytes; this server takes at most {limit} "
+                         "(send fewer rows per request or raise --max-request-bytes)")
+        if n < 0:
+            raise _Reply(400, f"Content-Length must be >= 0, got {n}")
+        body = self.rfile.read(n)
+        if len(body) != n:
+            raise _Reply(400, f"the body ended after {len(body)} of {n} bytes")
+        self._body_read = True
+        return body
+
+    def _infer(self, app: Server, model):
+        body = self._read_body(app)
+        request, tail = protocol.split_body(body, self.headers.get(HEADER_LENGTH))
+        texts = _texts(request, tail)
+        binary = _binary_outputs(request)
+        if texts:
+            try:
+                future = app.batcher.submit(texts)
+            except Overloaded as e:
+                raise _Reply(429, str(e)) from None
+            except Closed as e:
+                raise _Reply(503, str(e)) from None
+            try:
+                emb = future.result()  # [N, dim] float32
+            except Exception as e:  # noqa: BLE001 -- reported to this request only
+                raise _Reply(500, f"the model failed on this request: {type(e).__name__}: {e}") from None
+        else:
+            emb = np.zeros((0, model.dim), np.float32)
+        emb = np.ascontiguousarray(emb, dtype="<f4")
+        out = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(emb.shape)}
+        response = {"model_name": app.name, "model_version": "1", "outputs": [out]}
+        if "id" in request:
+            response["id"] = request["id"]
+        if binary:
+            raw = emb.tobytes()
+            out["parameters"] = {"binary_data_size": len(raw)}
+            header = json.dumps(response, separators=(",", ":")).encode()
+            return 200, header + raw, {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
+        out["data"] = emb.ravel().tolist()  # float32 -> Python float is exact; repr round-trips
+        return 200, response, {}
+
+    def _send(self, status: int, body, headers: dict) -> None:
+        if not isinstance(body, bytes):
+            body = json.dumps(body, separators=(",", ":")).encode()
+            headers = {"Content-Type": "application/json", **headers}
+        close = not self._body_read or self.server.app.draining
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        if close:  # an unread body would be taken for the next request; end the connection instead
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        if status in (429, 503):
+            self.send_header("Retry-After", "1")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_error(self, status: int, message: str) -> None:
+        if status >= 500:
+            log.warning("%s %s -> %d: %s", self.command, self.path, status, message)
+        self._send(status, {"error": message}, {})
+
+
+def _metadata(model) -> dict:
+    return {
+        "name": model.name, "versions": ["1"], "platform": "bulkinfer",
+        "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, model.dim]}],
+    }
+
+
+def _texts(request: dict, tail: memoryview) -> list[str]:
+    """The `text` input of an infer request as str values; ProtocolError (400) naming the fault otherwise."""
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
+        raise ProtocolError(f"'inputs' must be a non-empty list of tensors, e.g. "
+                            f'[{{"name": "{INPUT_NAME}", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}}]')
+    parts = protocol.binary_parts(inputs, tail, kind="input")
+    names = [t.get("name") for t in inputs]
+    unknown = [n for n in names if n != INPUT_NAME]
+    if unknown:
+        raise ProtocolError(f"unknown input {unknown[0]!r}; this model takes one input, {INPUT_NAME!r}")
+    if len(names) > 1:
+        raise ProtocolError(f"input {INPUT_NAME!r} is given {len(names)} times")
+    tensor, part = inputs[0], parts[0]
+    if tensor.get("datatype") != "BYTES":
+        raise ProtocolError(f"input {INPUT_NAME!r} has datatype {tensor.get('datatype')!r}; expected 'BYTES'")
+    shape = protocol.check_shape(tensor.get("shape"), name=INPUT_NAME)
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise ProtocolError(f"input {INPUT_NAME!r} has shape {shape}; expected [N] (or [N, 1]), one text per row")
+    count = protocol.numel(shape)
+    if part is not None:
+        raw = protocol.decode_bytes(part, count, name=INPUT_NAME)
+    else:
+        if "data" not in tensor:
+            raise ProtocolError(f"input {INPUT_NAME!r} has neither 'data' nor parameters.binary_data_size")
+        raw = protocol.flatten(tensor["data"], name=INPUT_NAME)
+        if len(raw) != count:
+            raise ProtocolError(f"input {INPUT_NAME!r}: shape {shape} needs {count} elements, data has {len(raw)}")
+    texts = []
+    for i, v in enumerate(raw):
+        if isinstance(v, bytes):
+            try:
+                v = v.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ProtocolError(f"input {INPUT_NAME!r} element {i} is not valid UTF-8 ({e})") from None
+        elif not isinstance(v, str):
+            raise ProtocolError(f"input {INPUT_NAME!r} element {i} is {type(v).__name__}; BYTES elements "
+                                "in JSON must be strings")
+        texts.append(v)
+    return texts
+
+
+def _binary_outputs(request: dict) -> bool:
+    """Whether the `embedding` output goes back as binary data (else JSON)."""
+    params = request.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError("'parameters' must be a JSON object")
+    binary = params.get("binary_data_output", False)
+    outputs = request.get("outputs")
+    if outputs is None:
+        return bool(binary)
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise ProtocolError("'outputs' must be a list of objects like {\"name\": \"embedding\"}")
+    for o in outputs:
+        if o.get("name") != OUTPUT_NAME:
+            raise ProtocolError(f"unknown output {o.get('name')!r}; this model has one output, {OUTPUT_NAME!r}")
+        binary = (o.get("parameters") or {}).get("binary_data", binary)
+    return bool(binary)

@@ -1,0 +1,94 @@
+"""End to end, in processes: a remote `bulkinfer run` survives a SIGKILLed and restarted server with every
+row exactly once; SIGTERM lets the request in flight finish and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bulkinfer.serve import V2Client
+from bulkinfer.testing import synthetic_texts
+
+pytestmark = pytest.mark.slow
+
+ROWS = 2000
+
+
+def _stats(client: V2Client) -> dict:
+    return client.model_stats("minilm")["model_stats"][0]
+
+
+def test_remote_run_survives_a_server_kill_with_every_row_exactly_once(tmp_path, server_process):
+    cache = str(tmp_path / "xla-cache")  # the restarted server reuses the first one's compiled shapes
+    srv = server_process("--max-length", "32", "--compilation-cache", cache)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(synthetic_texts(ROWS))))
+    out = tmp_path / "out"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    job_log = tmp_path / "job.log"
+    with open(job_log, "wb") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "bulkinfer.cli", "run", "--model", "minilm", "--server", srv.url,
+             "--input", str(data), "--output", str(out), "--format", "jsonl"],
+            env=env, stdout=subprocess.PIPE, stderr=log)
+    try:
+        client = V2Client(srv.url, timeout_s=5)
+        deadline = time.monotonic() + 60
+        while _stats(client)["inference_count"] == 0:  # kill once some rows are answered, not all
+            assert job.poll() is None, job_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the job sent nothing to the server within 60 s"
+            time.sleep(0.05)
+        served_before_kill = _stats(client)["inference_count"]
+        srv.kill()
+        assert served_before_kill < ROWS, "the server answered every row before the kill; the test proved nothing"
+        assert job.poll() is None, "the job ended before the server was killed"
+        time.sleep(0.3)
+        srv.start()
+        stdout, _ = job.communicate(timeout=150)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    log_text = job_log.read_text()
+    assert job.returncode == 0, log_text[-3000:]
+    assert "retry" in log_text and "failed" in log_text  # the client did see the server go away
+    summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert summary == {**summary, "rows_in": ROWS, "rows_out": ROWS, "rows_failed": 0}
+    ids = [json.loads(line)["id"] for f in sorted(out.glob("part-*.jsonl")) for line in f.read_text().splitlines()]
+    assert len(ids) == ROWS and sorted(ids) == list(range(ROWS))  # every row, none twice
+    assert not [f for f in out.glob("failed-*.jsonl") if f.read_text().strip()]
+    report = json.loads((out / "report.json").read_text())
+    assert report["reconciled"] and report["rows_in"] == report["rows_out"] == ROWS
+    assert _stats(V2Client(srv.url))["inference_count"] > 0  # the restarted server did part of the work
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(server_process):
+    srv = server_process("--max-length", "32")
+    client = V2Client(srv.url, timeout_s=60)
+    texts = synthetic_texts(300, seed=1)
+    result: dict = {}
+
+    def call():
+        try:
+            result["emb"] = client.infer("minilm", texts)
+        except Exception as e:  # noqa: BLE001 -- reported by the assertion below
+            result["error"] = e
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)  # the request is now being computed (a fresh server compiles for seconds here)
+    assert t.is_alive(), "the request finished before SIGTERM; the test proved nothing"
+    srv.proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert "error" not in result, result.get("error")
+    assert result["emb"].shape == (300, 384) and np.isfinite(result["emb"]).all()
+    assert srv.proc.wait(30) == 0
+    assert "finishing requests in flight" in srv.log.read_text()
+    assert not client.ready()  # nothing listens any more

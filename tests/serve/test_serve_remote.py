@@ -1,0 +1,99 @@
+"""`RemoteModel` and `BulkInference(server=...)`: same rows as local mode; a server that is down costs one
+retry budget per call, not one per row."""
+
+from __future__ import annotations
+
+import time
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that
+
+from bulkinfer import BulkInference, TextEmbedder
+from bulkinfer.errors import ModelUnavailable
+from bulkinfer.serve import RemoteModel, RetryPolicy, ServeConfig, start
+from bulkinfer.testing import synthetic_texts
+from bulkinfer.transform import load_shared
+
+
+def test_predict_matches_local_across_concurrent_chunks(server, embedder):
+    texts = [f"row {i}: " + "beam worker " * (i % 6) for i in range(45)]  # short: few shapes to compile
+    loaded = RemoteModel(url=server.url, name="minilm", chunk_rows=7, max_in_flight=3).load()
+    assert (loaded.name, loaded.dim, loaded.output_name, loaded.input_type) == ("minilm", 384, "embedding", str)
+    got = loaded.predict(texts)
+    assert got.shape == (45, 384) and got.dtype == np.float32
+    np.testing.assert_allclose(got, embedder.predict(texts), atol=1e-6)  # order kept across 7 chunks
+
+
+def test_bulk_inference_with_server_equals_local_rows(server, embedder):
+    texts = synthetic_texts(30, seed=5)
+    rows = [{"id": i, "text": t} for i, t in enumerate(texts)] + [{"id": 99, "text": None}]
+    expect = embedder.predict(texts)
+
+    def same_as_local(predictions):
+        assert sorted(r["id"] for r in predictions) == list(range(30))
+        for r in predictions:
+            np.testing.assert_allclose(r["embedding"], expect[r["id"]], atol=1e-6)
+
+    def only_the_null_row(failed):
+        assert [f["id"] for f in failed] == [99] and "field 'text' is null" in failed[0]["error"]
+
+    spec = TextEmbedder.from_name("minilm")
+    with test_pipeline.TestPipeline() as p:
+        preds, failed = (p | beam.Create(rows)
+                         | BulkInference(spec, server=server.url).with_exception_handling())
+        assert_that(preds, same_as_local, label="predictions")
+        assert_that(failed, only_the_null_row, label="failed")
+
+
+def test_server_down_dead_letters_the_whole_call_without_bisecting(embedder):
+    srv = start(embedder, ServeConfig(port=0))
+    spec = RemoteModel(url=srv.url, name="minilm", chunk_rows=8, retry=RetryPolicy(budget_s=0.4, base_s=0.05))
+    load_shared(spec)  # the job's worker connected while the server was up ...
+    srv.stop()  # ... and then the server went away
+    url = srv.url
+    rows = [{"id": i, "text": f"text {i}"} for i in range(64)]
+
+    def all_unavailable(letters):
+        assert sorted(f["id"] for f in letters) == list(range(64))
+        for f in letters:
+            assert "ModelUnavailable" in f["error"] and url in f["error"], f["error"]
+            assert "ConnectionRefusedError" in f["error"], f["error"]
+
+    t0 = time.monotonic()
+    with test_pipeline.TestPipeline() as p:
+        preds, failed = p | beam.Create(rows) | BulkInference(spec).with_exception_handling()
+        assert_that(preds, lambda got: got == [] or pytest.fail(f"{len(got)} predictions"), label="none")
+        assert_that(failed, all_unavailable, label="failed")
+    # Bisecting 64 rows down to single rows would cost 127 retry budgets (~50 s); one call costs one.
+    assert time.monotonic() - t0 < 15
+
+
+def test_wrong_token_fails_at_load_with_the_reason(embedder):
+    srv = start(embedder, ServeConfig(port=0, token="right"))
+    try:
+        with pytest.raises(ModelUnavailable, match="401"):
+            RemoteModel(url=srv.url, name="minilm", token="wrong").load()
+        assert RemoteModel(url=srv.url, name="minilm", token="right").load().predict(["x"]).shape == (1, 384)
+    finally:
+        srv.stop()
+
+
+def test_unknown_model_name_fails_at_load(server):
+    with pytest.raises(ModelUnavailable, match="not served here"):
+        RemoteModel(url=server.url, name="bert-large").load()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_retry(embedder, caplog):
+    srv = start(embedder, ServeConfig(port=0, idle_timeout_s=0.3))
+    try:
+        loaded = RemoteModel(url=srv.url, name="minilm").load()
+        assert loaded.predict(["first"]).shape == (1, 384)
+        time.sleep(0.8)  # the server drops the kept-alive connection
+        with caplog.at_level("WARNING", logger="bulkinfer.serve.client"):
+            assert loaded.predict(["second"]).shape == (1, 384)
+        assert not [r for r in caplog.records if "retry" in r.getMessage()]
+    finally:
+        srv.stop()
