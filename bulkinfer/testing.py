@@ -126,3 +126,8 @@ def random_token_rows(n: int, *, max_len: int, vocab: int = 101, seed: int = 0) 
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(np.log(max_len / 6), 0.8, n).astype(int), 1, max_len)
     return [rng.integers(1, vocab, size=k).astype(np.int32) for k in lengths]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two [N, D] arrays."""
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))

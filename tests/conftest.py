@@ -33,7 +33,3 @@ def minilm(minilm_spec):
     from bulkinfer.transform import load_shared
 
     return load_shared(minilm_spec)
-
-
-def cosine(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))

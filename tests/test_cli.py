@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import cosine
+
+from bulkinfer.testing import cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 

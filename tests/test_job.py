@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import cosine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bulkinfer import job, shards
-from bulkinfer.testing import CountingModel
+from bulkinfer.testing import CountingModel, cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 

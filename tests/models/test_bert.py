@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-from conftest import cosine
 
 from bulkinfer.models import bert, checkpoint
+from bulkinfer.testing import cosine
 
 
 def test_matches_sentence_transformers(minilm, reference):
