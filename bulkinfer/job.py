@@ -173,7 +173,6 @@ def make_report(records: dict[str, dict], files: list[str], c: dict[str, float],
         "padding_efficiency": round(c.get("real_tokens", 0) / padded, 4) if padded else None,
         "compiles": int(c.get("compiles", 0)),
         "model_load_s": round(c.get("model_load_ms_max", 0) / 1000, 3),
-        "engine_busy_fraction": round(c.get("engine_ms", 0) / 1000 / elapsed, 3) if elapsed > 0 else None,
         # Seconds some batch was running on an engine's devices, per engine (one per process that
         # loaded the model), per second of the job.
         "device_busy_fraction": (round(c.get("device_busy_ms", 0) / 1000 / elapsed / engines, 3)
