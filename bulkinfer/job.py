@@ -54,7 +54,7 @@ def build(p: beam.Pipeline, model, job: JobSpec, files: list[str]):
         job.input, files=files, batch_rows=job.batch_rows, markers=True).with_exception_handling()
     infer = BulkInference(model, input_field=job.input_field, id_field=job.id_field)
     predictions, _ = rows | "BulkInference" >> infer.with_exception_handling()
-    output_field = getattr(model, "output_name", "embedding")
+    output_field = model.output_name
     return predictions | "CommitShards" >> shards.CommitShards(
         job.out, format=job.format, columns=[job.id_field, output_field])
 

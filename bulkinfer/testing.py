@@ -47,6 +47,7 @@ class CountingModel:
 
     name: str = "counting"
     fail_on: str | None = None
+    output_name = "length"
 
     loads = 0  # class-level: loads in this process
     _lock = threading.Lock()

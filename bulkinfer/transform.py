@@ -8,8 +8,8 @@
            | beam.ParDo(MyPostprocess())
            | bulkinfer.io.WriteDataset("out/"))
 
-The model is any object with `load()`; the loaded model has `predict(values)`, `input_type` and
-`output_name` (see `TextEmbedder`).  It is loaded once per worker process in `DoFn.setup` and shared
+The model is a hashable spec with `load()`, `name` and `output_name`; the loaded model has
+`predict(values)`, `input_type` and `output_name` (see `TextEmbedder`, `testing.CountingModel`).  It is loaded once per worker process in `DoFn.setup` and shared
 by all of that process's DoFn threads.  With `server="http://host:port"` the model runs on an Open
 Inference Protocol server instead (`bulkinfer serve`, Triton, ...; see `bulkinfer.serve.RemoteModel`).
 """

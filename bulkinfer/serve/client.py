@@ -184,8 +184,6 @@ class RemoteModel:
     timeout_s: float = 60.0
     retry: RetryPolicy = RetryPolicy()
 
-    input_kind = "text"
-
     def __post_init__(self):
         V2Client(self.url)  # checks the URL's form now, not on a worker
         if self.chunk_rows < 1 or self.max_in_flight < 1 or self.timeout_s <= 0:

@@ -48,7 +48,7 @@ class TextEmbedder:
     compilation_cache_dir: str | None = None
     model_parallel: int = 1
 
-    input_kind = "text"  # the row field this model reads must hold a str
+    output_name = "embedding"  # the row field its predictions go to (the loaded model says the same)
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
