@@ -97,7 +97,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per device batch, rows x padded length (default: 2048)")
     p.add_argument("--warmup", action="store_true", help="compile every batch shape before taking data")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
-                   help="persistent XLA compilation cache directory, shared across runs")
+                   help="persistent XLA compilation cache, shared across runs and processes, so each batch "
+                        "shape compiles once per machine (default: $XDG_CACHE_HOME/bulkinfer/xla or "
+                        "~/.cache/bulkinfer/xla; 'none' turns it off)")
 
 
 def _embedder(args):
@@ -111,7 +113,16 @@ def _embedder(args):
         bucketing = dataclasses.replace(bucketing, token_budget=args.token_budget)
     return TextEmbedder.from_name(
         args.model, dtype=args.dtype, max_length=args.max_length, bucketing=bucketing,
-        warmup=args.warmup, compilation_cache_dir=args.compilation_cache)
+        warmup=args.warmup, compilation_cache_dir=_compilation_cache(args.compilation_cache))
+
+
+def _compilation_cache(value: str | None) -> str | None:
+    if value is not None:
+        return None if value.lower() == "none" else value
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX reads it itself
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "bulkinfer", "xla")
 
 
 def main(argv: list[str] | None = None) -> int:

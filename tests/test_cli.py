@@ -146,3 +146,14 @@ def test_readme_python_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     files = list(tmp_path.glob("part-*.parquet"))
     assert files and sum(pq.read_metadata(f).num_rows for f in files) == 3000
+
+
+def test_compilation_cache_defaults_to_the_user_cache_dir(monkeypatch, tmp_path):
+    from bulkinfer.cli import _compilation_cache
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _compilation_cache(None) == str(tmp_path / "bulkinfer" / "xla")
+    assert _compilation_cache("none") is None and _compilation_cache("/x") == "/x"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")  # JAX's own setting wins
+    assert _compilation_cache(None) is None
