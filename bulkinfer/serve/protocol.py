@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import struct
 from collections.abc import Sequence
 
@@ -31,6 +32,16 @@ NUMERIC_DTYPES = {
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
 }
 _LEN = struct.Struct("<I")
+
+# Error messages quote what the client sent; a short repr keeps a 60 MB list or a 900-deep nesting out of them.
+_short_repr = reprlib.Repr()
+_short_repr.maxlevel, _short_repr.maxstring, _short_repr.maxother = 3, 80, 80
+_short_repr.maxlist = _short_repr.maxdict = 8
+
+
+def show(value) -> str:
+    """repr(value) cut to about 100 characters, for quoting a client's value in an error message."""
+    return _short_repr.repr(value)
 
 
 class ProtocolError(ValueError):
@@ -85,12 +96,14 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, memoryview
         try:
             n = int(header_length)
         except ValueError:
-            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {show(header_length)}") from None
         if not 0 <= n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
     try:
         obj = json.loads(bytes(body[:n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise ProtocolError("the request's JSON is nested too deeply; tensors have a few levels at most") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, or an integer literal over 4300 digits
         hint = ""
         if header_length is None and "Extra data" in str(e):
             hint = f"; binary tensor data after the JSON needs the {HEADER_LENGTH} header"
@@ -104,14 +117,15 @@ def binary_parts(tensors: list, tail: memoryview, *, kind: str) -> list[memoryvi
     """Each tensor's slice of the binary tail (None for a tensor sent as JSON); checks the sizes add up."""
     parts, pos = [], 0
     for t in tensors:
-        size = (t.get("parameters") or {}).get("binary_data_size")
+        size = parameters(t, kind=kind).get("binary_data_size")
         if size is None:
             parts.append(None)
             continue
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ProtocolError(f"{kind} {t.get('name')!r}: parameters.binary_data_size must be an int >= 0, got {size!r}")
+            raise ProtocolError(f"{kind} {show(t.get('name'))}: parameters.binary_data_size must be an int >= 0, "
+                                f"got {show(size)}")
         if pos + size > len(tail):
-            raise ProtocolError(f"{kind} {t.get('name')!r}: binary_data_size {size} runs past the end of the body "
+            raise ProtocolError(f"{kind} {show(t.get('name'))}: binary_data_size {size} runs past the end of the body "
                                 f"({len(tail) - pos} binary bytes left)")
         parts.append(tail[pos : pos + size])
         pos += size
@@ -120,9 +134,19 @@ def binary_parts(tensors: list, tail: memoryview, *, kind: str) -> list[memoryvi
     return parts
 
 
+def parameters(tensor: dict, *, kind: str) -> dict:
+    """A tensor's `parameters` object ({} if absent); ProtocolError if it is not a JSON object."""
+    params = tensor.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ProtocolError(f"{kind} {show(tensor.get('name'))}: 'parameters' must be a JSON object, got {show(params)}")
+    return params
+
+
 def check_shape(shape, *, name: str) -> list[int]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(f"input {name!r}: shape must be a list of non-negative ints, got {shape!r}")
+        raise ProtocolError(f"input {name!r}: shape must be a list of non-negative ints, got {show(shape)}")
     return shape
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import signal
 import threading
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -31,7 +32,7 @@ import numpy as np
 from bulkinfer import __version__
 from bulkinfer.serve import protocol
 from bulkinfer.serve.batcher import Closed, DynamicBatcher, Overloaded
-from bulkinfer.serve.protocol import HEADER_LENGTH, ProtocolError
+from bulkinfer.serve.protocol import HEADER_LENGTH, ProtocolError, show
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class ServeConfig:
     token: if set, every route except /v2/health/* needs `Authorization: Bearer <token>`.
     max_queue_delay_ms: how long the batcher waits for more requests to merge with the oldest one.
     max_batch_rows: rows per model call, at most (a larger request runs alone).
-    max_queue_rows: rows waiting for the model before new requests get 429.
+    max_queue_rows: rows waiting for the model before new requests get 429; a request with more rows gets 413.
     max_request_bytes: larger request bodies get 413, unread.
     drain_timeout_s: on shutdown, how long to wait for requests in flight.
     idle_timeout_s: a connection idle (or trickling a body) this long is closed.
@@ -185,6 +186,24 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 -- BaseHTTPRequestHandler's signature
         log.debug("%s %s", self.address_string(), format % args)
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # "GET /path" without a version: no headers to answer with
+            self.send_error(HTTPStatus.BAD_REQUEST, "the request line must end with HTTP/1.0 or HTTP/1.1")
+            return False
+        return True
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's own rejections (malformed request line or headers, a method we have no do_* for) in
+        our JSON form instead of its HTML, always with a status line, and never a 5xx for the client's fault."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {show(self.command)} is not supported; use GET or POST"
+        if self.request_version in ("", "HTTP/0.9"):  # the request line did not parse: answer in HTTP/1.1 anyway
+            self.request_version = self.protocol_version
+        self._body_read = False  # whatever follows is not trusted as the next request
+        self._send_error(code, message or self.responses.get(code, ("bad request",))[0])
+
     def do_GET(self):
         self._dispatch("GET")
 
@@ -194,7 +213,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         app = self.server.app
         app._enter()
-        self._body_read = method == "GET"
+        # A GET body is never read, so it must not be taken for the next request: close after answering.
+        self._body_read = (method == "GET" and self.headers.get("Content-Length", "0").strip() == "0"
+                           and "Transfer-Encoding" not in self.headers)
         try:
             if app.draining:
                 raise _Reply(503, "the server is shutting down; retry on a new connection")
@@ -213,7 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str, app: Server):
         parts = self.path.split("?", 1)[0].strip("/").split("/")
         if parts[:1] != ["v2"]:
-            raise _Reply(404, f"no route {self.path!r}; the Open Inference Protocol routes start with /v2")
+            raise _Reply(404, f"no route {show(self.path)}; the Open Inference Protocol routes start with /v2")
         rest = parts[1:]
         if rest in (["health", "live"], ["health", "ready"]):
             self._need(method, "GET")
@@ -224,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._need(method, "GET")
             return 200, {"name": "bulkinfer", "version": __version__, "extensions": ["binary_tensor_data"]}, {}
         if rest[:1] != ["models"] or len(rest) < 2:
-            raise _Reply(404, f"no route {self.path!r}")
+            raise _Reply(404, f"no route {show(self.path)}")
         name, tail = rest[1], rest[2:]
         if tail[:1] == ["versions"] and len(tail) >= 2:  # one version per model: any version names it
             tail = tail[2:]
@@ -244,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
         if tail == ["infer"]:
             self._need(method, "POST")
             return self._infer(app, model)
-        raise _Reply(404, f"no route {self.path!r}")
+        raise _Reply(404, f"no route {show(self.path)}")
 
     def _need(self, method: str, want: str) -> None:
         if method != want:
@@ -263,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
         if app.model is None:
             raise _Reply(503, "the model is still loading; retry shortly")
         if name != app.name:
-            raise _Reply(404, f"model {name!r} is not served here; this server serves {app.name!r}")
+            raise _Reply(404, f"model {show(name)} is not served here; this server serves {app.name!r}")
         return app.model
 
     def _read_body(self, app: Server) -> bytes:
@@ -271,14 +292,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Reply(411, "chunked request bodies are not supported; send a Content-Length")
         encoding = self.headers.get("Content-Encoding", "identity").lower()
         if encoding != "identity":
-            raise _Reply(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+            raise _Reply(415, f"Content-Encoding {show(encoding)} is not supported; send the body uncompressed")
         length = self.headers.get("Content-Length")
         if length is None:
             raise _Reply(411, "a Content-Length header is required")
         try:
             n = int(length)
         except ValueError:
-            raise _Reply(400, f"Content-Length must be an integer, got {length!r}") from None
+            raise _Reply(400, f"Content-Length must be an integer, got {show(length)}") from None
         limit = app.config.max_request_bytes
         if n > limit:
             raise _Reply(413, f"the request body is {n} bytes; this server takes at most {limit} "
@@ -295,7 +316,12 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body(app)
         request, tail = protocol.split_body(body, self.headers.get(HEADER_LENGTH))
         texts = _texts(request, tail)
+        if len(texts) > app.config.max_queue_rows:  # its reply alone would be ~1.5 KB (binary) to 8 KB (JSON) a row
+            raise _Reply(413, f"the request has {len(texts)} rows; this server takes at most "
+                         f"{app.config.max_queue_rows} per request (send fewer rows per request)")
         binary = _binary_outputs(request)
+        if "id" in request and not isinstance(request["id"], str):
+            raise ProtocolError(f"'id' must be a string, got {show(request['id'])}")
         if texts:
             try:
                 future = app.batcher.submit(texts)
@@ -341,7 +367,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_error(self, status: int, message: str) -> None:
         if status >= 500:
-            log.warning("%s %s -> %d: %s", self.command, self.path, status, message)
+            log.warning("%s %s -> %d: %s", self.command, show(getattr(self, "path", "")), status, message)
         self._send(status, {"error": message}, {})
 
 
@@ -363,15 +389,15 @@ def _texts(request: dict, tail: memoryview) -> list[str]:
     names = [t.get("name") for t in inputs]
     unknown = [n for n in names if n != INPUT_NAME]
     if unknown:
-        raise ProtocolError(f"unknown input {unknown[0]!r}; this model takes one input, {INPUT_NAME!r}")
+        raise ProtocolError(f"unknown input {show(unknown[0])}; this model takes one input, {INPUT_NAME!r}")
     if len(names) > 1:
         raise ProtocolError(f"input {INPUT_NAME!r} is given {len(names)} times")
     tensor, part = inputs[0], parts[0]
     if tensor.get("datatype") != "BYTES":
-        raise ProtocolError(f"input {INPUT_NAME!r} has datatype {tensor.get('datatype')!r}; expected 'BYTES'")
+        raise ProtocolError(f"input {INPUT_NAME!r} has datatype {show(tensor.get('datatype'))}; expected 'BYTES'")
     shape = protocol.check_shape(tensor.get("shape"), name=INPUT_NAME)
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-        raise ProtocolError(f"input {INPUT_NAME!r} has shape {shape}; expected [N] (or [N, 1]), one text per row")
+        raise ProtocolError(f"input {INPUT_NAME!r} has shape {show(shape)}; expected [N] (or [N, 1]), one text per row")
     count = protocol.numel(shape)
     if part is not None:
         raw = protocol.decode_bytes(part, count, name=INPUT_NAME)
@@ -380,7 +406,7 @@ def _texts(request: dict, tail: memoryview) -> list[str]:
             raise ProtocolError(f"input {INPUT_NAME!r} has neither 'data' nor parameters.binary_data_size")
         raw = protocol.flatten(tensor["data"], name=INPUT_NAME)
         if len(raw) != count:
-            raise ProtocolError(f"input {INPUT_NAME!r}: shape {shape} needs {count} elements, data has {len(raw)}")
+            raise ProtocolError(f"input {INPUT_NAME!r}: shape {show(shape)} needs {count} elements, data has {len(raw)}")
     texts = []
     for i, v in enumerate(raw):
         if isinstance(v, bytes):
@@ -391,6 +417,9 @@ def _texts(request: dict, tail: memoryview) -> list[str]:
         elif not isinstance(v, str):
             raise ProtocolError(f"input {INPUT_NAME!r} element {i} is {type(v).__name__}; BYTES elements "
                                 "in JSON must be strings")
+        elif not _is_unicode(v):
+            raise ProtocolError(f"input {INPUT_NAME!r} element {i} has a lone surrogate escape (like \\ud800), "
+                                "which is not Unicode text")
         texts.append(v)
     return texts
 
@@ -408,6 +437,15 @@ def _binary_outputs(request: dict) -> bool:
         raise ProtocolError("'outputs' must be a list of objects like {\"name\": \"embedding\"}")
     for o in outputs:
         if o.get("name") != OUTPUT_NAME:
-            raise ProtocolError(f"unknown output {o.get('name')!r}; this model has one output, {OUTPUT_NAME!r}")
-        binary = (o.get("parameters") or {}).get("binary_data", binary)
+            raise ProtocolError(f"unknown output {show(o.get('name'))}; this model has one output, {OUTPUT_NAME!r}")
+        binary = protocol.parameters(o, kind="output").get("binary_data", binary)
     return bool(binary)
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate (JSON allows "\\ud800"; UTF-8 and the tokenizer do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -30,11 +30,15 @@ def server(embedder):
     srv.stop()
 
 
-@pytest.fixture
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return _free_port()
 
 
 class ServerProcess:
@@ -73,16 +77,30 @@ class ServerProcess:
             self.proc.wait(10)
 
 
-@pytest.fixture
-def server_process(tmp_path, free_port):
-    """A factory: server_process(*serve_args) -> a started ServerProcess on a free port; killed at teardown."""
+def _process_factory(port: int, log_dir):
     started: list[ServerProcess] = []
 
     def make(*args: str) -> ServerProcess:
-        sp = ServerProcess(free_port, list(args), tmp_path)
+        sp = ServerProcess(port, list(args), log_dir)
         started.append(sp)
         return sp.start()
 
+    return make, started
+
+
+@pytest.fixture
+def server_process(tmp_path, free_port):
+    """A factory: server_process(*serve_args) -> a started ServerProcess on a free port; killed at teardown."""
+    make, started = _process_factory(free_port, tmp_path)
+    yield make
+    for sp in started:
+        sp.kill()
+
+
+@pytest.fixture(scope="module")
+def module_server_process(tmp_path_factory):
+    """Like `server_process`, but the processes live until the test module ends (one server for many tests)."""
+    make, started = _process_factory(_free_port(), tmp_path_factory.mktemp("server"))
     yield make
     for sp in started:
         sp.kill()
