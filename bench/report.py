@@ -109,7 +109,7 @@ def render(m: dict) -> str:
         f"{a['warmup_compile_s']:.1f} s (not timed) |",
         f"| (b) | bulkinfer `job.run`, Parquet in -> Parquet out, in-process FnApiRunner | {b['rows']:,} | {_t(b)} | "
         f"{b['rows_per_s']:.1f} | {_per_cpu(b):.1f} | model loaded and compiled by (a); padding eff. {rep['padding_efficiency']}, "
-        f"{rep['batches']} batches, {rep['compiles']} compiles, engine busy {rep['engine_busy_fraction']}, "
+        f"{rep['batches']} batches, {rep['compiles']} compiles, device busy {rep['device_busy_fraction']}, "
         f"reconciled {rep['reconciled']} |",
         f"| (c) | sentence-transformers `encode(batch_size={m['st_batch']})`, in memory | {c['rows']:,} | {_t(c)} | "
         f"{c['rows_per_s']:.1f} | {_per_cpu(c):.1f} | on {subset(c)}; padding eff. {c['padding_efficiency']:.3f} (sorted by length, "
