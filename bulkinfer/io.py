@@ -99,8 +99,9 @@ class ReadDataset(beam.PTransform):
     def expand(self, pbegin):
         result = (
             pbegin
+            # Create reshuffles (reshuffle=True, its default) when there are two files or more, which
+            # spreads them over workers; a second Reshuffle here only added a stage to every job.
             | "Files" >> beam.Create(self._files)
-            | "Spread" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(_ReadFile(self._batch_rows, self._markers)).with_outputs(FAILED, main="rows")
         )
         if self._dead_letters:
