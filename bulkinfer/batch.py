@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
@@ -20,19 +22,66 @@ from apache_beam.utils.windowed_value import WindowedValue
 FAILED = "failed"  # tag of every dead-letter output
 
 
-@dataclasses.dataclass
 class Batch:
-    """rows: dicts.  source: the file they came from, if any.  positions: each row's 1-based line or
-    row number in that file (for error messages).  from_rows: built from single-row elements, so
-    BulkInference hands single rows back."""
+    """A batch of rows: a list of dicts, or an Arrow table (what the Parquet reader yields).
 
-    rows: list[dict]
-    source: str | None = None
-    positions: Sequence[int] | None = None
-    from_rows: bool = False
+    rows: dict rows, or a `pa.Table` / `pa.RecordBatch` whose columns are kept as they are (columnar
+      end to end: read, infer and write never build one Python object per row).  Either way `rows`
+      gives dict rows (made once from a table with to_pylist, then cached; vector columns, fixed-size
+      lists of numbers, come back as 1-D numpy arrays, as a model's predictions do in dict rows), and
+      `table` is the table or None.
+    source: the file they came from, if any.  positions: each row's 1-based line or row number in that
+      file (for error messages).  from_rows: built from single-row elements, so BulkInference hands
+      single rows back.
+
+        >>> Batch([{"id": 1, "text": "a"}]).rows             # [{'id': 1, 'text': 'a'}]
+        >>> Batch(pa.table({"id": [1], "text": ["a"]})).table
+    """
+
+    def __init__(self, rows: list[dict] | pa.Table | pa.RecordBatch, *, source: str | None = None,
+                 positions: Sequence[int] | None = None, from_rows: bool = False):
+        if isinstance(rows, pa.RecordBatch):
+            rows = pa.Table.from_batches([rows])
+        self.table: pa.Table | None = rows if isinstance(rows, pa.Table) else None
+        self._rows: list[dict] | None = None if self.table is not None else rows
+        self.source = source
+        self.positions = positions
+        self.from_rows = from_rows
+
+    @property
+    def rows(self) -> list[dict]:
+        if self._rows is None:
+            self._rows = table_rows(self.table)
+        return self._rows
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.table.num_rows if self.table is not None else len(self._rows)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Batch):
+            return NotImplemented
+        if (self.source, self.from_rows) != (other.source, other.from_rows) or (
+                _listed(self.positions) != _listed(other.positions)):
+            return False
+        if self.table is not None and other.table is not None:
+            return self.table.equals(other.table)
+        return self.rows == other.rows
+
+    def __repr__(self) -> str:
+        kind = f"table {self.table.schema.names}" if self.table is not None else "rows"
+        return f"Batch({len(self)} {kind}, source={self.source!r}, from_rows={self.from_rows})"
+
+    def __getstate__(self) -> dict:  # the cached dict rows of a table do not travel
+        state = dict(self.__dict__)
+        if self.table is not None:
+            state["_rows"] = None
+        return state
+
+    def row(self, i: int) -> dict:
+        """Row i as a dict (from a table, without making the other rows' dicts)."""
+        if self._rows is not None:
+            return self._rows[i]
+        return table_rows(self.table.slice(i, 1))[0]
 
     def where(self, i: int) -> str:
         """Where row i came from, for error messages: 'data/a.jsonl line 7' or 'row 3'."""
@@ -42,14 +91,50 @@ class Batch:
         unit = "row" if self.source.lower().endswith(".parquet") else "line"
         return f"{self.source} {unit} {pos}"
 
-    def take(self, indices: Iterable[int], rows: list[dict] | None = None) -> Batch:
-        """A batch of the given rows (or replacement rows), keeping their positions."""
-        indices = list(indices)
-        positions = [self.positions[i] for i in indices] if self.positions is not None else [i + 1 for i in indices]
-        return Batch(
-            rows if rows is not None else [self.rows[i] for i in indices],
-            source=self.source, positions=positions, from_rows=self.from_rows,
-        )
+    def take(self, indices: Sequence[int], rows: list[dict] | pa.Table | None = None) -> Batch:
+        """A batch of the given rows, keeping their positions.
+
+        rows: replacement rows for those indices (dicts, or a table of len(indices) rows) instead of
+        this batch's own.
+        """
+        idx = np.asarray(indices, np.int64)
+        every = len(idx) == len(self) and bool((idx == np.arange(len(idx))).all())  # all rows, in order
+        if every:
+            positions = self.positions
+        elif self.positions is None:
+            positions = (idx + 1).tolist()
+        else:
+            positions = np.asarray(self.positions)[idx].tolist()
+        if rows is None:
+            if self.table is not None:
+                rows = self.table if every else self.table.take(idx)
+            else:
+                rows = [self._rows[i] for i in idx.tolist()]
+        return Batch(rows, source=self.source, positions=positions, from_rows=self.from_rows)
+
+
+def _listed(positions: Sequence[int] | None) -> list[int] | None:
+    return None if positions is None else list(positions)
+
+
+def table_rows(table: pa.Table) -> list[dict]:
+    """Dict rows of a table; fixed-size lists of numbers (vectors) become 1-D numpy arrays."""
+    rows = table.to_pylist()
+    for name, column in zip(table.column_names, table.columns):
+        t = column.type
+        if not (pa.types.is_fixed_size_list(t) and (pa.types.is_integer(t.value_type)
+                                                  or pa.types.is_floating(t.value_type))):
+            continue
+        if column.null_count:
+            continue  # a null vector has no array form; keep the lists
+        combined = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        flat = combined.flatten()  # honours the array's offset
+        if flat.null_count:
+            continue
+        vectors = flat.to_numpy().reshape(len(combined), t.list_size)  # [N, D]
+        for row, v in zip(rows, vectors):
+            row[name] = v
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from bulkinfer.batch import FAILED, Batch, SourceDone, dead_letter, to_json
+from bulkinfer.batch import FAILED, Batch, SourceDone, dead_letter, table_rows, to_json
 
 NAMESPACE = "bulkinfer"
 READ_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
@@ -99,8 +99,9 @@ class ReadDataset(beam.PTransform):
     def expand(self, pbegin):
         result = (
             pbegin
+            # Create reshuffles (reshuffle=True, its default) when there are two files or more, which
+            # spreads them over workers; a second Reshuffle here only added a stage to every job.
             | "Files" >> beam.Create(self._files)
-            | "Spread" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(_ReadFile(self._batch_rows, self._markers)).with_outputs(FAILED, main="rows")
         )
         if self._dead_letters:
@@ -121,32 +122,42 @@ class _ReadFile(beam.DoFn):
         self._failed = Metrics.counter(NAMESPACE, "read_rows_failed")
 
     def process(self, path: str):
-        reader = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}[input_format(path)]
-        rows, positions, letters = [], [], []
+        fmt = input_format(path)
+        parts = _parquet_parts(path, self._batch_rows) if fmt == "parquet" else self._dict_parts(path, fmt)
+        letters = []
         n_rows = 0
-        for position, row, error, raw in reader(path):
-            if error is not None:
-                self._failed.inc()
-                letters.append(dead_letter(
-                    stage="read", error=f"{path} line {position}: {error}", record=raw, source=path,
-                    position=position))
-                yield beam.pvalue.TaggedOutput(FAILED, letters[-1])
+        for part in parts:
+            if isinstance(part, Batch):
+                n_rows += len(part)
+                self._rows.inc(len(part))
+                yield part
                 continue
-            rows.append(row)
-            positions.append(position)
-            n_rows += 1
-            if len(rows) >= self._batch_rows:
-                self._rows.inc(len(rows))
-                yield Batch(rows, source=path, positions=positions)
-                rows, positions = [], []
-        if rows:
-            self._rows.inc(len(rows))
-            yield Batch(rows, source=path, positions=positions)
+            position, error, raw = part
+            self._failed.inc()
+            letters.append(dead_letter(
+                stage="read", error=f"{path} line {position}: {error}", record=raw, source=path, position=position))
+            yield beam.pvalue.TaggedOutput(FAILED, letters[-1])
         if self._markers:
             yield SourceDone(path, rows=n_rows, failed=len(letters), letters=tuple(letters))
 
+    def _dict_parts(self, path: str, fmt: str):
+        """Batches of dict rows, and (position, error, raw record) for each unreadable record."""
+        reader = {"jsonl": _jsonl_records, "csv": _csv_records}[fmt]
+        rows, positions = [], []
+        for position, row, error, raw in reader(path):
+            if error is not None:
+                yield position, error, raw
+                continue
+            rows.append(row)
+            positions.append(position)
+            if len(rows) >= self._batch_rows:
+                yield Batch(rows, source=path, positions=positions)
+                rows, positions = [], []
+        if rows:
+            yield Batch(rows, source=path, positions=positions)
 
-# Each reader yields (1-based line/row number, row or None, error or None, raw record).
+
+# Each dict-row reader yields (1-based line/row number, row or None, error or None, raw record).
 
 
 def _jsonl_records(path: str):
@@ -201,21 +212,22 @@ def _csv_records(path: str):
             yield reader.line_num, dict(zip(header, values)), None, None
 
 
-def _parquet_records(path: str):
+def _parquet_parts(path: str, batch_rows: int):
+    """Batches holding Arrow tables (no Python object per row), and (row, error, None) where unreadable."""
     with FileSystems.open(path) as f:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowInvalid, OSError) as e:
-            yield 1, None, f"not a readable Parquet file ({e})", None
+            yield 1, f"not a readable Parquet file ({e})", None
             return
         n = 0
         try:
-            for record_batch in pf.iter_batches(batch_size=8192):
-                for row in record_batch.to_pylist():
-                    n += 1
-                    yield n, row, None, None
+            for record_batch in pf.iter_batches(batch_size=batch_rows):
+                if record_batch.num_rows:
+                    yield Batch(record_batch, source=path, positions=range(n + 1, n + 1 + record_batch.num_rows))
+                    n += record_batch.num_rows
         except (pa.ArrowException, OSError) as e:
-            yield n + 1, None, f"unreadable from row {n + 1} on ({e})", None
+            yield n + 1, f"unreadable from row {n + 1} on ({e})", None
 
 
 class WriteDataset(beam.PTransform):
@@ -248,27 +260,82 @@ class _WriteShards(beam.DoFn):
         ensure_dir(self._dir)
 
     def start_bundle(self):
-        self._buf: list[dict] = []
+        self._buf = ShardBuffer(self._columns)
 
     def process(self, element):
         if isinstance(element, SourceDone):
             return
-        self._buf.extend(element.rows if isinstance(element, Batch) else [element])
+        self._buf.add(element if isinstance(element, Batch) else Batch([element]))
         if len(self._buf) >= self._rows_per_file:
             yield self._commit()
 
     def finish_bundle(self):
-        if self._buf:
+        if len(self._buf):
             yield WindowedValue(self._commit(), MIN_TIMESTAMP, [GlobalWindow()])
 
     def _commit(self) -> str:
-        rows, self._buf = self._buf, []
-        if self._columns:
-            rows = [{c: r.get(c) for c in self._columns} for r in rows]
         final = FileSystems.join(self._dir, f"{self._prefix}-{uuid.uuid4().hex[:16]}.{self._fmt}")
-        commit(write_temp(final, rows, self._fmt), final)
-        self._written.inc(len(rows))
+        n = len(self._buf)
+        commit(self._buf.write_temp(final, self._fmt), final)
+        self._written.inc(n)
         return final
+
+
+class ShardBuffer:
+    """The rows of one output file as they arrive: Arrow tables (kept columnar) and dict rows.
+
+    columns: keep only these (a missing one is all nulls); None keeps every column.
+
+        >>> buf = ShardBuffer(["id", "length"]); buf.add(batch); temp = buf.write_temp(final, "parquet")
+    """
+
+    def __init__(self, columns: list[str] | None):
+        self._columns = columns
+        self._parts: list[pa.Table | list[dict]] = []
+        self._rows = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def add(self, batch: Batch) -> None:
+        if batch.table is not None:
+            part = select_columns(batch.table, self._columns)
+        else:
+            part = [{c: r.get(c) for c in self._columns} for r in batch.rows] if self._columns else list(batch.rows)
+            if self._parts and isinstance(self._parts[-1], list):  # dict rows stay one list, as before tables
+                self._parts[-1].extend(part)
+                part = None
+        if part is not None:
+            self._parts.append(part)
+        self._rows += len(batch)
+
+    def write_temp(self, final: str, fmt: str) -> str:
+        """Writes everything buffered under the temporary name of `final` (see `write_temp`) and empties."""
+        parts, self._parts, self._rows = self._parts, [], 0
+        if all(isinstance(part, list) for part in parts):
+            return write_temp(final, [r for part in parts for r in part], fmt)
+        if fmt != "parquet":
+            return write_temp(final, [r for part in parts for r in _part_rows(part)], fmt)
+        tables = [part if isinstance(part, pa.Table) else rows_to_table(part) for part in parts]
+        try:
+            table = pa.concat_tables(tables, promote_options="default")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # Columns whose types differ between parts (an id that is text in one file, a number in
+            # another): one table from all rows, as rows_to_table makes it for dict rows.
+            table = rows_to_table([r for part in parts for r in _part_rows(part)])
+        return write_temp(final, table, fmt)
+
+
+def _part_rows(part: pa.Table | list[dict]) -> list[dict]:
+    return table_rows(part) if isinstance(part, pa.Table) else part
+
+
+def select_columns(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """These columns of a table, in this order, a missing one as nulls (all columns if None), no metadata."""
+    if columns is None:
+        return table.replace_schema_metadata(None)
+    names = set(table.column_names)
+    return pa.table({c: table.column(c) if c in names else pa.nulls(table.num_rows) for c in columns})
 
 
 def ensure_dir(path: str) -> None:
@@ -286,13 +353,15 @@ def temp_name(final: str) -> str:
     return f"{directory}/.tmp-{name}"
 
 
-def write_temp(final: str, rows: list[dict], fmt: str) -> str:
-    """Writes rows under the temporary name of `final`; returns that name.  `commit` makes it visible."""
+def write_temp(final: str, rows: list[dict] | pa.Table, fmt: str) -> str:
+    """Writes rows (dicts or a table) under the temporary name of `final`; returns that name.  `commit`
+    makes it visible."""
     temp = temp_name(final)
     with FileSystems.create(temp) as f:
         if fmt == "parquet":
-            pq.write_table(rows_to_table(rows), f)
+            pq.write_table(rows if isinstance(rows, pa.Table) else rows_to_table(rows), f)
         else:
+            rows = table_rows(rows) if isinstance(rows, pa.Table) else rows
             f.write("".join(to_json(r) + "\n" for r in rows).encode("utf-8"))
     return temp
 

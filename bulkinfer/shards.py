@@ -24,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from bulkinfer.batch import Batch, SourceDone
-from bulkinfer.io import NAMESPACE, commit, ensure_dir, temp_name, write_temp
+from bulkinfer.io import NAMESPACE, ShardBuffer, commit, ensure_dir, temp_name, write_temp
 
 COMMITTED = "_committed"
 
@@ -71,8 +71,8 @@ class CommitShards(beam.PTransform):
 class _Pending:
     """What one source has written so far: temporary files, their final names, and counts."""
 
-    def __init__(self):
-        self.rows: list[dict] = []
+    def __init__(self, columns: list[str] | None):
+        self.rows = ShardBuffer(columns)  # not yet written (tables or dict rows)
         self.failed: list[dict] = []  # dead letters, from the marker
         self.temps: list[tuple[str, str]] = []  # (temporary, final)
         self.rows_out = 0
@@ -96,40 +96,36 @@ class _CommitDoFn(beam.DoFn):
             yield from self._commit(element)
         elif isinstance(element, Batch):
             p = self._of(element.source)
-            rows = element.rows
-            if self._columns:
-                rows = [{c: r.get(c) for c in self._columns} for r in rows]
-            p.rows.extend(rows)
+            p.rows.add(element)
             if len(p.rows) >= self._rows_per_file:
                 self._spill(element.source, p)
         else:
             raise TypeError(f"CommitShards takes Batches and SourceDone markers, got {type(element).__name__}")
 
     def finish_bundle(self):
-        leftover = [s for s, p in self._pending.items() if p.rows or p.temps]
+        leftover = [s for s, p in self._pending.items() if len(p.rows) or p.temps]
         if leftover:  # a source whose marker never came: nothing of it is committed, nothing claimed done
             raise RuntimeError(f"outputs of {leftover[:3]} arrived without their end-of-file marker")
 
     def _of(self, source: str | None) -> _Pending:
         if source is None:
             raise ValueError("CommitShards needs rows that carry their source file (ReadDataset(markers=True))")
-        return self._pending.setdefault(source, _Pending())
+        return self._pending.setdefault(source, _Pending(self._columns))
 
     def _spill(self, source: str, p: _Pending):
         final = FileSystems.join(self._dir, f"part-{source_key(source)}-{len(p.temps):05d}.{self._fmt}")
-        p.temps.append((write_temp(final, p.rows, self._fmt), final))
         p.rows_out += len(p.rows)
-        p.rows = []
+        p.temps.append((p.rows.write_temp(final, self._fmt), final))
 
     def _commit(self, done: SourceDone):
-        p = self._pending.pop(done.source, _Pending())
+        p = self._pending.pop(done.source, _Pending(self._columns))
         p.failed = list(done.letters)
         key = source_key(done.source)
         record_path = FileSystems.join(self._dir, COMMITTED, f"{key}.json")
         if FileSystems.exists(record_path):  # a retried bundle: the first commit stands
             FileSystems.delete([t for t, _ in p.temps])
             return
-        if p.rows:
+        if len(p.rows):
             self._spill(done.source, p)
         if p.failed:
             final = FileSystems.join(self._dir, f"failed-{key}.jsonl")

@@ -20,6 +20,8 @@ import threading
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
@@ -148,7 +150,8 @@ class _InferDoFn(beam.DoFn):
 
     def start_bundle(self):
         _report_load(self._model)
-        self._pending: list[tuple[Batch, list[int], list]] = []  # (batch, valid row indices, values)
+        # (batch, valid row indices or None for all rows, their values)
+        self._pending: list[tuple[Batch, list[int] | None, list]] = []
         self._pending_rows = 0
         self._letters: dict[str, list] = {}  # source -> dead letters made here, for its SourceDone
 
@@ -158,14 +161,19 @@ class _InferDoFn(beam.DoFn):
             yield batch.with_letters(self._letters.pop(batch.source, ()))
             return
         self._rows_in.inc(len(batch))
-        valid, values = [], []
-        for i, row in enumerate(batch.rows):
-            error = self._check(row)
-            if error is None:
-                valid.append(i)
-                values.append(row[self._input_field])
-            else:
+        if batch.table is not None:
+            valid, values, bad = self._check_table(batch.table)
+            for i, error in bad:
                 yield self._letter(batch, i, error)
+        else:
+            valid, values = [], []
+            for i, row in enumerate(batch.rows):
+                error = self._check(row)
+                if error is None:
+                    valid.append(i)
+                    values.append(row[self._input_field])
+                else:
+                    yield self._letter(batch, i, error)
         self._pending.append((batch, valid, values))
         self._pending_rows += len(values)
         if self._pending_rows >= self._flush_rows:
@@ -184,15 +192,37 @@ class _InferDoFn(beam.DoFn):
             return f"expected a dict row, got {type(row).__name__}"
         if field not in row:
             return f"field {field!r} is missing"
+        return self._type_error(row[field])
+
+    def _type_error(self, value) -> str | None:
         want = self._loaded.input_type
-        if not isinstance(row[field], want):
-            got = "null" if row[field] is None else type(row[field]).__name__
-            return f"field {field!r} is {got}, expected {want.__name__}"
-        return None
+        if isinstance(value, want):
+            return None
+        got = "null" if value is None else type(value).__name__
+        return f"field {self._input_field!r} is {got}, expected {want.__name__}"
+
+    def _check_table(self, table: pa.Table) -> tuple[list[int] | None, list, list[tuple[int, str]]]:
+        """(valid row indices, None if all; their values; (row, error) for the others), as `_check` per row."""
+        field = self._input_field
+        if field not in table.column_names:
+            return [], [], [(i, f"field {field!r} is missing") for i in range(table.num_rows)]
+        column = table.column(field)
+        values = column.to_pylist()  # the model's input: one Python object per row is unavoidable
+        if self._loaded.input_type is str and _is_text(column.type):
+            if not column.null_count:
+                return None, values, []
+            bad = np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)).tolist()
+        else:
+            bad = [i for i, v in enumerate(values) if self._type_error(v) is not None]
+        if not bad:
+            return None, values, []
+        bad_set = set(bad)
+        valid = [i for i in range(table.num_rows) if i not in bad_set]
+        return valid, [values[i] for i in valid], [(i, self._type_error(values[i])) for i in bad]
 
     def _letter(self, batch: Batch, i: int, error: str, stage: str = "inference"):
         self._failed.inc()
-        row = batch.rows[i]
+        row = batch.row(i)
         row_id = row.get(self._id_field) if isinstance(row, dict) and self._id_field else None
         where = batch.where(i) + (f" (id {row_id!r})" if row_id is not None else "")
         pos = batch.positions[i] if batch.positions is not None else None
@@ -218,25 +248,64 @@ class _InferDoFn(beam.DoFn):
         self._busy_ms.inc(int(stats.busy_s * 1000))
         self._oom_backoffs.inc(stats.oom_backoffs)
         k = 0
-        for batch, valid, _ in pending:
-            keep, rows = [], []
-            for i in valid:
-                if k in errors:
-                    yield self._letter(batch, i, f"model failed: {errors[k]}")
-                else:
-                    keep.append(i)
-                    rows.append({**batch.rows[i], self._output: preds[k]})
-                k += 1
-            self._rows_out.inc(len(rows))
+        for batch, valid, vs in pending:
+            if batch.table is not None:
+                out = yield from self._table_outputs(batch, valid, preds, errors, k)
+            else:
+                out = yield from self._dict_outputs(batch, valid, preds, errors, k)
+            k += len(vs)
+            self._rows_out.inc(len(out))
             progress.advance(len(batch))
-            yield from self._emit(batch.take(keep, rows))
+            yield from self._emit(out)
+
+    def _dict_outputs(self, batch: Batch, valid: list[int], preds, errors: dict[int, str], k: int):
+        """Yields the dead letters of rows the model failed on; returns the batch of the others."""
+        keep, rows = [], []
+        for i in valid:
+            if k in errors:
+                yield self._letter(batch, i, f"model failed: {errors[k]}")
+            else:
+                keep.append(i)
+                rows.append({**batch.rows[i], self._output: preds[k]})
+            k += 1
+        return batch.take(keep, rows)
+
+    def _table_outputs(self, batch: Batch, valid: list[int] | None, preds, errors: dict[int, str], k: int):
+        """As `_dict_outputs` for a table batch: its table, filtered, plus the prediction column."""
+        keep = np.arange(len(batch)) if valid is None else np.asarray(valid, np.int64)  # [n]
+        ok = np.ones(len(keep), bool)
+        for j in (j for j in errors if k <= j < k + len(keep)):
+            ok[j - k] = False
+            yield self._letter(batch, int(keep[j - k]), f"model failed: {errors[j]}")
+        keep = keep[ok]
+        if len(keep) == 0:
+            return batch.take([])
+        table = batch.take(keep).table
+        column = _arrow_column(preds[k:k + len(ok)][ok])
+        if self._output in table.column_names:
+            table = table.set_column(table.column_names.index(self._output), self._output, column)
+        else:
+            table = table.append_column(self._output, column)
+        return batch.take(keep, table)
 
     @staticmethod
     def _emit(batch: Batch):
         if batch.from_rows:
             yield from batch.rows
-        elif batch.rows:
+        elif len(batch):
             yield batch
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _arrow_column(preds: np.ndarray) -> pa.Array:
+    """[N] -> a plain column; [N, D] -> fixed-size lists of D (nested for more dimensions); no per-row Python."""
+    column = pa.array(preds.reshape(-1) if preds.ndim > 1 else preds)
+    for size in reversed(preds.shape[1:]):
+        column = pa.FixedSizeListArray.from_arrays(column, size)
+    return column
 
 
 def _predict_isolating(loaded, values: list, stats: EngineStats):

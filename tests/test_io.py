@@ -46,6 +46,18 @@ def test_batches_are_bounded_and_positions_are_line_numbers(tmp_path):
     _run(lambda p: assert_that(p | io.ReadDataset(str(tmp_path / "a.jsonl"), batch_rows=10), check))
 
 
+def test_parquet_is_read_as_arrow_tables_with_row_numbers(tmp_path):
+    pq.write_table(pa.table({"id": list(range(25)), "text": [f"t{i}" for i in range(25)]}), tmp_path / "a.parquet")
+
+    def check(batches):
+        assert all(b.table is not None and b.table.column_names == ["id", "text"] for b in batches)
+        assert sorted(len(b) for b in batches) == [5, 10, 10]
+        assert sorted(p for b in batches for p in b.positions) == list(range(1, 26))
+        assert sorted(_rows(batches)) == [(i, f"t{i}") for i in range(25)]
+
+    _run(lambda p: assert_that(p | io.ReadDataset(str(tmp_path / "a.parquet"), batch_rows=10), check))
+
+
 def test_unreadable_records_become_dead_letters_naming_file_and_line(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(
         b'{"id": 1, "text": "ok"}\n{"id": 2, "text": \n[1, 2]\n{"id": 4, "text": "caf\xe9"}\n{"id": 5, "text": "ok"}\n')
@@ -93,6 +105,42 @@ def test_write_round_trips_rows_and_batches_with_vectors(tmp_path, fmt):
         got = {r["id"]: r["v"] for f in files for r in map(json.loads, f.read_text().splitlines())}
     assert sorted(got) == [0, 1, 2, 3]
     np.testing.assert_array_equal(np.array([got[i] for i in range(4)], np.float32), vectors)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_write_gives_the_same_file_from_table_batches_as_from_dict_rows(tmp_path, fmt):
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
+    table = pa.table({"id": [0, 1, 2, 3], "v": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 3),
+                      "extra": ["x", "y", None, "z"]})
+    columns = ["id", "v", "absent"]  # a column no row has is written as nulls
+
+    def written(name, elements):
+        _run(lambda p: p | beam.Create(elements) | io.WriteDataset(str(tmp_path / name), format=fmt, columns=columns))
+        files = sorted((tmp_path / name).iterdir())
+        if fmt == "parquet":
+            return pa.concat_tables(pq.read_table(f) for f in files).sort_by("id")
+        return sorted((json.loads(line) for f in files for line in f.read_text().splitlines()), key=lambda r: r["id"])
+
+    from_dicts = written("dicts", [Batch([{"id": i, "v": vectors[i], "extra": "x"} for i in range(4)])])
+    from_table = written("table", [Batch(table)])
+    mixed = written("mixed", [Batch(table.slice(0, 2)), Batch([{"id": 2, "v": vectors[2]}]), {"id": 3, "v": vectors[3]}])
+    if fmt == "parquet":
+        assert from_table.column_names == columns and from_table.column("absent").null_count == 4
+        assert from_table.equals(from_dicts) and mixed.equals(from_dicts)
+    else:
+        assert from_table == from_dicts == mixed
+        assert from_table[1] == {"id": 1, "v": [3.0, 4.0, 5.0], "absent": None}
+
+
+def test_shard_buffer_falls_back_to_one_table_when_column_types_differ_between_batches(tmp_path):
+    buf = io.ShardBuffer(None)
+    buf.add(Batch(pa.table({"id": [1, 2]})))
+    buf.add(Batch(pa.table({"id": ["three"]})))
+    assert len(buf) == 3
+    final = str(tmp_path / "part-0.parquet")
+    io.commit(buf.write_temp(final, "parquet"), final)
+    assert len(buf) == 0
+    assert pq.read_table(final).column("id").to_pylist() == ["1", "2", "three"]  # as rows_to_table does
 
 
 def test_estimate_rows_counts_lines_and_parquet_metadata(tmp_path):

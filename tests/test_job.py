@@ -71,6 +71,70 @@ def test_empty_files_and_wrong_schema_parquet_are_accounted_for(tmp_path):
     assert [e.split(": ", 1)[1] for e in errors[1:]] == ["field 'text' is missing"] * 2
 
 
+def _write_inputs(directory: Path, files: dict[str, list[dict]], fmt: str) -> str:
+    import pyarrow as pa
+
+    directory.mkdir()
+    for name, rows in files.items():
+        if fmt == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), directory / f"{name}.parquet")
+        else:
+            (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(directory / f"*.{fmt}")
+
+
+def _outputs(out: Path):
+    """(predictions sorted by id, dead letters as (id, stage, error after 'where', record, position))."""
+    import pyarrow as pa
+
+    table = pa.concat_tables(pq.read_table(f) for f in sorted(out.glob("part-*.parquet"))).sort_by("id")
+    letters = sorted((d["id"], d["stage"], d["error"].split(": ", 1)[1], d["record"], d["position"])
+                     for f in out.glob("failed-*.jsonl") for d in map(json.loads, f.read_text().splitlines()))
+    return table, letters
+
+
+def test_parquet_and_jsonl_inputs_give_the_same_outputs_and_dead_letters(tmp_path):
+    files = {
+        "a": [{"id": 1, "text": "one"}, {"id": 2, "text": None}, {"id": 3, "text": "boom three"},
+              {"id": 4, "text": "four"}],
+        "b": [{"id": 5, "text": 5}, {"id": 6, "text": 6}],  # an int column
+        "c": [{"id": 7, "body": "no text"}],  # no text column
+        "d": [{"id": 8, "text": "eight"}, {"id": 9, "text": "nine!"}],
+    }
+    results = {}
+    for fmt in ("parquet", "jsonl"):
+        pattern = _write_inputs(tmp_path / fmt, files, fmt)
+        report = job.run(CountingModel(fail_on="boom"), job.JobSpec(input=pattern, output=str(tmp_path / f"out-{fmt}")))
+        assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (9, 4, 5) and report["reconciled"]
+        results[fmt] = _outputs(tmp_path / f"out-{fmt}")
+    (table, letters), (jsonl_table, jsonl_letters) = results["parquet"], results["jsonl"]
+    assert table.equals(jsonl_table) and letters == jsonl_letters
+    assert table.to_pydict() == {"id": [1, 4, 8, 9], "length": [3, 4, 5, 5]}
+    assert [(d[0], d[2]) for d in letters] == [
+        (2, "field 'text' is null, expected str"),
+        (3, "model failed: RuntimeError: injected failure on a text containing 'boom'"),
+        (5, "field 'text' is int, expected str"),
+        (6, "field 'text' is int, expected str"),
+        (7, "field 'text' is missing"),
+    ]
+
+
+def test_parquet_and_jsonl_inputs_give_the_same_embeddings(tmp_path, minilm_spec, minilm):
+    texts = ["a short one", "", "a somewhat longer sentence about bulk inference on Beam", "café ☕"]
+    files = {"a": [{"id": i, "text": t} for i, t in enumerate(texts)], "b": [{"id": 9, "text": None}]}
+    results = {}
+    for fmt in ("parquet", "jsonl"):
+        pattern = _write_inputs(tmp_path / fmt, files, fmt)
+        job.run(minilm_spec, job.JobSpec(input=pattern, output=str(tmp_path / f"out-{fmt}")))
+        results[fmt] = _outputs(tmp_path / f"out-{fmt}")
+    (table, letters), (jsonl_table, jsonl_letters) = results["parquet"], results["jsonl"]
+    assert table.schema == jsonl_table.schema and letters == jsonl_letters
+    assert table.column("id").to_pylist() == [0, 1, 2, 3] and len(letters) == 1
+    got = np.array(table.column("embedding").to_pylist(), np.float32)
+    np.testing.assert_allclose(got, np.array(jsonl_table.column("embedding").to_pylist(), np.float32), atol=1e-6)
+    assert cosine(got, minilm.predict(texts)).min() >= 0.99999
+
+
 def test_uncommitted_outputs_are_removed_and_committed_ones_kept(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"id": 1, "text": "x"}\n')
     out = tmp_path / "out"

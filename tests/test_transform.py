@@ -2,6 +2,7 @@ import threading
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -102,6 +103,65 @@ def test_bad_rows_go_to_dead_letters_with_row_and_field():
             (4, "inference", "row 4 (id 4): field 'text' is list, expected str"),
             (5, "inference", "row 5 (id 5): model failed: RuntimeError: injected failure on a text containing 'boom'"),
         ]), label="bad")
+
+
+_TABLE_CASES = {
+    # rows -> (good (id, text, length), dead letters (id, error, record))
+    "nulls and a model failure": (
+        [{"id": 1, "text": "ok"}, {"id": 2, "text": None}, {"id": 3, "text": "boom here"}, {"id": 4, "text": "fine"}],
+        [(1, "ok", 2), (4, "fine", 4)],
+        [(2, "row 2 (id 2): field 'text' is null, expected str", {"id": 2, "text": None}),
+         (3, "row 3 (id 3): model failed: RuntimeError: injected failure on a text containing 'boom'",
+          {"id": 3, "text": "boom here"})]),
+    "an int text column": (
+        [{"id": 1, "text": 5}, {"id": 2, "text": None}],
+        [],
+        [(1, "row 1 (id 1): field 'text' is int, expected str", {"id": 1, "text": 5}),
+         (2, "row 2 (id 2): field 'text' is null, expected str", {"id": 2, "text": None})]),
+    "no text column": (
+        [{"id": 1, "body": "x"}],
+        [],
+        [(1, "row 1 (id 1): field 'text' is missing", {"id": 1, "body": "x"})]),
+    "an earlier length column is replaced": (
+        [{"id": 1, "text": "abc", "length": -1}],
+        [(1, "abc", 3)],
+        []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_TABLE_CASES))
+@pytest.mark.parametrize("form", ["table", "dicts"])
+def test_table_batches_give_the_same_predictions_and_dead_letters_as_dict_rows(case, form):
+    rows, good, bad = _TABLE_CASES[case]
+    batch = bulkinfer.Batch(pa.Table.from_pylist(rows) if form == "table" else rows)
+
+    def kind(batches):  # a table batch stays a table, with the prediction as an int64 column
+        assert all((b.table is not None) == (form == "table") for b in batches)
+        if form == "table":
+            assert all(b.table.schema.field("length").type == pa.int64() for b in batches)
+
+    with _pipeline() as p:
+        out, failed = (p | beam.Create([batch])
+                       | bulkinfer.BulkInference(CountingModel(fail_on="boom")).with_exception_handling())
+        assert_that(out, kind, label="kind")
+        assert_that(out | beam.FlatMap(lambda b: [(r["id"], r["text"], int(r["length"])) for r in b.rows]),
+                    equal_to(good), label="good")
+        assert_that(failed | beam.Map(lambda d: (d["id"], d["error"], d["record"])), equal_to(bad), label="bad")
+
+
+def test_table_batches_of_vectors_get_a_fixed_size_list_column(minilm_spec, minilm):
+    texts = [f"sentence number {i} " * (i % 5) for i in range(12)]
+    expected = minilm.predict(texts)
+
+    def matches(batches):
+        table = pa.concat_tables(b.table for b in batches).sort_by("id")
+        assert table.schema.field("embedding").type == pa.list_(pa.float32(), expected.shape[1])
+        got = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(expected.shape)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    batches = [bulkinfer.Batch(pa.table({"id": list(range(s, s + 4)), "text": texts[s:s + 4]})) for s in (0, 4, 8)]
+    with _pipeline() as p:
+        assert_that(p | beam.Create(batches) | bulkinfer.BulkInference(minilm_spec), matches)
 
 
 def test_without_exception_handling_a_bad_row_fails_the_job_with_its_reason():
