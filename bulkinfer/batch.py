@@ -163,9 +163,18 @@ def dead_letter(*, stage: str, error: str, record: Any, row_id: Any = None, sour
     return {"id": row_id, "stage": stage, "error": error, "record": record, "source": source, "position": position}
 
 
+# Characters that some line readers (Python's str.splitlines, JavaScript) take as line breaks: escaped,
+# so that one JSONL record is always one line whoever reads it.
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def to_json(obj: Any) -> str:
-    """JSON for rows and dead letters, whatever they hold (numpy arrays become lists, bytes are decoded)."""
-    return json.dumps(obj, ensure_ascii=False, default=_json_default)
+    """JSON for rows and dead letters, whatever they hold (numpy arrays become lists, bytes are decoded).
+
+    Non-ASCII text stays readable; only U+0085, U+2028 and U+2029 are escaped (they can only occur
+    inside JSON strings, where the escape means the same character).
+    """
+    return json.dumps(obj, ensure_ascii=False, default=_json_default).translate(_LINE_BREAKS)
 
 
 def _json_default(o):

@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import numpy as np
@@ -47,3 +48,12 @@ def test_equality_and_pickling_of_table_batches():
     assert copy == batch == Batch(table, source="a.parquet", positions=[1, 2])
     assert batch != Batch(table, source="b.parquet", positions=[1, 2])
     assert Batch(table.to_pylist(), source="a.parquet", positions=[1, 2]) == batch
+
+
+def test_to_json_keeps_one_record_per_line_for_any_reader():
+    from bulkinfer.batch import to_json
+
+    row = {"text": "a\u0085b\u2028c\u2029d é 東京"}
+    line = to_json(row)
+    assert len(line.splitlines()) == 1 and "é 東京" in line
+    assert json.loads(line) == row
