@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test lint bench fixtures clean
+.PHONY: demo test lint bench bench-remote fixtures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,10 @@ $(BENCH_STAMP): pyproject.toml constraints.txt requirements-peers.txt
 
 bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python bench/run.py --write BENCHMARKS.md $(BENCH_ARGS)
+
+# Remote mode vs local mode, and the server under 1/4/16 concurrent clients (BENCHMARKS.md, "Remote mode").
+bench-remote: $(STAMP)
+	$(BIN)/python bench/remote.py --rows 3000 --request-rows 64 --clients 1,4,16 --repeats 3 --job-repeats 2
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) out .bench
