@@ -13,7 +13,7 @@ tokenizer (mean 22 tokens, max 256), flushed 8192 rows at a time like BulkInfere
 efficiency 0.91 with at most 21 lengths x 2 batch sizes = 42 shapes, 28 of them used (the walking
 skeleton's step-8 lengths, 8192 budget and dummy-row tails gave 0.80).  A larger token budget means
 fewer, longer-padded tails: 4096 gives 0.89 and 8192 gives 0.87 on 8192-row flushes, so raise
-`flush_rows` together with the budget on an accelerator.  See NOTES-runtime.md for the table.
+`flush_rows` together with the budget on an accelerator.  See RUNTIME.md for the table.
 """
 
 from __future__ import annotations
