@@ -185,3 +185,17 @@ def test_sigkill_mid_run_then_rerun_gives_every_row_exactly_once(tmp_path, minil
     expected = minilm.predict([texts[i] for i in ids])
     assert cosine(got, expected).min() >= 0.99999
     assert not list(out.glob(".tmp-*")) and not list(out.glob("_committed/.tmp-*"))
+
+
+def test_multi_process_embedded_runner_commits_every_file(tmp_path):
+    for k in range(4):
+        (tmp_path / f"in-{k}.jsonl").write_text(
+            "".join(json.dumps({"id": f"{k}-{i}", "text": "x" * i}) + "\n" for i in range(50)))
+    out = tmp_path / "out"
+    loads_here = CountingModel.loads
+    report = job.run(CountingModel(name="multi-process"), job.JobSpec(input=str(tmp_path / "*.jsonl"), output=str(out)),
+                     ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    assert CountingModel.loads == loads_here  # the model was loaded in the worker processes, not here
+    assert report["reconciled"] and report["files_done"] == 4 and report["rows_out"] == 200
+    table = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read().to_pydict()
+    assert sorted(zip(table["id"], table["length"])) == sorted((f"{k}-{i}", i) for k in range(4) for i in range(50))
