@@ -196,6 +196,9 @@ class Rebatch(beam.DoFn):
         self._buf = []
 
     def process(self, element):
+        if isinstance(element, SourceDone) and self._buf:  # rows before their file's end marker
+            yield Batch(self._buf, from_rows=True)
+            self._buf = []
         if isinstance(element, Batch | SourceDone):
             yield element
             return

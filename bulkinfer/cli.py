@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(run)
     run.add_argument("--input", required=True, metavar="GLOB",
-                     help="input files: .jsonl, .parquet or .csv, on any Beam filesystem (quote the glob)")
+                     help="input files: .jsonl (.json, .ndjson), .parquet or .csv, on any Beam filesystem (quote the glob)")
     run.add_argument("--output", required=True, metavar="DIR", help="output directory")
     run.add_argument("--id-field", default="id", help="row field copied to the output as the row's id (default: id)")
     run.add_argument("--text-field", default="text", help="row field holding the text to embed (default: text)")
@@ -109,7 +109,7 @@ def _embedder(args):
     from bulkinfer.tasks.embed import TextEmbedder
 
     bucketing = Bucketing()
-    if args.token_budget:
+    if args.token_budget is not None:
         bucketing = dataclasses.replace(bucketing, token_budget=args.token_budget)
     return TextEmbedder.from_name(
         args.model, dtype=args.dtype, max_length=args.max_length, bucketing=bucketing,
@@ -183,8 +183,13 @@ def _run(args, beam_args) -> int:
         print(f"bulkinfer: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: report[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_per_s", "elapsed_s")}))
-    if not report["reconciled"] or report["files_done"] != report["files"]:
-        print("bulkinfer: error: rows_in != rows_out + rows_failed; see report.json", file=sys.stderr)
+    if not report["reconciled"]:
+        print(f"bulkinfer: error: rows_in {report['rows_in']} != rows_out {report['rows_out']} + rows_failed "
+              f"{report['rows_failed']}; see {args.output}/report.json", file=sys.stderr)
+        return 1
+    if report["files_done"] != report["files"]:
+        print(f"bulkinfer: error: only {report['files_done']} of {report['files']} input files were committed; "
+              "rerun the same command to finish them", file=sys.stderr)
         return 1
     return 0
 

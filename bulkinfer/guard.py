@@ -17,7 +17,8 @@ STAGES = ("preprocess", "postprocess")
 
 
 class Guarded(beam.PTransform):
-    """Runs `fn` (a DoFn or a callable for beam.ParDo) on rows; returns (outputs, dead_letters)."""
+    """Runs `fn` on rows as `beam.ParDo` does (a DoFn, or a callable returning an iterable of outputs);
+    returns (outputs, dead_letters)."""
 
     def __init__(self, fn, *, stage: str = "preprocess", id_field: str | None = "id"):
         super().__init__()
@@ -32,8 +33,8 @@ class Guarded(beam.PTransform):
 
 
 def _letter(failure, stage: str, id_field: str | None) -> dict:
-    row, (exc_type, exc_repr, _traceback) = failure
+    row, (_exc_type, exc_repr, _traceback) = failure
     Metrics.counter("bulkinfer", f"{stage}_rows_failed").inc()
     row_id = row.get(id_field) if isinstance(row, dict) and id_field else None
     where = f"id {row_id!r}" if row_id is not None else "a row"
-    return dead_letter(stage=stage, error=f"{where}: {exc_type.__name__}: {exc_repr}", record=row, row_id=row_id)
+    return dead_letter(stage=stage, error=f"{where}: {exc_repr}", record=row, row_id=row_id)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import uuid
 
 import apache_beam as beam
@@ -41,9 +42,15 @@ def input_format(path: str) -> str:
     raise ValueError(f"{path}: unknown input format; expected one of the extensions {sorted(READ_FORMATS)}")
 
 
+def absolute(pattern: str) -> str:
+    """A local path or glob made absolute (one spelling per file, so a resumed job knows its inputs);
+    other filesystems' URLs as they are."""
+    return pattern if "://" in pattern else os.path.abspath(pattern)
+
+
 def match_files(pattern: str) -> list[str]:
     """Every file matching a glob on any Beam filesystem, sorted; a clear error if there is none."""
-    matched = FileSystems.match([pattern])[0].metadata_list
+    matched = FileSystems.match([absolute(pattern)])[0].metadata_list
     files = sorted(m.path for m in matched if not m.path.endswith("/"))
     if not files:
         raise FileNotFoundError(f"no input file matches {pattern!r}")
@@ -182,34 +189,46 @@ def _jsonl_records(path: str):
 
 
 def _csv_records(path: str):
+    # Bytes that are not UTF-8 decode to lone surrogates (surrogateescape), so one bad byte costs only
+    # the row it is in; a strict decoder would fail on a read-ahead block and lose the rows around it.
     with FileSystems.open(path) as f:
-        text = io.TextIOWrapper(f, encoding="utf-8", errors="strict", newline="")
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.reader(text)
         try:
             header = next(reader)
         except StopIteration:
             return
-        except UnicodeDecodeError as e:
-            yield 1, None, f"invalid UTF-8 in the header ({e.reason})", None
+        if any(_has_surrogate(h) for h in header):
+            for _ in reader:  # no row can be read without its column names; each is a dead letter
+                yield reader.line_num, None, "unreadable: the file's header is not valid UTF-8", None
             return
         while True:
             try:
                 values = next(reader)
             except StopIteration:
                 return
-            except UnicodeDecodeError as e:
-                yield reader.line_num + 1, None, f"invalid UTF-8 ({e.reason}); the rest of the file is unreadable", None
-                return
             except csv.Error as e:
                 yield reader.line_num, None, f"malformed CSV ({e})", None
                 continue
             if not values:
                 continue
+            raw = ",".join(values)
+            if any(_has_surrogate(v) for v in values):
+                yield reader.line_num, None, "invalid UTF-8", raw.encode("utf-8", "surrogateescape").decode(
+                    "utf-8", "replace")
+                continue
             if len(values) != len(header):
-                yield reader.line_num, None, (
-                    f"{len(values)} columns, the header has {len(header)}"), ",".join(values)
+                yield reader.line_num, None, f"{len(values)} columns, the header has {len(header)}", raw
                 continue
             yield reader.line_num, dict(zip(header, values)), None, None
+
+
+def _has_surrogate(value: str) -> bool:
+    try:
+        value.encode("utf-8")  # lone surrogates (from undecodable bytes) cannot be encoded
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _parquet_parts(path: str, batch_rows: int):
@@ -227,15 +246,19 @@ def _parquet_parts(path: str, batch_rows: int):
                     yield Batch(record_batch, source=path, positions=range(n + 1, n + 1 + record_batch.num_rows))
                     n += record_batch.num_rows
         except (pa.ArrowException, OSError) as e:
-            yield n + 1, f"unreadable from row {n + 1} on ({e})", None
+            # Every row the file says it holds but could not give is a dead letter of its own.
+            for row in range(n + 1, max(pf.metadata.num_rows, n + 1) + 1):
+                yield row, f"unreadable: the file fails from row {n + 1} on ({e})", None
 
 
 class WriteDataset(beam.PTransform):
     """Writes rows or `Batch`es to `directory` as sharded Parquet (default) or JSONL files.
 
     columns: write only these fields (default: all).  prefix: file name prefix ("part").
-    Each bundle writes its own shards `prefix-<uuid>.<ext>`, committed by rename.  Returns a
-    PCollection of the committed file paths.
+    Each bundle writes its own shards `prefix-<uuid>.<ext>`, committed by rename, so no file is ever
+    seen half-written.  Delivery is at least once: if a runner retries a bundle after it committed a
+    file, that file's rows are written again.  `bulkinfer run` uses per-input-file commits instead
+    (shards.py), which a retry cannot duplicate.  Returns a PCollection of the committed file paths.
     """
 
     def __init__(self, directory: str, *, format: str = "parquet", columns: list[str] | None = None,
@@ -254,7 +277,7 @@ class _WriteShards(beam.DoFn):
     def __init__(self, *, directory, fmt, columns, prefix, rows_per_file):
         self._dir, self._fmt, self._columns, self._prefix = directory, fmt, columns, prefix
         self._rows_per_file = rows_per_file
-        self._written = Metrics.counter(NAMESPACE, f"{prefix}_rows_written")
+        self._written = Metrics.counter(NAMESPACE, "written_rows")
 
     def setup(self):
         ensure_dir(self._dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 
 import apache_beam as beam
@@ -60,8 +61,10 @@ def build(p: beam.Pipeline, model, job: JobSpec, files: list[str]):
 
 
 def _settings(model, job: JobSpec) -> dict:
-    return {"model": getattr(model, "name", str(model)), "format": job.format, "id_field": job.id_field,
-            "input_field": job.input_field}
+    """What must not change between a run and its resumption (tuning knobs such as the token budget may)."""
+    model_settings = {k: getattr(model, k, None) for k in ("name", "path", "url", "dtype", "max_length")}
+    return {"input": io.absolute(job.input), "model": model_settings, "format": job.format,
+            "id_field": job.id_field, "input_field": job.input_field}
 
 
 def prepare_output(model, job: JobSpec, files: list[str]) -> list[str]:
@@ -115,7 +118,8 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     counters: dict[str, float] = {}
     if todo:
-        with progress.Progress(io.estimate_rows(todo)):
+        # Counting rows reads the files once more: only worth it for a person watching the ETA.
+        with progress.Progress(io.estimate_rows(todo) if sys.stderr.isatty() else None):
             p = beam.Pipeline(runner=runner, options=options)
             build(p, model, job, todo)
             result = p.run()

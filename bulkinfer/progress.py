@@ -1,6 +1,6 @@
 """Live progress on a terminal: rows done, rows/s and, when the row count is known, the ETA.
 
-Writers call `advance(n)`; the counter lives in this process, so the line shows progress for the
+BulkInference calls `advance(n)` as rows leave it; the counter lives in this process, so the line shows progress for the
 embedded runner (the default).  Other runners report through Beam metrics and their own UIs.
 """
 

@@ -148,3 +148,17 @@ def test_estimate_rows_counts_lines_and_parquet_metadata(tmp_path):
     (tmp_path / "b.csv").write_text("id\n1\n2\n")
     pq.write_table(pa.table({"id": list(range(7))}), tmp_path / "c.parquet")
     assert io.estimate_rows(io.match_files(str(tmp_path / "*"))) == 3 + 2 + 7
+
+
+def test_one_bad_byte_in_a_csv_costs_only_its_row(tmp_path):
+    data = ("id,text\n" + "".join(f"{i},row {i}\n" for i in range(2000))).encode()
+    at = data.index(b"row 1500")
+    (tmp_path / "a.csv").write_bytes(data[:at] + b"\xff" + data[at:])
+
+    def build(p):
+        rows, failed = p | io.ReadDataset(str(tmp_path / "a.csv")).with_exception_handling()
+        assert_that(rows | beam.Map(len) | beam.CombineGlobally(sum), equal_to([1999]), label="rows")
+        assert_that(failed | beam.Map(lambda d: (d["position"], d["error"].split(": ", 1)[1])),
+                    equal_to([(1502, "invalid UTF-8")]), label="failed")
+
+    _run(build)

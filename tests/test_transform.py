@@ -183,8 +183,9 @@ def test_guarded_user_dofn_turns_row_failures_into_dead_letters():
     with _pipeline() as p:
         good, bad = p | beam.Create(rows) | bulkinfer.Guarded(parse, stage="preprocess")
         assert_that(good, equal_to([{"id": 1, "text": "a"}, {"id": 3, "text": "c"}]), label="good")
-        assert_that(bad | beam.Map(lambda d: (d["id"], d["stage"], d["error"].split(": ")[1], d["record"])),
-                    equal_to([(2, "preprocess", "AttributeError", {"id": 2, "raw": None})]), label="bad")
+        assert_that(bad | beam.Map(lambda d: (d["id"], d["stage"], d["error"], d["record"])),
+                    equal_to([(2, "preprocess", "id 2: AttributeError(\"'NoneType' object has no attribute 'strip'\")",
+                               {"id": 2, "raw": None})]), label="bad")
 
 
 def test_guarded_rejects_unknown_stage():

@@ -186,7 +186,8 @@ class Engine:
                 continue
             group = todo.popleft()
             bucketing = self.bucketing
-            for batch, length, idx in bucketing.plan(lengths[group]):
+            plan = bucketing.plan(lengths[group])
+            for k, (batch, length, idx) in enumerate(plan):
                 rows = group[idx]
                 try:
                     exe = self._executable(batch, length)
@@ -196,8 +197,9 @@ class Engine:
                     if not is_out_of_memory(e):
                         raise
                     self._back_off(bucketing.token_budget, (batch, length), e, call)
-                    todo.append(rows)
-                    continue
+                    # This batch and the rest of the plan were cut for the old budget: replan them.
+                    todo.append(np.concatenate([rows] + [group[rest] for _, _, rest in plan[k + 1:]]))
+                    break
                 output.copy_to_host_async()
                 pending.append(_InFlight(rows, (batch, length), bucketing.token_budget, self._clock.track(output)))
                 if len(pending) > self._max_in_flight:
