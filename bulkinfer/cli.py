@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-bytes", type=int, default=64 << 20,
                        help="larger request bodies get 413, unread (default: 64 MiB)")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    parser.commands = {"run": run, "serve": serve}
     return parser
 
 
@@ -132,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     # Beam warns on import about optional Google Cloud clients that local jobs never use.
     logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
     if args.command == "run":
+        unknown = _unknown_beam_flags(beam_args)
+        if unknown:
+            ours = {o for a in _parser().commands["run"]._actions for o in a.option_strings}
+            hints = [f"{u} (did you mean {u.replace('_', '-')}?)" if u.replace("_", "-") in ours else u
+                     for u in unknown]
+            print(f"bulkinfer run: error: unrecognized arguments: {', '.join(hints)}; flags that are not "
+                  "bulkinfer's must be Beam pipeline options", file=sys.stderr)
+            return 2
         return _run(args, beam_args)
     if args.command == "serve":
         if beam_args:
@@ -140,6 +149,26 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("bulkinfer").setLevel(logging.DEBUG if args.verbose else logging.INFO)
         return _serve(args)
     return 2
+
+
+def _unknown_beam_flags(beam_args: list[str]) -> list[str]:
+    """The flags in beam_args that no Beam PipelineOptions class defines (Beam itself only logs them)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    seen, stack = set(), [PipelineOptions]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                stack.append(sub)
+                try:
+                    sub._add_argparse_args(parser)
+                except argparse.ArgumentError:
+                    pass  # an option two classes both define
+    _, unknown = parser.parse_known_args(beam_args)
+    return [u.split("=", 1)[0] for u in unknown if u.startswith("--")]
 
 
 def _serve(args) -> int:

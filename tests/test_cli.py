@@ -130,6 +130,14 @@ def test_unwritable_output_directory_is_one_clear_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_mistyped_flag_is_an_error_not_silently_ignored(tmp_path):
+    proc = bulkinfer("run", "--model", "minilm", "--input", ROOT / "data/sample/part-0.jsonl",
+                     "--output", tmp_path / "o", "--text_field", "body", "--direct_num_workers=1")
+    assert proc.returncode == 2 and not (tmp_path / "o").exists()
+    assert "unrecognized arguments: --text_field (did you mean --text-field?)" in proc.stderr
+    assert "--direct_num_workers" not in proc.stderr  # a real Beam option passes
+
+
 def test_help_teaches_the_flags_and_beam_pass_through():
     proc = bulkinfer("run", "--help")
     assert proc.returncode == 0
