@@ -42,6 +42,7 @@ def test_run_embeds_jsonl_rows_like_sentence_transformers(tmp_path, reference):
     order = np.array([int(i[1:]) % n for i in rows["id"]])
     assert sorted(int(i[1:]) for i in rows["id"]) == list(range(4 * n))
     assert cosine(got, expected[order]).min() >= 0.9999
+    np.testing.assert_allclose(got, expected[order], atol=1e-5)
     failed = [json.loads(line) for f in out.glob("failed-*.jsonl") for line in f.read_text().splitlines()]
     assert sorted((str(d["id"]), d["stage"]) for d in failed) == [
         ("None", "read"), ("bad-1", "inference"), ("bad-2", "inference")]

@@ -107,12 +107,21 @@ class DynamicBatcher:
 
     def _loop(self) -> None:
         while (group := self._take()) is not None:
-            self._run(group)
+            try:
+                self._run(group)
+            except BaseException as e:  # noqa: BLE001 -- never strand a request, never lose the thread
+                log.exception("the batcher failed on %d requests", len(group))
+                for item in group:
+                    if not item.future.done():
+                        item.future.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
 
     def _run(self, group: list[_Item]) -> None:
         values = [v for item in group for v in item.values]
         try:
             out = self._predict(values)  # [N, ...]
+            if not hasattr(out, "shape") or len(out) != len(values):
+                got = len(out) if hasattr(out, "__len__") else type(out).__name__
+                raise RuntimeError(f"the model returned {got} rows for {len(values)} inputs")
         except Exception as e:  # noqa: BLE001 -- answered to the requests, never lost
             if len(group) > 1:
                 log.warning("a merged call of %d requests failed (%s); running them one by one", len(group), e)
@@ -126,7 +135,7 @@ class DynamicBatcher:
         start = 0
         for item in group:
             n = len(item.values)
+            self.stats.requests += 1  # counted before the reply, so a client's own request shows in /stats
+            self.stats.rows += n
             item.future.set_result(out[start : start + n])
             start += n
-            self.stats.requests += 1
-            self.stats.rows += n

@@ -306,7 +306,11 @@ class _Handler(BaseHTTPRequestHandler):
                          "(send fewer rows per request or raise --max-request-bytes)")
         if n < 0:
             raise _Reply(400, f"Content-Length must be >= 0, got {n}")
-        body = self.rfile.read(n)
+        try:
+            body = self.rfile.read(n)
+        except TimeoutError:
+            self.close_connection = True
+            raise _Reply(408, f"the body did not arrive within {app.config.idle_timeout_s:g} s") from None
         if len(body) != n:
             raise _Reply(400, f"the body ended after {len(body)} of {n} bytes")
         self._body_read = True

@@ -111,7 +111,7 @@ def test_wrong_method_is_405(server):
 
 
 def test_concurrent_requests_share_model_calls_and_get_their_own_rows(embedder):
-    srv = start(embedder, ServeConfig(port=0, max_queue_delay_ms=300))
+    srv = start(embedder, ServeConfig(port=0, max_queue_delay_ms=1000))  # room for 8 threads to start
     try:
         texts = [f"request number {i} about beam" for i in range(8)]
         results: dict[int, np.ndarray] = {}
