@@ -85,7 +85,8 @@ def read_only(input_glob: str, rows: int) -> dict:
 
 
 def kernel_ms(spec, batch: int, length: int, reps: int) -> float:
-    """Milliseconds per [batch, length] forward pass with no padding (every row exactly `length` tokens)."""
+    """Milliseconds for `batch` rows of exactly `length` tokens through engine.run (no padding), which cuts
+    them into its token-budget batches: the model's own speed, host work included."""
     engine = load_shared(spec).engine
     seqs = [np.full(length, 1000 + i, np.int32) for i in range(batch)]
     engine.run(seqs)  # compile if this shape was not warmed up

@@ -29,7 +29,11 @@ def machine() -> str:
         pass
     ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cores = len(os.sched_getaffinity(0))
-    return f"{cores} cores ({model}), {ram_gb:.0f} GiB RAM, {platform.system()} {platform.machine()}, no accelerator"
+    import jax
+
+    devices = jax.devices()
+    accel = "no accelerator" if devices[0].platform == "cpu" else f"{len(devices)} x {devices[0].device_kind}"
+    return f"{cores} cores ({model}), {ram_gb:.0f} GiB RAM, {platform.system()} {platform.machine()}, {accel}"
 
 
 def versions() -> str:
@@ -141,7 +145,7 @@ def render(m: dict) -> str:
         "| split | value |",
         "|---|---|",
         f"| (a)/(c): the limit vs sentence-transformers | {a['rows_per_s'] / c['rows_per_s']:.2f} |",
-        f"| one [{m['kernel'][0]}, {m['kernel'][1]}] forward pass, no padding: JAX (XLA CPU) / PyTorch | "
+        f"| {m['kernel'][0]} rows x {m['kernel'][1]} tokens, no padding: bulkinfer engine.run (its token-budget batches) / one PyTorch forward | "
         f"{m['kernel_jax_ms']:.0f} ms / {m['kernel_torch_ms']:.0f} ms; PyTorch with 1 thread: "
         f"{m['kernel_torch1_ms']:.0f} ms |",
         f"| padding efficiency (a) / (b) / (c) / (d) | {a['padding_efficiency']:.3f} / {rep['padding_efficiency']} / "
@@ -173,7 +177,7 @@ def write(path: str, block: str) -> None:
         else:
             text = text.rstrip() + "\n\n" + body + "\n"
     else:
-        text = (f"# Benchmarks\n\nRegenerate with `make bench` (about 15 minutes on 2 cores).\n\n{body}\n\n"
+        text = (f"# Benchmarks\n\nRegenerate with `make bench` (about 6 to 15 minutes on 2 cores).\n\n{body}\n\n"
                 "## What limits each figure\n\n(to be written from the time splits above)\n")
     with open(path, "w") as f:
         f.write(text)

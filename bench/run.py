@@ -1,6 +1,6 @@
 """Every row of BENCHMARKS.md's table, side by side in one process, on one synthetic corpus.
 
-    python bench/run.py                          # the full table (about 15 minutes on 2 cores)
+    python bench/run.py                          # the full table (about 6 to 15 minutes on 2 cores)
     python bench/run.py --quick                  # a short run: 2,000 rows, 20,000 overhead rows
     python bench/run.py --write BENCHMARKS.md    # also rewrite the file's generated block (`make bench`)
 
