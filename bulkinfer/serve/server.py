@@ -276,7 +276,9 @@ class _Handler(BaseHTTPRequestHandler):
         if token is None:
             return
         got = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+        scheme, _, credentials = got.strip().partition(" ")
+        # The scheme name is case-insensitive (RFC 9110 11.1); the token is compared in constant time.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), token.encode()):
             raise _Reply(401, "missing or wrong bearer token; send the header 'Authorization: Bearer <token>'"
                          if got else "this server needs a bearer token; send 'Authorization: Bearer <token>'")
 

@@ -135,5 +135,6 @@ def test_the_token_guards_every_documented_route_but_health(token_server, method
     # An unknown model is 401 too, not 404: without the token, nothing about the models leaks.
     if "{model_name}" in template and not public:
         assert _request(port, method, _concrete(template, "nope"), VALID_INFER)[0] == 401
-    status, _ = _request(port, method, path, VALID_INFER, {"Authorization": f"Bearer {TOKEN}"})
-    assert status == 200
+    for scheme in ("Bearer", "bearer"):  # the scheme name is case-insensitive (RFC 9110)
+        status, _ = _request(port, method, path, VALID_INFER, {"Authorization": f"{scheme} {TOKEN}"})
+        assert status == 200, scheme
