@@ -46,9 +46,16 @@ FATAL_STATUSES = frozenset({401, 403, 404, 405})
 class RemoteError(RuntimeError):
     """The server answered an error.  `status`: the HTTP status; the message is the server's `error`."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, *, retry_after_s: float | None = None):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.retry_after_s = retry_after_s  # the server's Retry-After, in seconds, if it sent one
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds from a Retry-After header in its delay-seconds form (an HTTP date is ignored)."""
+    value = (headers.get("Retry-After") or "").strip()
+    return float(value) if value.isdigit() else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,9 +77,10 @@ class RetryPolicy:
         if self.budget_s < 0 or self.base_s <= 0 or self.max_backoff_s < self.base_s or self.attempts_on_500 < 1:
             raise ValueError("need budget_s >= 0, 0 < base_s <= max_backoff_s and attempts_on_500 >= 1")
 
-    def backoff(self, attempt: int, rng: random.Random) -> float:
+    def backoff(self, attempt: int, rng: random.Random, retry_after_s: float | None = None) -> float:
+        """Seconds before retry `attempt`: jittered exponential, but never sooner than the server asked."""
         cap = min(self.max_backoff_s, self.base_s * 2 ** min(attempt, 30))
-        return cap / 2 + rng.uniform(0, cap / 2)
+        return max(cap / 2 + rng.uniform(0, cap / 2), retry_after_s or 0.0)
 
 
 class V2Client:
@@ -152,8 +160,12 @@ class V2Client:
             "POST", f"/v2/models/{urllib.parse.quote(model, safe='')}/infer", body=header + tail,
             headers={"Content-Type": "application/octet-stream", protocol.HEADER_LENGTH: str(len(header))})
         if status != 200:
-            raise RemoteError(status, _error_text(data))
-        return protocol.decode_output(data, headers.get(protocol.HEADER_LENGTH), output_name)
+            raise RemoteError(status, _error_text(data), retry_after_s=_retry_after(headers))
+        try:
+            return protocol.decode_output(data, headers.get(protocol.HEADER_LENGTH), output_name)
+        except (protocol.ProtocolError, ValueError, TypeError, KeyError, AttributeError) as e:
+            # Not the rows' fault: a server whose replies we cannot read gets no per-row bisection.
+            raise ModelUnavailable(f"server {self._host}:{self._port}: its reply is not a v2 response ({e})") from None
 
 
 def _error_text(data: bytes) -> str:
@@ -281,11 +293,11 @@ class LoadedRemoteModel:
                         raise
                 elif e.status not in RETRY_STATUSES and e.status < 500:
                     raise  # 400, 413, ...: the rows or their size; bisection can isolate them
-                reason = str(e)
+                reason, retry_after = str(e), e.retry_after_s
             except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut off
-                reason = f"{type(e).__name__}: {e}"
+                reason, retry_after = f"{type(e).__name__}: {e}", None
             attempt += 1
-            delay = policy.backoff(attempt, self._rng)
+            delay = policy.backoff(attempt, self._rng, retry_after)
             elapsed = self._clock() - start
             if elapsed + delay > policy.budget_s:
                 raise ModelUnavailable(

@@ -65,3 +65,48 @@ def test_decode_output_json_and_binary_agree():
 
 def test_flatten_nested_json_data():
     assert protocol.flatten([["a"], ["b", ["c"]]], name="text") == ["a", "b", "c"]
+
+
+def test_backoff_is_jittered_exponential_but_never_sooner_than_retry_after():
+    import random
+
+    from bulkinfer.serve.client import RetryPolicy, _retry_after
+
+    policy, rng = RetryPolicy(base_s=0.1, max_backoff_s=5.0), random.Random(0)
+    delays = [policy.backoff(k, rng) for k in range(1, 8)]
+    caps = [min(5.0, 0.1 * 2**k) for k in range(1, 8)]
+    assert all(cap / 2 <= d <= cap for cap, d in zip(caps, delays))
+    assert policy.backoff(1, rng, retry_after_s=3.0) == 3.0  # the server asked for 3 s
+    assert _retry_after({"Retry-After": "2"}) == 2.0 and _retry_after({"Retry-After": "Wed, 21 Oct 2026"}) is None
+    assert _retry_after({}) is None
+
+
+def test_an_unreadable_reply_is_model_unavailable_not_a_row_error():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import pytest
+
+    from bulkinfer.errors import ModelUnavailable
+    from bulkinfer.serve.client import V2Client
+
+    class NotV2(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 -- the stdlib's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"outputs": "not a list"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotV2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ModelUnavailable, match="not a v2 response"):
+            V2Client(f"http://127.0.0.1:{server.server_address[1]}").infer("m", ["a", "b"])
+    finally:
+        server.shutdown()
+        server.server_close()
