@@ -20,6 +20,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 FAILED = "failed"  # tag of every dead-letter output
+NAMESPACE = "bulkinfer"  # of every Beam metric bulkinfer reports
 
 
 class Batch:
@@ -85,11 +86,7 @@ class Batch:
 
     def where(self, i: int) -> str:
         """Where row i came from, for error messages: 'data/a.jsonl line 7' or 'row 3'."""
-        pos = self.positions[i] if self.positions is not None else i + 1
-        if not self.source:
-            return f"row {pos}"
-        unit = "row" if self.source.lower().endswith(".parquet") else "line"
-        return f"{self.source} {unit} {pos}"
+        return position_text(self.source, self.positions[i] if self.positions is not None else i + 1)
 
     def take(self, indices: Sequence[int], rows: list[dict] | pa.Table | None = None) -> Batch:
         """A batch of the given rows, keeping their positions.
@@ -117,9 +114,19 @@ def _listed(positions: Sequence[int] | None) -> list[int] | None:
     return None if positions is None else list(positions)
 
 
+def position_text(source: str | None, position: int) -> str:
+    """'data/a.jsonl line 7', 'data/b.parquet row 7', or 'row 7' without a source."""
+    if not source:
+        return f"row {position}"
+    unit = "row" if source.lower().endswith(".parquet") else "line"
+    return f"{source} {unit} {position}"
+
+
 def table_rows(table: pa.Table) -> list[dict]:
-    """Dict rows of a table; fixed-size lists of numbers (vectors) become 1-D numpy arrays."""
-    rows = table.to_pylist()
+    """Dict rows of a table; fixed-size lists of numbers (vectors) become 1-D numpy arrays.
+
+    Vector columns go straight to numpy (not through D Python floats per row first)."""
+    vectors: dict[str, np.ndarray] = {}
     for name, column in zip(table.column_names, table.columns):
         t = column.type
         if not (pa.types.is_fixed_size_list(t) and (pa.types.is_integer(t.value_type)
@@ -131,9 +138,15 @@ def table_rows(table: pa.Table) -> list[dict]:
         flat = combined.flatten()  # honours the array's offset
         if flat.null_count:
             continue
-        vectors = flat.to_numpy().reshape(len(combined), t.list_size)  # [N, D]
-        for row, v in zip(rows, vectors):
+        vectors[name] = flat.to_numpy().reshape(len(combined), t.list_size)  # [N, D]
+    rest = table.drop_columns(list(vectors)) if vectors else table
+    rows = rest.to_pylist() if rest.num_columns else [{} for _ in range(table.num_rows)]
+    for name, matrix in vectors.items():
+        for row, v in zip(rows, matrix):
             row[name] = v
+    order = table.column_names
+    if vectors and list(vectors) != order[len(order) - len(vectors):]:  # keep the table's column order
+        rows = [{c: row[c] for c in order} for row in rows]
     return rows
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from bulkinfer.batch import dead_letter
+from bulkinfer.batch import NAMESPACE, dead_letter
 
 STAGES = ("preprocess", "postprocess")
 
@@ -34,7 +34,7 @@ class Guarded(beam.PTransform):
 
 def _letter(failure, stage: str, id_field: str | None) -> dict:
     row, (_exc_type, exc_repr, _traceback) = failure
-    Metrics.counter("bulkinfer", f"{stage}_rows_failed").inc()
+    Metrics.counter(NAMESPACE, f"{stage}_rows_failed").inc()
     row_id = row.get(id_field) if isinstance(row, dict) and id_field else None
     where = f"id {row_id!r}" if row_id is not None else "a row"
     return dead_letter(stage=stage, error=f"{where}: {exc_repr}", record=row, row_id=row_id)

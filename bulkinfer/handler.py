@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-NAMESPACE = "bulkinfer"
+from bulkinfer.runtime import EngineStats
+from bulkinfer.transform import report_engine_stats
 
 
 class JaxModelHandler(ModelHandler[Any, PredictionResult, Any]):
@@ -51,13 +51,9 @@ class JaxModelHandler(ModelHandler[Any, PredictionResult, Any]):
                       ) -> Iterable[PredictionResult]:
         if inference_args:
             raise ValueError(f"JaxModelHandler takes no inference_args, got {sorted(inference_args)}")
-        from bulkinfer.runtime import EngineStats
-
         stats = EngineStats()
         predictions = model.predict(list(batch), stats=stats)
-        for name in ("batches", "real_tokens", "padded_tokens", "compiles", "oom_backoffs"):
-            Metrics.counter(NAMESPACE, name).inc(getattr(stats, name))
-        Metrics.counter(NAMESPACE, "device_busy_ms").inc(int(stats.busy_s * 1000))
+        report_engine_stats(stats)
         model_id = getattr(model, "name", None)
         return [PredictionResult(x, p, model_id) for x, p in zip(batch, predictions)]
 

@@ -28,9 +28,17 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from bulkinfer.batch import FAILED, Batch, SourceDone, dead_letter, table_rows, to_json
+from bulkinfer.batch import (
+    FAILED,
+    NAMESPACE,
+    Batch,
+    SourceDone,
+    dead_letter,
+    position_text,
+    table_rows,
+    to_json,
+)
 
-NAMESPACE = "bulkinfer"
 READ_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 WRITE_FORMATS = ("parquet", "jsonl")
 
@@ -142,7 +150,7 @@ class _ReadFile(beam.DoFn):
             position, error, raw = part
             self._failed.inc()
             letters.append(dead_letter(
-                stage="read", error=f"{path} line {position}: {error}", record=raw, source=path, position=position))
+                stage="read", error=f"{position_text(path, position)}: {error}", record=raw, source=path, position=position))
             yield beam.pvalue.TaggedOutput(FAILED, letters[-1])
         if self._markers:
             yield SourceDone(path, rows=n_rows, failed=len(letters), letters=tuple(letters))

@@ -22,7 +22,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from bulkinfer import io, progress, shards
-from bulkinfer.transform import NAMESPACE, BulkInference
+from bulkinfer.batch import NAMESPACE
+from bulkinfer.transform import BulkInference
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"

@@ -20,10 +20,6 @@ def advance(n: int) -> None:
         _done += n
 
 
-def done() -> int:
-    return _done
-
-
 class Progress:
     """Prints one refreshing line to stderr while a job runs, if stderr is a terminal."""
 

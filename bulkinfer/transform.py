@@ -28,11 +28,9 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from bulkinfer import progress
-from bulkinfer.batch import FAILED, Batch, Rebatch, SourceDone, dead_letter
+from bulkinfer.batch import FAILED, NAMESPACE, Batch, Rebatch, SourceDone, dead_letter
 from bulkinfer.errors import ModelUnavailable
 from bulkinfer.runtime import EngineStats
-
-NAMESPACE = "bulkinfer"
 
 _loaded: dict[Any, Any] = {}
 _load_unreported: set = set()  # loaded models whose load time no bundle has reported yet
@@ -57,6 +55,14 @@ def _report_load(model) -> None:
     Metrics.distribution(NAMESPACE, "model_load_ms").update(int(getattr(_loaded[model], "load_s", 0.0) * 1000))
 
 
+def report_engine_stats(stats: EngineStats) -> None:
+    """Adds one engine call's counts to the Beam metrics that report.json reads (once per flush, not per row)."""
+    for name in ("batches", "real_tokens", "padded_tokens", "compiles", "oom_backoffs"):
+        Metrics.counter(NAMESPACE, name).inc(getattr(stats, name))
+    Metrics.counter(NAMESPACE, "engine_ms").inc(int(stats.run_s * 1000))  # wall time inside engine calls
+    Metrics.counter(NAMESPACE, "device_busy_ms").inc(int(stats.busy_s * 1000))
+
+
 class BulkInference(beam.PTransform):
     """Runs `model` on field `input_field` of each row and adds the prediction as `output_field`.
 
@@ -65,6 +71,8 @@ class BulkInference(beam.PTransform):
     pipeline fails on the first one; after `.with_exception_handling()` the transform returns
     `(predictions, dead_letters)` and the job goes on.
 
+    input_field: the row field the model reads.  id_field: the field named in dead letters' errors.
+    output_field: where the prediction goes (default: the model's `output_name`, e.g. "embedding").
     accelerator, min_ram: Beam resource hints for the inference stage, e.g.
       accelerator="type:nvidia-h200;count:1;install-nvidia-driver", min_ram="16GB".
     flush_rows: rows gathered (per bundle) before the engine runs them; more rows -> less padding.
@@ -136,13 +144,6 @@ class _InferDoFn(beam.DoFn):
         self._rows_in = Metrics.counter(NAMESPACE, "infer_rows_in")
         self._rows_out = Metrics.counter(NAMESPACE, "infer_rows_out")
         self._failed = Metrics.counter(NAMESPACE, "infer_rows_failed")
-        self._batches = Metrics.counter(NAMESPACE, "batches")
-        self._real_tokens = Metrics.counter(NAMESPACE, "real_tokens")
-        self._padded_tokens = Metrics.counter(NAMESPACE, "padded_tokens")
-        self._compiles = Metrics.counter(NAMESPACE, "compiles")
-        self._engine_ms = Metrics.counter(NAMESPACE, "engine_ms")  # wall time inside engine calls
-        self._busy_ms = Metrics.counter(NAMESPACE, "device_busy_ms")
-        self._oom_backoffs = Metrics.counter(NAMESPACE, "oom_backoffs")
 
     def setup(self):
         self._loaded = load_shared(self._model)
@@ -216,8 +217,9 @@ class _InferDoFn(beam.DoFn):
             bad = [i for i, v in enumerate(values) if self._type_error(v) is not None]
         if not bad:
             return None, values, []
-        bad_set = set(bad)
-        valid = [i for i in range(table.num_rows) if i not in bad_set]
+        ok = np.ones(table.num_rows, bool)
+        ok[bad] = False
+        valid = np.flatnonzero(ok).tolist()
         return valid, [values[i] for i in valid], [(i, self._type_error(values[i])) for i in bad]
 
     def _letter(self, batch: Batch, i: int, error: str, stage: str = "inference"):
@@ -240,13 +242,7 @@ class _InferDoFn(beam.DoFn):
             return
         stats = EngineStats()
         preds, errors = _predict_isolating(self._loaded, values, stats)
-        self._batches.inc(stats.batches)
-        self._real_tokens.inc(stats.real_tokens)
-        self._padded_tokens.inc(stats.padded_tokens)
-        self._compiles.inc(stats.compiles)
-        self._engine_ms.inc(int(stats.run_s * 1000))
-        self._busy_ms.inc(int(stats.busy_s * 1000))
-        self._oom_backoffs.inc(stats.oom_backoffs)
+        report_engine_stats(stats)
         k = 0
         for batch, valid, vs in pending:
             if batch.table is not None:
@@ -313,10 +309,8 @@ def _predict_isolating(loaded, values: list, stats: EngineStats):
 
     Returns (predictions indexed like values, {index: error text} for values that failed alone).
     """
-    import numpy as np
-
     errors: dict[int, str] = {}
-    out: list | None = None
+    out: np.ndarray | None = None
 
     def attempt(lo: int, hi: int):
         nonlocal out

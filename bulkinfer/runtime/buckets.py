@@ -81,13 +81,6 @@ class Bucketing:
             return None
         return dataclasses.replace(self, token_budget=budget)
 
-    def bucket_length(self, n: int) -> int:
-        i = int(np.searchsorted(self.lengths, n))
-        if i == len(self.lengths):
-            raise ValueError(f"a row of {n} tokens exceeds the longest bucket {self.lengths[-1]}; "
-                             f"truncate it or add a longer bucket")
-        return self.lengths[i]
-
     def batch_sizes(self, length: int) -> tuple[int, ...]:
         """Allowed batch sizes for one bucket, largest first: the full size and its halvings."""
         full = max(1, min(self.max_batch, self.token_budget // length))

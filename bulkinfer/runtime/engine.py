@@ -4,8 +4,8 @@
 
 The engine pads rows into the static shapes of a `Bucketing`, compiles each shape once (explicitly,
 so a new shape is visible in `stats.compiles`), splits each batch over the "data" axis of a device
-mesh (and, with `model_parallel > 1`, the parameters over its "model" axis), and keeps up to
-`max_in_flight` batches dispatched.  JAX dispatch is asynchronous (on CPU too), so while batch i
+mesh (and, with `model_parallel > 1`, the parameters over its "model" axis), and keeps
+`max_in_flight` batches dispatched ahead of the one whose result it waits for.  JAX dispatch is asynchronous (on CPU too), so while batch i
 computes the host pads batch i+1, and batch i-1's result is already on its way back
 (`copy_to_host_async` right after dispatch) before the host asks for it.
 
@@ -92,10 +92,6 @@ class Engine:
         self._lock = threading.Lock()
         self._clock = BusyClock()
         self.stats = EngineStats()
-
-    @property
-    def num_devices(self) -> int:
-        return self._mesh.size
 
     @property
     def mesh_shape(self) -> dict[str, int]:

@@ -32,6 +32,7 @@ class TextEmbedder:
     max_length: truncation length in tokens; default: the directory's max_seq_length.
     dtype: compute dtype of the encoder ("float32" or "bfloat16"); pooling is always float32.
     bucketing: the static shapes the engine may run.
+    max_in_flight: batches dispatched ahead of the one the host waits for (pipelined dispatch).
     warmup: compile every shape at load time instead of on first use.
     compilation_cache_dir: a persistent XLA compilation cache shared across processes and runs.
     model_parallel: split the encoder's big matrices over this many devices (a "model" mesh axis),
@@ -102,7 +103,6 @@ class LoadedTextEmbedder:
         )
         if spec.warmup:
             self.engine.warmup()
-        self.spec = spec
         self.name = spec.name
         self.dim = config.hidden_size
         self.max_length = max_len
