@@ -9,10 +9,10 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 import bulkinfer
 from bench.timing import timed
-from bulkinfer import job
+from bulkinfer.beam.loading import load_shared
 from bulkinfer.runtime import EngineStats
+from bulkinfer.tasks import run as job
 from bulkinfer.testing import CountingModel
-from bulkinfer.transform import load_shared
 
 
 def model_spec() -> bulkinfer.TextEmbedder:

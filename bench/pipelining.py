@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from bulkinfer.tasks.embed import TextEmbedder
+from bulkinfer.models.text import TextEmbedder
 from bulkinfer.testing import synthetic_texts
 
 

@@ -53,8 +53,8 @@ def main() -> int:
 
 def run(args, tmp: Path) -> list[tuple[str, list[float]]]:
     """Each measurement `--repeats` times, interleaved round by round, so background load hits all alike."""
+    from bulkinfer.models.text import TextEmbedder
     from bulkinfer.serve import V2Client
-    from bulkinfer.tasks.embed import TextEmbedder
     from bulkinfer.testing import synthetic_texts
 
     texts = synthetic_texts(args.rows, seed=0)

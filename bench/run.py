@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from bench import corpus, ours, peers, report  # noqa: E402
-from bulkinfer.transform import load_shared  # noqa: E402
+from bulkinfer.beam.loading import load_shared  # noqa: E402
 
 KERNEL = (64, 128)  # [B, L] of the forward-pass comparison: a full batch of the 128 bucket
 

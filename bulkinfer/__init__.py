@@ -12,14 +12,14 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Batch": "bulkinfer.batch",
-    "BulkInference": "bulkinfer.transform",
-    "Guarded": "bulkinfer.guard",
-    "JaxModelHandler": "bulkinfer.handler",
-    "Rebatch": "bulkinfer.batch",
-    "TextEmbedder": "bulkinfer.tasks.embed",
-    "Unbatch": "bulkinfer.batch",
-    "io": "bulkinfer.io",
+    "Batch": "bulkinfer.beam.batch",
+    "BulkInference": "bulkinfer.beam.transform",
+    "Guarded": "bulkinfer.beam.guard",
+    "JaxModelHandler": "bulkinfer.beam.handler",
+    "Rebatch": "bulkinfer.beam.batch",
+    "TextEmbedder": "bulkinfer.models.text",
+    "Unbatch": "bulkinfer.beam.batch",
+    "io": "bulkinfer.beam.io",
 }
 __all__ = sorted(_EXPORTS)
 

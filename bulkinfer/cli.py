@@ -106,8 +106,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _embedder(args):
     import dataclasses
 
+    from bulkinfer.models.text import TextEmbedder
     from bulkinfer.runtime import Bucketing
-    from bulkinfer.tasks.embed import TextEmbedder
 
     bucketing = Bucketing()
     if args.token_budget is not None:
@@ -186,8 +186,8 @@ def _serve(args) -> int:
 
 
 def _run(args, beam_args) -> int:
-    from bulkinfer import job
     from bulkinfer.models import CheckpointError
+    from bulkinfer.tasks import run as job
 
     try:
         if args.server:

@@ -30,6 +30,6 @@ def minilm_spec():
 @pytest.fixture(scope="session")
 def minilm(minilm_spec):
     """The process's shared loaded MiniLM (the same instance BulkInference uses in this process)."""
-    from bulkinfer.transform import load_shared
+    from bulkinfer.beam.loading import load_shared
 
     return load_shared(minilm_spec)

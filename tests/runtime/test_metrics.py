@@ -4,8 +4,8 @@ import dataclasses
 import json
 
 import bulkinfer
-from bulkinfer import job
 from bulkinfer.runtime import Bucketing
+from bulkinfer.tasks import run as job
 from bulkinfer.testing import synthetic_texts
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bulkinfer.models.text import TextEmbedder
 from bulkinfer.runtime import Bucketing
-from bulkinfer.tasks.embed import TextEmbedder
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
+from bulkinfer.models.text import TextEmbedder
 from bulkinfer.serve import ServeConfig, start
-from bulkinfer.tasks.embed import TextEmbedder
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,10 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that
 
 from bulkinfer import BulkInference, TextEmbedder
+from bulkinfer.beam.loading import load_shared
 from bulkinfer.errors import ModelUnavailable
 from bulkinfer.serve import RemoteModel, RetryPolicy, ServeConfig, start
 from bulkinfer.testing import synthetic_texts
-from bulkinfer.transform import load_shared
 
 
 def test_predict_matches_local_across_concurrent_chunks(server, embedder):

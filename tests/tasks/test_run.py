@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bulkinfer import job, shards
+from bulkinfer.beam import shards
+from bulkinfer.tasks import run as job
 from bulkinfer.testing import CountingModel, cosine
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,9 +21,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from bulkinfer import io, progress, shards
-from bulkinfer.batch import NAMESPACE
-from bulkinfer.transform import BulkInference
+from bulkinfer.beam import io, progress, shards
+from bulkinfer.beam.batch import NAMESPACE
+from bulkinfer.beam.transform import BulkInference
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from bulkinfer.batch import NAMESPACE, dead_letter
+from bulkinfer.beam.batch import NAMESPACE, dead_letter
 
 STAGES = ("preprocess", "postprocess")
 

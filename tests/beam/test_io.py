@@ -9,8 +9,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 
-from bulkinfer import io
-from bulkinfer.batch import Batch
+from bulkinfer.beam import io
+from bulkinfer.beam.batch import Batch
 
 
 def _run(build):

@@ -28,7 +28,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from bulkinfer.batch import (
+from bulkinfer.beam.batch import (
     FAILED,
     NAMESPACE,
     Batch,

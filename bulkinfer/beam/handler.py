@@ -23,8 +23,8 @@ from typing import Any
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from bulkinfer.beam.loading import report_engine_stats
 from bulkinfer.runtime import EngineStats
-from bulkinfer.transform import report_engine_stats
 
 
 class JaxModelHandler(ModelHandler[Any, PredictionResult, Any]):

@@ -1,6 +1,6 @@
 import io
 
-from bulkinfer import progress
+from bulkinfer.beam import progress
 
 
 def test_progress_line_shows_rate_and_eta_when_total_is_known():

@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pyarrow as pa
 
-from bulkinfer.batch import Batch
+from bulkinfer.beam.batch import Batch
 
 
 def _vectors(n, d=2):
@@ -51,7 +51,7 @@ def test_equality_and_pickling_of_table_batches():
 
 
 def test_to_json_keeps_one_record_per_line_for_any_reader():
-    from bulkinfer.batch import to_json
+    from bulkinfer.beam.batch import to_json
 
     row = {"text": "a\u0085b\u2028c\u2029d é 東京"}
     line = to_json(row)

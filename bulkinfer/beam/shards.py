@@ -23,8 +23,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from bulkinfer.batch import NAMESPACE, Batch, SourceDone
-from bulkinfer.io import ShardBuffer, commit, ensure_dir, temp_name, write_temp
+from bulkinfer.beam.batch import NAMESPACE, Batch, SourceDone
+from bulkinfer.beam.io import ShardBuffer, commit, ensure_dir, temp_name, write_temp
 
 COMMITTED = "_committed"
 
