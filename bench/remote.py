@@ -3,7 +3,7 @@
     JAX_PLATFORMS=cpu .venv/bin/python bench/remote.py --rows 4000
 
 Measures, on the same synthetic corpus (`bulkinfer.testing.synthetic_texts`):
-  1. the local engine in memory (`TextEmbedder.load().predict`), the reference;
+  1. the local engine in memory (`TextEmbedder.load().embed`), the reference;
   2. `bulkinfer serve` throughput with 1, 4 and 16 concurrent clients, each sending `--request-rows` rows
      per request (binary tensors, keep-alive), so dynamic batching has something to merge;
   3. the whole job: `bulkinfer run` (local) vs `bulkinfer run --server` (remote), from each job's report.
@@ -60,7 +60,7 @@ def run(args, tmp: Path) -> list[tuple[str, list[float]]]:
     texts = synthetic_texts(args.rows, seed=0)
     cache = str(Path(args.cache).resolve())
     clients = [int(c) for c in args.clients.split(",")]
-    names = ["local engine, in memory (`TextEmbedder.predict`)"] + [
+    names = ["local engine, in memory (`TextEmbedder.embed`)"] + [
         f"server, {n} concurrent client{'s' if n > 1 else ''} x {args.request_rows} rows/request" for n in clients]
     names += ["job: `bulkinfer run` (local)", "job: `bulkinfer run --server` (remote)"]
     results: dict[str, list[float]] = {name: [] for name in names}
@@ -80,7 +80,7 @@ def run(args, tmp: Path) -> list[tuple[str, list[float]]]:
         for r in range(args.repeats):
             log.info("round %d of %d", r + 1, args.repeats)
             t0 = time.perf_counter()
-            local.predict(texts)
+            local.embed(texts)
             results[names[0]].append(args.rows / (time.perf_counter() - t0))
             for name, n in zip(names[1:], clients):
                 results[name].append(_clients(client, texts, n, args.request_rows))

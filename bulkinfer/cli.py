@@ -18,7 +18,8 @@ Rerunning the same command after an interruption resumes: input files already co
 (DIR/_committed/) are skipped.
 
 Outputs in DIR:
-  part-*.parquet (or .jsonl)  one row per input row that succeeded: the id field and the embedding
+  part-*.parquet (or .jsonl)  one row per input row that succeeded: the id field, --keep-fields and the
+                              model's outputs (embedding; label and probs for digits)
   failed-*.jsonl              one row per input row that failed: id, stage, error, raw record
   report.json                 rows_in = rows_out + rows_failed, rows/s, padding, compiles, ...
 
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bulkinfer", description="Bulk (offline) ML inference on Apache Beam.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
-        "run", help="embed a dataset: files in, predictions out",
+        "run", help="run a model over a dataset: files in, predictions out",
         description="Run a model over every row of a dataset and write the predictions.",
         epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(run)
@@ -57,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="input files: .jsonl (.json, .ndjson), .parquet or .csv, on any Beam filesystem (quote the glob)")
     run.add_argument("--output", required=True, metavar="DIR", help="output directory")
     run.add_argument("--id-field", default="id", help="row field copied to the output as the row's id (default: id)")
-    run.add_argument("--text-field", default="text", help="row field holding the text to embed (default: text)")
+    run.add_argument("--input-field", "--text-field", dest="input_field", default=None, metavar="FIELD",
+                     help="row field the model reads, for a model with one input (default: the input's name: "
+                          "text for text models, pixels for digits); --text-field is the old name")
+    run.add_argument("--keep-fields", default="", metavar="A,B",
+                     help="input fields copied to the output beside the id and the predictions, e.g. labels "
+                          "for evaluation or metadata for joins (default: none)")
     run.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="output format (default: parquet)")
     run.add_argument("--overwrite", action="store_true",
                      help="start from scratch: delete an earlier run's outputs in DIR (default: resume it)")
@@ -90,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="a built-in model name (minilm) or a sentence-transformers/HF BERT directory")
+                   help="a built-in model name (minilm: all-MiniLM-L6-v2 text embeddings; digits: an 8x8 "
+                        "handwritten-digit classifier) or a sentence-transformers/HF text-encoder directory "
+                        "on any Beam filesystem")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate texts to this many tokens (default: the model's max_seq_length)")
@@ -103,18 +111,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "~/.cache/bulkinfer/xla; 'none' turns it off)")
 
 
-def _embedder(args):
-    import dataclasses
-
-    from bulkinfer.models.text import TextEmbedder
+def _model(args):
+    """The model spec for --model and the engine flags; text-only flags on another model are an error."""
+    from bulkinfer.models.resolve import JAX_BUILTINS, model_spec
     from bulkinfer.runtime import Bucketing
 
-    bucketing = Bucketing()
-    if args.token_budget is not None:
-        bucketing = dataclasses.replace(bucketing, token_budget=args.token_budget)
-    return TextEmbedder.from_name(
-        args.model, dtype=args.dtype, max_length=args.max_length, bucketing=bucketing,
-        warmup=args.warmup, compilation_cache_dir=_compilation_cache(args.compilation_cache))
+    settings = dict(warmup=args.warmup, compilation_cache_dir=_compilation_cache(args.compilation_cache))
+    text_only = {"--dtype": ("dtype", args.dtype if args.dtype != "float32" else None),
+                 "--max-length": ("max_length", args.max_length),
+                 "--token-budget": ("bucketing", args.token_budget and Bucketing(token_budget=args.token_budget))}
+    given = {flag: kv for flag, kv in text_only.items() if kv[1] is not None}
+    if args.model in JAX_BUILTINS and given:
+        raise ValueError(f"{', '.join(given)} apply to text models only, not to {args.model!r}")
+    settings.update(dict(given.values()))
+    return model_spec(args.model, **settings)
 
 
 def _compilation_cache(value: str | None) -> str | None:
@@ -179,7 +189,7 @@ def _serve(args) -> int:
         config = ServeConfig(host=args.host, port=args.port, token=args.token or os.environ.get("BULKINFER_TOKEN"),
                              max_queue_delay_ms=args.max_queue_delay_ms, max_batch_rows=args.max_batch_rows,
                              max_request_bytes=args.max_request_bytes)
-        return serve(_embedder(args), config)
+        return serve(_model(args), config)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"bulkinfer serve: error: {e}", file=sys.stderr)
         return 2
@@ -204,11 +214,12 @@ def _run(args, beam_args) -> int:
         elif args.server_token:
             raise ValueError("--server-token needs --server URL")
         else:
-            model = _embedder(args)
+            model = _model(args)
+        keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
         spec = job.JobSpec(input=args.input, output=args.output, format=args.format, id_field=args.id_field,
-                           input_field=args.text_field, overwrite=args.overwrite)
+                           input_field=args.input_field, keep_fields=keep, overwrite=args.overwrite)
         report = job.run(model, spec, beam_args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, TypeError) as e:
         print(f"bulkinfer: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: report[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_per_s", "elapsed_s")}))

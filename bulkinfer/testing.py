@@ -10,6 +10,8 @@ import threading
 
 import numpy as np
 
+from bulkinfer.models.signature import TEXT, TensorSpec
+
 _WORDS = (
     "the of and to in is for on that with as by at from this be are or it an was which data model "
     "inference batch pipeline beam worker row dataset embedding token shard accelerator device memory "
@@ -48,6 +50,7 @@ class CountingModel:
     name: str = "counting"
     fail_on: str | None = None
     output_name = "length"
+    inputs = (TensorSpec("text", (), TEXT),)
 
     loads = 0  # class-level: loads in this process
     _lock = threading.Lock()
@@ -59,17 +62,21 @@ class CountingModel:
 
 
 class _LoadedCounting:
-    input_type = str
-    output_name = "length"
+    """The model contract (`bulkinfer.models.signature`): {"text": N strings} -> {"length": [N] int64}."""
+
+    inputs = (TensorSpec("text", (), TEXT),)
+    outputs = (TensorSpec("length", (), "int64"),)
     load_s = 0.0
+    name = "counting"
 
     def __init__(self, fail_on):
         self._fail_on = fail_on
 
-    def predict(self, texts, stats=None):
+    def predict(self, inputs, stats=None):
+        texts = inputs["text"]
         if self._fail_on is not None and any(self._fail_on in t for t in texts):
             raise RuntimeError(f"injected failure on a text containing {self._fail_on!r}")
-        return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+        return {"length": np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))}
 
 
 def out_of_memory_above(fn, max_rows: int):

@@ -1,67 +1,91 @@
-"""The model's input from a batch of rows: each row checked, the valid ones' values gathered.
+"""The model's inputs from a batch of rows: each row checked against the model's signature, the good
+rows' values gathered in the form `predict` takes.
 
-    valid, values, bad = row_inputs(batch, "text", str)   # bad: [(row index, error)] -> dead letters
+    valid, inputs, bad = model_inputs(batch, loaded.inputs, {"text": "text"})
+    # valid: row indices sent to the model (None: all); inputs: {"text": [...]}; bad: [(row, error)]
 
-A row without the field, or with a value of the wrong type, is reported with a reason that names the
-field, so that `BulkInference` can make it a dead letter and run the rest.
+A row without a field, or with a value of the wrong type, shape or dtype, is reported with a reason
+naming the field, the expected and the actual shape, so that `BulkInference` makes it a dead letter and
+runs the rest.  Arrow batches whose columns are fixed-size lists or fixed-shape tensors of numbers are
+converted column by column, with no Python object per row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
-import pyarrow as pa
 
 from bulkinfer.beam.batch import Batch
+from bulkinfer.models.signature import TensorSpec
 
 
-def row_inputs(batch: Batch, field: str, input_type: type) -> tuple[list[int] | None, list, list[tuple[int, str]]]:
-    """(valid row indices, None meaning all rows; their values; (row index, error) for the others)."""
+def model_inputs(batch: Batch, specs: Sequence[TensorSpec], fields: Mapping[str, str]
+                 ) -> tuple[list[int] | None, dict[str, np.ndarray | list], list[tuple[int, str]]]:
+    """(valid row indices, None meaning all rows; {input name: the valid rows' values}; (row, error) for the rest).
+
+    fields: input name -> the row field it is read from.
+    """
+    n = len(batch)
+    columns: dict[str, np.ndarray | list] = {}
+    errors: dict[int, str] = {}
     if batch.table is not None:
-        return _table_inputs(batch.table, field, input_type)
-    valid, values, bad = [], [], []
-    for i, row in enumerate(batch.rows):
-        error = _row_error(row, field, input_type)
-        if error is None:
-            valid.append(i)
-            values.append(row[field])
-        else:
-            bad.append((i, error))
-    return (None if len(valid) == len(batch) else valid), values, bad
-
-
-def _row_error(row, field: str, input_type: type) -> str | None:
-    if not isinstance(row, dict):
-        return f"expected a dict row, got {type(row).__name__}"
-    if field not in row:
-        return f"field {field!r} is missing"
-    return _type_error(row[field], field, input_type)
-
-
-def _type_error(value, field: str, input_type: type) -> str | None:
-    if isinstance(value, input_type):
-        return None
-    got = "null" if value is None else type(value).__name__
-    return f"field {field!r} is {got}, expected {input_type.__name__}"
-
-
-def _table_inputs(table: pa.Table, field: str, input_type: type):
-    if field not in table.column_names:
-        return [], [], [(i, f"field {field!r} is missing") for i in range(table.num_rows)]
-    column = table.column(field)
-    values = column.to_pylist()  # the model's input: one Python object per row is unavoidable
-    if input_type is str and _is_text(column.type):
-        if not column.null_count:
-            return None, values, []
-        bad = np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)).tolist()
+        table = batch.table
+        for spec in specs:
+            field = fields[spec.name]
+            if field not in table.column_names:
+                return [], {s.name: s.stack([]) for s in specs}, [(i, f"field {field!r} is missing") for i in range(n)]
+            converted = spec.column(table.column(field), field)
+            if converted is None:  # no columnar form: row by row
+                values, bad = _check_each(spec, field, table.column(field).to_pylist())
+            else:
+                values, bad = converted
+            columns[spec.name] = values
+            for i, error in bad.items():
+                errors.setdefault(i, error)
     else:
-        bad = [i for i, v in enumerate(values) if _type_error(v, field, input_type) is not None]
-    if not bad:
-        return None, values, []
-    ok = np.ones(table.num_rows, bool)
-    ok[bad] = False
-    valid = np.flatnonzero(ok).tolist()
-    return valid, [values[i] for i in valid], [(i, _type_error(values[i], field, input_type)) for i in bad]
+        rows = batch.rows
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                errors[i] = f"expected a dict row, got {type(row).__name__}"
+            else:
+                missing = next((fields[s.name] for s in specs if fields[s.name] not in row), None)
+                if missing is not None:
+                    errors[i] = f"field {missing!r} is missing"
+        for spec in specs:
+            field = fields[spec.name]
+            values, bad = _check_each(spec, field, [row[field] if i not in errors else None
+                                                    for i, row in enumerate(rows)], skip=errors)
+            columns[spec.name] = values
+            for i, error in bad.items():
+                errors.setdefault(i, error)
+    if not errors:
+        return None, {s.name: _stacked(s, columns[s.name]) for s in specs}, []
+    valid = [i for i in range(n) if i not in errors]
+    inputs = {s.name: _stacked(s, _take(columns[s.name], valid)) for s in specs}
+    return valid, inputs, sorted(errors.items())
 
 
-def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+def _check_each(spec: TensorSpec, field: str, values: list, skip: Mapping[int, str] | None = None
+                ) -> tuple[list, dict[int, str]]:
+    """Each value checked; (checked values with None for bad rows, {row: error}); rows in `skip` are passed over."""
+    out, errors, skip = [], {}, skip or {}
+    for i, value in enumerate(values):
+        if i in skip:
+            out.append(None)
+            continue
+        checked, error = spec.check(value, field)
+        if error is not None:
+            errors[i] = error
+        out.append(checked)
+    return out, errors
+
+
+def _take(values: np.ndarray | list, rows: list[int]) -> np.ndarray | list:
+    if isinstance(values, np.ndarray):
+        return values[np.asarray(rows, np.int64)]
+    return [values[i] for i in rows]
+
+
+def _stacked(spec: TensorSpec, values: np.ndarray | list) -> np.ndarray | list:
+    return values if isinstance(values, np.ndarray) else spec.stack(values)

@@ -5,24 +5,29 @@ A model failure costs only the rows that cause it (Beam's RunInference loses the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from bulkinfer.errors import ModelUnavailable
 from bulkinfer.runtime import EngineStats
 
 
-def predict_isolating(loaded, values: list, stats: EngineStats):
-    """Predictions for all values; if the model fails, bisect until the failing values are isolated.
+def predict_isolating(loaded, inputs: Mapping[str, np.ndarray | list], n: int, stats: EngineStats
+                      ) -> tuple[dict[str, np.ndarray] | None, dict[int, str]]:
+    """Predictions for all n rows; if the model fails, bisect until the failing rows are isolated.
 
-    Returns (predictions indexed like values, {index: error text} for values that failed alone).
+    inputs: {input name: n rows' values}, as `loaded.predict` takes them.
+    Returns ({output name: [n, ...] array, rows that failed holding zeros}, or None if every row failed;
+    {row index: error text} for the rows that failed alone).
     """
     errors: dict[int, str] = {}
-    out: np.ndarray | None = None
+    out: dict[str, np.ndarray] | None = None
 
     def attempt(lo: int, hi: int):
         nonlocal out
         try:
-            part = loaded.predict(values[lo:hi], stats=stats)
+            part = loaded.predict({name: values[lo:hi] for name, values in inputs.items()}, stats=stats)
         except ModelUnavailable as e:  # not these rows' fault (a server down): bisecting cannot help
             errors.update({i: f"{type(e).__name__}: {e}" for i in range(lo, hi)})
             return
@@ -35,8 +40,9 @@ def predict_isolating(loaded, values: list, stats: EngineStats):
             attempt(mid, hi)
             return
         if out is None:
-            out = np.empty((len(values),) + part.shape[1:], part.dtype)
-        out[lo:hi] = part
+            out = {name: np.zeros((n,) + p.shape[1:], p.dtype) for name, p in part.items()}
+        for name, p in part.items():
+            out[name][lo:hi] = p
 
-    attempt(0, len(values))
+    attempt(0, n)
     return out, errors

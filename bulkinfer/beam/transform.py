@@ -8,15 +8,18 @@
            | beam.ParDo(MyPostprocess())
            | bulkinfer.io.WriteDataset("out/"))
 
-The model is a hashable spec with `load()`, `name` and `output_name`; the loaded model has
-`predict(values)`, `input_type` and `output_name` (see `TextEmbedder`, `testing.CountingModel`).  It is loaded once per worker process in `DoFn.setup` and shared
-by all of that process's DoFn threads.  With `server="http://host:port"` the model runs on an Open
+The model is a built-in name, a model directory, or a spec (`TextEmbedder`, `JaxModel`, `RemoteModel`;
+the contract is in `bulkinfer.models.signature`).  It is loaded once per worker process in `DoFn.setup`
+and shared by all of that process's DoFn threads.  With `server="http://host:port"` the model runs on an Open
 Inference Protocol server instead (`bulkinfer serve`, Triton, ...; see `bulkinfer.serve.RemoteModel`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
@@ -24,23 +27,30 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from bulkinfer.beam import progress
 from bulkinfer.beam.batch import FAILED, NAMESPACE, Batch, Rebatch, SourceDone, dead_letter
-from bulkinfer.beam.inputs import row_inputs
+from bulkinfer.beam.inputs import model_inputs
 from bulkinfer.beam.isolate import predict_isolating
 from bulkinfer.beam.loading import load_shared, report_engine_stats, report_load
 from bulkinfer.beam.outputs import attach
+from bulkinfer.models.resolve import model_spec
 from bulkinfer.runtime import EngineStats
 
 
 class BulkInference(beam.PTransform):
-    """Runs `model` on field `input_field` of each row and adds the prediction as `output_field`.
+    """Runs `model` on each row's input fields and adds one field per model output.
 
     Input elements are dict rows or `Batch`es; output elements are of the same kind.  Rows whose input
-    is missing or of the wrong type, or on which the model fails, are dead letters: by default the
-    pipeline fails on the first one; after `.with_exception_handling()` the transform returns
+    is missing or of the wrong type, shape or dtype, or on which the model fails, are dead letters: by
+    default the pipeline fails on the first one; after `.with_exception_handling()` the transform returns
     `(predictions, dead_letters)` and the job goes on.
 
-    input_field: the row field the model reads.  id_field: the field named in dead letters' errors.
-    output_field: where the prediction goes (default: the model's `output_name`, e.g. "embedding").
+    model: a built-in name (`minilm`, `digits`), a model directory (any Beam filesystem), or a model spec
+      such as `JaxModel(fn, params=..., inputs=...)`; anything else raises ValueError here, not on a worker.
+    input_field: the row field a single-input model reads (default: the input's name, "text" for text
+      models).  Models with several inputs read the fields named like their inputs.
+    output_field: the row field a single-output model writes (default: the output's name, e.g.
+      "embedding"); several outputs are written under their own names.
+    keep_fields: the input fields output rows keep beside the predictions (and `id_field`); None keeps all.
+    id_field: the field named in dead letters' errors.
     accelerator, min_ram: Beam resource hints for the inference stage, e.g.
       accelerator="type:nvidia-h200;count:1;install-nvidia-driver", min_ram="16GB".
     flush_rows: rows gathered (per bundle) before the engine runs them; more rows -> less padding.
@@ -53,9 +63,10 @@ class BulkInference(beam.PTransform):
         *,
         accelerator: str | None = None,
         min_ram: str | None = None,
-        input_field: str = "text",
+        input_field: str | None = None,
         id_field: str | None = "id",
         output_field: str | None = None,
+        keep_fields: Sequence[str] | None = None,
         flush_rows: int = 8192,
         server: str | None = None,
         server_token: str | None = None,
@@ -69,9 +80,14 @@ class BulkInference(beam.PTransform):
             from bulkinfer.serve.client import RemoteModel
 
             model = RemoteModel.for_model(server, model, token=server_token)
+        else:
+            model = model_spec(model)
+        if keep_fields is not None:
+            keep_fields = list(dict.fromkeys(([id_field] if id_field else []) + list(keep_fields)))
         self._model = model
         self._hints = {k: v for k, v in (("accelerator", accelerator), ("min_ram", min_ram)) if v}
-        self._fields = dict(input_field=input_field, id_field=id_field, output_field=output_field)
+        self._fields = dict(input_field=input_field, id_field=id_field, output_field=output_field,
+                            keep_fields=keep_fields)
         self._flush_rows = flush_rows
         self._dead_letters = False
 
@@ -107,10 +123,10 @@ class _InferDoFn(beam.DoFn):
     """Gathers rows until `flush_rows` are pending, runs the model once over all of them, and emits the
     predicted batches and, on FAILED, a dead letter per row that was bad or that the model failed on."""
 
-    def __init__(self, model, *, input_field, id_field, output_field, flush_rows):
+    def __init__(self, model, *, input_field, id_field, output_field, keep_fields, flush_rows):
         self._model = model
         self._input_field, self._id_field = input_field, id_field
-        self._output_field = output_field
+        self._output_field, self._keep = output_field, keep_fields
         self._flush_rows = flush_rows
         self._rows_in = Metrics.counter(NAMESPACE, "infer_rows_in")
         self._rows_out = Metrics.counter(NAMESPACE, "infer_rows_out")
@@ -118,12 +134,13 @@ class _InferDoFn(beam.DoFn):
 
     def setup(self):
         self._loaded = load_shared(self._model)
-        self._output = self._output_field or self._loaded.output_name
+        self._in_fields = field_names(self._loaded.inputs, self._input_field, "input_field")
+        self._out_fields = field_names(self._loaded.outputs, self._output_field, "output_field")
 
     def start_bundle(self):
         report_load(self._model)
-        # (batch, valid row indices or None for all rows, their values)
-        self._pending: list[tuple[Batch, list[int] | None, list]] = []
+        # (batch, valid row indices or None for all rows, {input: their values}, how many)
+        self._pending: list[tuple[Batch, list[int] | None, dict, int]] = []
         self._pending_rows = 0
         self._letters: dict[str, list] = {}  # source -> dead letters made here, for its SourceDone
 
@@ -133,11 +150,12 @@ class _InferDoFn(beam.DoFn):
             yield batch.with_letters(self._letters.pop(batch.source, ()))
             return
         self._rows_in.inc(len(batch))
-        valid, values, bad = row_inputs(batch, self._input_field, self._loaded.input_type)
+        valid, inputs, bad = model_inputs(batch, self._loaded.inputs, self._in_fields)
         for i, error in bad:
             yield self._letter(batch, i, error)
-        self._pending.append((batch, valid, values))
-        self._pending_rows += len(values)
+        n = len(batch) if valid is None else len(valid)
+        self._pending.append((batch, valid, inputs, n))
+        self._pending_rows += n
         if self._pending_rows >= self._flush_rows:
             yield from self._flush()
 
@@ -162,22 +180,40 @@ class _InferDoFn(beam.DoFn):
 
     def _flush(self):
         pending, self._pending, self._pending_rows = self._pending, [], 0
-        values = [v for _, _, vs in pending for v in vs]
-        if not values:  # every pending row was a dead letter
-            progress.advance(sum(len(b) for b, _, _ in pending))
+        n = sum(k for *_, k in pending)
+        if not n:  # every pending row was a dead letter
+            progress.advance(sum(len(b) for b, *_ in pending))
             return
+        inputs = {spec.name: _concat([p[2][spec.name] for p in pending if p[3]]) for spec in self._loaded.inputs}
         stats = EngineStats()
-        preds, errors = predict_isolating(self._loaded, values, stats)
+        preds, errors = predict_isolating(self._loaded, inputs, n, stats)
         report_engine_stats(stats)
-        k = 0
-        for batch, valid, vs in pending:
-            out, failed = attach(batch, valid, preds, errors, k, self._output)
+        offset = 0
+        for batch, valid, _, k in pending:
+            out, failed = attach(batch, valid, preds, errors, offset, self._out_fields, self._keep)
             for i, error in failed:
                 yield self._letter(batch, i, error)
-            k += len(vs)
+            offset += k
             self._rows_out.inc(len(out))
             progress.advance(len(batch))
             if batch.from_rows:
                 yield from out.rows
             elif len(out):
                 yield out
+
+
+def field_names(specs, field: str | None, option: str) -> dict[str, str]:
+    """Tensor name -> row field: the tensor's own name, or `field` for a model with exactly one tensor."""
+    if field is None:
+        return {s.name: s.name for s in specs}
+    if len(specs) != 1:
+        raise ValueError(f"{option}={field!r} needs a model with one tensor there; this one has "
+                         f"{[s.name for s in specs]}, which use the row fields of the same names")
+    return {specs[0].name: field}
+
+
+def _concat(parts: list):
+    """One input's values from several batches: arrays concatenated, lists joined."""
+    if parts and isinstance(parts[0], np.ndarray):
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return [v for part in parts for v in part]

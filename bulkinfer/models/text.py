@@ -2,8 +2,10 @@
 
     >>> model = TextEmbedder.from_name("minilm")
     >>> loaded = model.load()                      # once per process; BulkInference does this in setup
-    >>> loaded.predict(["a sentence", "another"]).shape
+    >>> loaded.embed(["a sentence", "another"]).shape
     (2, 384)
+    >>> loaded.predict({"text": ["a sentence"]})["embedding"].shape     # the model contract
+    (1, 384)
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from bulkinfer.models import bert, checkpoint
 from bulkinfer.models.registry import resolve_model_dir
+from bulkinfer.models.signature import TEXT, TensorSpec
 from bulkinfer.runtime import Bucketing, Engine
 
 _DTYPES = ("float32", "bfloat16")
+INPUT, OUTPUT = "text", "embedding"  # the text family's tensor names (row fields by default)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,7 +53,8 @@ class TextEmbedder:
     compilation_cache_dir: str | None = None
     model_parallel: int = 1
 
-    output_name = "embedding"  # the row field its predictions go to (the loaded model says the same)
+    output_name = OUTPUT  # the row field its predictions go to (the loaded model says the same)
+    inputs = (TensorSpec(INPUT, (), TEXT),)  # known before loading: JaxModelHandler checks elements with it
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -112,11 +117,22 @@ class LoadedTextEmbedder:
         encodings = self.tokenizer.encode_batch_fast(list(texts))
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
-    output_name = "embedding"
-    input_type = str
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec(INPUT, (), TEXT),)
 
-    def predict(self, texts: Sequence[str], stats=None) -> np.ndarray:
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec(OUTPUT, (self.dim,), "float32"),)
+
+    def predict(self, inputs: Mapping[str, Sequence[str]], stats=None) -> dict[str, np.ndarray]:
+        """The model contract (`bulkinfer.models.signature`): {"text": N strings} -> {"embedding": [N, dim] float32}."""
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"predict takes {{{INPUT!r}: texts}}; for a plain list of texts use embed(texts)")
+        return {OUTPUT: self.embed(inputs[INPUT], stats=stats)}
+
+    def embed(self, texts: Sequence[str], stats=None) -> np.ndarray:
         """[N, dim] float32 embeddings, in input order.  `stats`: an EngineStats to add this call's counts to."""
-        if not texts:
+        if not len(texts):
             return np.zeros((0, self.dim), np.float32)
         return self.engine.run(self.tokenize(texts), stats=stats)

@@ -2,7 +2,7 @@
 
     model = RemoteModel(url="http://127.0.0.1:8000", name="minilm")
     loaded = model.load()                             # reads the model's metadata from the server
-    loaded.predict(["a sentence", "another"]).shape   # (2, 384)
+    loaded.embed(["a sentence", "another"]).shape     # (2, 384)
 
     p | bulkinfer.BulkInference(model)                # or BulkInference(TextEmbedder..., server=URL)
 
@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from bulkinfer.errors import ModelUnavailable
+from bulkinfer.models.signature import TEXT, TensorSpec
 from bulkinfer.serve import protocol
 
 log = logging.getLogger(__name__)
@@ -224,9 +225,8 @@ def model_name(name_or_path: str) -> str:
 
 
 class LoadedRemoteModel:
-    """A connected `RemoteModel`: `predict(texts) -> [N, dim]`.  Thread-safe; shared by a process's DoFn threads."""
-
-    input_type = str
+    """A connected `RemoteModel`, following the model contract (`bulkinfer.models.signature`):
+    `predict({input_name: texts}) -> {output_name: [N, dim]}`.  Thread-safe; shared by a process's DoFn threads."""
 
     def __init__(self, spec: RemoteModel, *, sleep=time.sleep, clock=time.monotonic):
         t0 = time.perf_counter()
@@ -241,7 +241,19 @@ class LoadedRemoteModel:
         self._pool = ThreadPoolExecutor(spec.max_in_flight, thread_name_prefix="bulkinfer-remote")
         self.load_s = time.perf_counter() - t0
 
-    def predict(self, texts: Sequence[str], stats=None) -> np.ndarray:
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec(self.spec.input_name, (), TEXT),)
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec(self.spec.output_name, (self.dim,), "float32"),)
+
+    def predict(self, inputs, stats=None) -> dict[str, np.ndarray]:
+        """The model contract: {input_name: N texts} -> {output_name: [N, dim]}; see `embed`."""
+        return {self.spec.output_name: self.embed(inputs[self.spec.input_name], stats=stats)}
+
+    def embed(self, texts: Sequence[str], stats=None) -> np.ndarray:
         """[N, dim] outputs in input order.  Raises ModelUnavailable past the retry budget, RemoteError on a 4xx."""
         t0 = time.perf_counter()
         n, size = len(texts), self.spec.chunk_rows

@@ -103,7 +103,7 @@ class Server:
 
     def set_model(self, loaded) -> None:
         self.batcher = DynamicBatcher(
-            loaded.predict, max_batch_rows=self.config.max_batch_rows,
+            loaded.embed, max_batch_rows=self.config.max_batch_rows,
             max_queue_delay_s=self.config.max_queue_delay_ms / 1000, max_queue_rows=self.config.max_queue_rows)
         self.name = loaded.name
         self.model = loaded

@@ -35,7 +35,8 @@ class JobSpec:
     output: str
     format: str = "parquet"
     id_field: str = "id"
-    input_field: str = "text"
+    input_field: str | None = None  # default: the model's input name ("text" for text models)
+    keep_fields: tuple[str, ...] = ()  # input fields copied to the output beside id and predictions
     overwrite: bool = False
     batch_rows: int = 1024
 
@@ -54,18 +55,17 @@ def build(p: beam.Pipeline, model, job: JobSpec, files: list[str]):
     # the separate dead-letter outputs are not needed here.
     rows, _ = p | "ReadDataset" >> io.ReadDataset(
         job.input, files=files, batch_rows=job.batch_rows, markers=True).with_exception_handling()
-    infer = BulkInference(model, input_field=job.input_field, id_field=job.id_field)
+    infer = BulkInference(model, input_field=job.input_field, id_field=job.id_field, keep_fields=job.keep_fields)
     predictions, _ = rows | "BulkInference" >> infer.with_exception_handling()
-    output_field = model.output_name
-    return predictions | "CommitShards" >> shards.CommitShards(
-        job.out, format=job.format, columns=[job.id_field, output_field])
+    # Output rows hold the id, the kept fields and the predictions (BulkInference's keep_fields).
+    return predictions | "CommitShards" >> shards.CommitShards(job.out, format=job.format, columns=None)
 
 
 def _settings(model, job: JobSpec) -> dict:
     """What must not change between a run and its resumption (tuning knobs such as the token budget may)."""
     model_settings = {k: getattr(model, k, None) for k in ("name", "path", "url", "dtype", "max_length")}
     return {"input": io.absolute(job.input), "model": model_settings, "format": job.format,
-            "id_field": job.id_field, "input_field": job.input_field}
+            "id_field": job.id_field, "input_field": job.input_field, "keep_fields": list(job.keep_fields)}
 
 
 def prepare_output(model, job: JobSpec, files: list[str]) -> list[str]:

@@ -69,7 +69,7 @@ def test_seed_pipeline_with_two_inference_stages_and_row_dofns(minilm_spec, mini
     with _pipeline() as p:
         out = (p | beam.Create([{"id": i, "text": t} for i, t in enumerate(texts)])
                | "Preprocess" >> beam.ParDo(Preprocess())
-               | "Embed" >> bulkinfer.BulkInference(minilm_spec)
+               | "Embed" >> bulkinfer.BulkInference("minilm", accelerator="type:nvidia-h200;count:1", min_ram="16GB")
                | "Length" >> bulkinfer.BulkInference(CountingModel())
                | "Postprocess" >> beam.ParDo(Postprocess()))
         assert_that(out, equal_to([(i, pytest.approx(1.0, abs=1e-5), len(t)) for i, t in enumerate(texts)]))
@@ -77,7 +77,7 @@ def test_seed_pipeline_with_two_inference_stages_and_row_dofns(minilm_spec, mini
 
 def test_batches_in_batches_out_with_predictions_equal_to_direct_predict(minilm_spec, minilm):
     texts = [f"sentence number {i} " * (i % 9) for i in range(50)]
-    expected = minilm.predict(texts)
+    expected = minilm.embed(texts)
     batches = [bulkinfer.Batch([{"id": i, "text": texts[i]} for i in range(s, s + 10)]) for s in range(0, 50, 10)]
 
     def matches(elements):
@@ -99,8 +99,8 @@ def test_bad_rows_go_to_dead_letters_with_row_and_field():
         assert_that(good | "ids" >> beam.Map(lambda r: r["id"]), equal_to([1, 6]), label="good")
         assert_that(bad | beam.Map(lambda d: (d["id"], d["stage"], d["error"])), equal_to([
             (2, "inference", "row 2 (id 2): field 'text' is missing"),
-            (3, "inference", "row 3 (id 3): field 'text' is null, expected str"),
-            (4, "inference", "row 4 (id 4): field 'text' is list, expected str"),
+            (3, "inference", "row 3 (id 3): field 'text' is null, expected a string"),
+            (4, "inference", "row 4 (id 4): field 'text' is list, expected a string"),
             (5, "inference", "row 5 (id 5): model failed: RuntimeError: injected failure on a text containing 'boom'"),
         ]), label="bad")
 
@@ -110,14 +110,14 @@ _TABLE_CASES = {
     "nulls and a model failure": (
         [{"id": 1, "text": "ok"}, {"id": 2, "text": None}, {"id": 3, "text": "boom here"}, {"id": 4, "text": "fine"}],
         [(1, "ok", 2), (4, "fine", 4)],
-        [(2, "row 2 (id 2): field 'text' is null, expected str", {"id": 2, "text": None}),
+        [(2, "row 2 (id 2): field 'text' is null, expected a string", {"id": 2, "text": None}),
          (3, "row 3 (id 3): model failed: RuntimeError: injected failure on a text containing 'boom'",
           {"id": 3, "text": "boom here"})]),
     "an int text column": (
         [{"id": 1, "text": 5}, {"id": 2, "text": None}],
         [],
-        [(1, "row 1 (id 1): field 'text' is int, expected str", {"id": 1, "text": 5}),
-         (2, "row 2 (id 2): field 'text' is null, expected str", {"id": 2, "text": None})]),
+        [(1, "row 1 (id 1): field 'text' is int, expected a string", {"id": 1, "text": 5}),
+         (2, "row 2 (id 2): field 'text' is null, expected a string", {"id": 2, "text": None})]),
     "no text column": (
         [{"id": 1, "body": "x"}],
         [],
@@ -151,7 +151,7 @@ def test_table_batches_give_the_same_predictions_and_dead_letters_as_dict_rows(c
 
 def test_table_batches_of_vectors_get_a_fixed_size_list_column(minilm_spec, minilm):
     texts = [f"sentence number {i} " * (i % 5) for i in range(12)]
-    expected = minilm.predict(texts)
+    expected = minilm.embed(texts)
 
     def matches(batches):
         table = pa.concat_tables(b.table for b in batches).sort_by("id")
@@ -191,3 +191,26 @@ def test_guarded_user_dofn_turns_row_failures_into_dead_letters():
 def test_guarded_rejects_unknown_stage():
     with pytest.raises(ValueError, match="stage must be one of"):
         bulkinfer.Guarded(lambda r: [r], stage="inference")
+
+
+def test_a_model_value_that_is_no_model_fails_at_construction_with_one_line():
+    with pytest.raises(TypeError, match="model 12345 is neither a built-in name .*, a model directory nor a model spec"):
+        bulkinfer.BulkInference(12345)
+    with pytest.raises(ValueError, match="model 'no-such-model' is neither a built-in name"):
+        bulkinfer.BulkInference("no-such-model")
+
+
+@pytest.mark.parametrize("form", ["rows", "table"])
+def test_keep_fields_carries_input_fields_beside_the_predictions(form):
+    rows = [{"id": i, "text": "x" * i, "label": i % 2, "note": f"n{i}"} for i in range(5)]
+    element = bulkinfer.Batch(pa.Table.from_pylist(rows)) if form == "table" else None
+
+    def as_tuples(batch_or_row):
+        got = batch_or_row.rows if isinstance(batch_or_row, bulkinfer.Batch) else [batch_or_row]
+        return [tuple(sorted((k, int(v) if k == "length" else v) for k, v in r.items())) for r in got]
+
+    with _pipeline() as p:
+        source = p | beam.Create([element] if element is not None else rows)
+        out = source | bulkinfer.BulkInference(CountingModel(), keep_fields=["label", "absent"]) | beam.FlatMap(as_tuples)
+        expected = [tuple(sorted({"id": i, "label": i % 2, "absent": None, "length": i}.items())) for i in range(5)]
+        assert_that(out, equal_to(expected))

@@ -7,7 +7,7 @@ from bulkinfer.testing import cosine
 
 def test_matches_sentence_transformers(minilm, reference):
     texts, expected = reference
-    got = minilm.predict(texts)
+    got = minilm.embed(texts)
     assert got.shape == expected.shape and got.dtype == np.float32
     assert cosine(got, expected).min() >= 0.9999  # the criterion
     np.testing.assert_allclose(got, expected, atol=1e-5)  # and far tighter: measured max |diff| ~3e-7
@@ -23,8 +23,8 @@ def test_fixture_exercises_truncation_and_edge_cases(minilm, reference):
 
 def test_output_does_not_depend_on_batch_neighbours(minilm, reference):
     texts, _ = reference
-    alone = np.stack([minilm.predict([t])[0] for t in texts[:5]])
-    together = minilm.predict(texts[:5] + texts[-40:])[:5]
+    alone = np.stack([minilm.embed([t])[0] for t in texts[:5]])
+    together = minilm.embed(texts[:5] + texts[-40:])[:5]
     np.testing.assert_allclose(alone, together, atol=1e-5)
 
 

@@ -25,7 +25,7 @@ def test_bucketings_agree_with_each_other_and_with_sentence_transformers(texts_a
         "minilm", max_length=32, bucketing=Bucketing(lengths=(32,), token_budget=256, ladder=0)).load()
     fine = TextEmbedder.from_name(
         "minilm", max_length=32, bucketing=Bucketing(lengths=(8, 16, 24), token_budget=96, ladder=1)).load()
-    a, b = coarse.predict(texts), fine.predict(texts)
+    a, b = coarse.embed(texts), fine.embed(texts)
     assert fine.engine.stats.batches > coarse.engine.stats.batches  # really batched differently
     np.testing.assert_allclose(a, b, atol=1e-5)
     # Texts that fit in 32 tokens are not truncated, so they match the sentence-transformers reference.

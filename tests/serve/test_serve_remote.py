@@ -22,15 +22,15 @@ def test_predict_matches_local_across_concurrent_chunks(server, embedder):
     texts = [f"row {i}: " + "beam worker " * (i % 6) for i in range(45)]  # short: few shapes to compile
     loaded = RemoteModel(url=server.url, name="minilm", chunk_rows=7, max_in_flight=3).load()
     assert (loaded.name, loaded.dim, loaded.output_name, loaded.input_type) == ("minilm", 384, "embedding", str)
-    got = loaded.predict(texts)
+    got = loaded.embed(texts)
     assert got.shape == (45, 384) and got.dtype == np.float32
-    np.testing.assert_allclose(got, embedder.predict(texts), atol=1e-6)  # order kept across 7 chunks
+    np.testing.assert_allclose(got, embedder.embed(texts), atol=1e-6)  # order kept across 7 chunks
 
 
 def test_bulk_inference_with_server_equals_local_rows(server, embedder):
     texts = synthetic_texts(30, seed=5)
     rows = [{"id": i, "text": t} for i, t in enumerate(texts)] + [{"id": 99, "text": None}]
-    expect = embedder.predict(texts)
+    expect = embedder.embed(texts)
 
     def same_as_local(predictions):
         assert sorted(r["id"] for r in predictions) == list(range(30))
@@ -76,7 +76,7 @@ def test_wrong_token_fails_at_load_with_the_reason(embedder):
     try:
         with pytest.raises(ModelUnavailable, match="401"):
             RemoteModel(url=srv.url, name="minilm", token="wrong").load()
-        assert RemoteModel(url=srv.url, name="minilm", token="right").load().predict(["x"]).shape == (1, 384)
+        assert RemoteModel(url=srv.url, name="minilm", token="right").load().embed(["x"]).shape == (1, 384)
     finally:
         srv.stop()
 
@@ -90,10 +90,10 @@ def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_retry(e
     srv = start(embedder, ServeConfig(port=0, idle_timeout_s=0.3))
     try:
         loaded = RemoteModel(url=srv.url, name="minilm").load()
-        assert loaded.predict(["first"]).shape == (1, 384)
+        assert loaded.embed(["first"]).shape == (1, 384)
         time.sleep(0.8)  # the server drops the kept-alive connection
         with caplog.at_level("WARNING", logger="bulkinfer.serve.client"):
-            assert loaded.predict(["second"]).shape == (1, 384)
+            assert loaded.embed(["second"]).shape == (1, 384)
         assert not [r for r in caplog.records if "retry" in r.getMessage()]
     finally:
         srv.stop()

@@ -55,7 +55,7 @@ def test_infer_matches_local_engine(server, embedder, binary_in, binary_out):
     result = _infer(_client(server), TEXTS, binary_in=binary_in, binary_out=binary_out)
     emb = result.as_numpy("embedding")
     assert emb.dtype == np.float32 and emb.shape == (len(TEXTS), 384)
-    np.testing.assert_allclose(emb, embedder.predict(TEXTS), atol=1e-6)
+    np.testing.assert_allclose(emb, embedder.embed(TEXTS), atol=1e-6)
     assert result.get_response()["id"] == "req-7"
 
 
@@ -127,7 +127,7 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_rows(embedder):
         stats = _client(srv).get_inference_statistics("minilm")["model_stats"][0]
         assert stats["request_count"] == 8 and stats["inference_count"] == 8
         assert stats["execution_count"] <= 3  # merged: 8 requests, at most a few model calls
-        expect = embedder.predict(texts)
+        expect = embedder.embed(texts)
         for i in range(len(texts)):
             np.testing.assert_allclose(results[i][0], expect[i], atol=1e-6)
     finally:

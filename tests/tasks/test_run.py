@@ -112,10 +112,10 @@ def test_parquet_and_jsonl_inputs_give_the_same_outputs_and_dead_letters(tmp_pat
     assert table.equals(jsonl_table) and letters == jsonl_letters
     assert table.to_pydict() == {"id": [1, 4, 8, 9], "length": [3, 4, 5, 5]}
     assert [(d[0], d[2]) for d in letters] == [
-        (2, "field 'text' is null, expected str"),
+        (2, "field 'text' is null, expected a string"),
         (3, "model failed: RuntimeError: injected failure on a text containing 'boom'"),
-        (5, "field 'text' is int, expected str"),
-        (6, "field 'text' is int, expected str"),
+        (5, "field 'text' is int, expected a string"),
+        (6, "field 'text' is int, expected a string"),
         (7, "field 'text' is missing"),
     ]
 
@@ -133,7 +133,7 @@ def test_parquet_and_jsonl_inputs_give_the_same_embeddings(tmp_path, minilm_spec
     assert table.column("id").to_pylist() == [0, 1, 2, 3] and len(letters) == 1
     got = np.array(table.column("embedding").to_pylist(), np.float32)
     np.testing.assert_allclose(got, np.array(jsonl_table.column("embedding").to_pylist(), np.float32), atol=1e-6)
-    assert cosine(got, minilm.predict(texts)).min() >= 0.99999
+    assert cosine(got, minilm.embed(texts)).min() >= 0.99999
 
 
 def test_uncommitted_outputs_are_removed_and_committed_ones_kept(tmp_path):
@@ -183,7 +183,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_row_exactly_once(tmp_path, minil
     ids = table["id"]
     assert sorted(ids) == list(range(len(texts)))  # no loss, no duplicate
     got = np.array(table["embedding"], np.float32)
-    expected = minilm.predict([texts[i] for i in ids])
+    expected = minilm.embed([texts[i] for i in ids])
     assert cosine(got, expected).min() >= 0.99999
     assert not list(out.glob(".tmp-*")) and not list(out.glob("_committed/.tmp-*"))
 

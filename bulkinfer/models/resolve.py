@@ -1,0 +1,49 @@
+"""What users pass as a model, made into a model spec: a built-in name, a model directory, or a spec.
+
+    >>> model_spec("minilm")                       # TextEmbedder for the built-in all-MiniLM-L6-v2
+    >>> model_spec("gs://bucket/my-bert")          # TextEmbedder for a directory on any Beam filesystem
+    >>> model_spec(bulkinfer.JaxModel(fn, ...))    # a spec is returned as it is
+
+`BulkInference`, `JaxModelHandler` and the CLI's `--model` all go through `model_spec`, so they accept
+the same values, and a value that is none of these fails where the pipeline is built, with one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from bulkinfer.models.checkpoint import CheckpointError
+from bulkinfer.models.registry import BUILTIN_MODELS
+
+# Built-in models that are JAX functions, not text checkpoints: name -> module whose spec() builds them.
+JAX_BUILTINS = {"digits": "bulkinfer.models.digits"}
+
+
+def model_spec(model, **settings):
+    """A model spec for `model`.  settings: passed to the spec's constructor (e.g. dtype=, max_length=).
+
+    Raises CheckpointError (a ValueError) for a string that is neither a known name nor a model directory,
+    and TypeError for anything else that is not a spec (an object with `load()`).
+    """
+    if hasattr(model, "load"):
+        if settings:
+            raise ValueError(f"settings {sorted(settings)} apply to a model name or directory, not to a spec; "
+                             "set them on the spec itself")
+        return model
+    if not isinstance(model, str | bytes) and not hasattr(model, "__fspath__"):
+        raise TypeError(
+            f"model {model!r} is neither a built-in name ({', '.join(builtin_names())}), a model "
+            "directory nor a model spec (an object with load(), such as bulkinfer.JaxModel(...))")
+    name = str(model.decode() if isinstance(model, bytes) else model)
+    if name in JAX_BUILTINS:
+        return importlib.import_module(JAX_BUILTINS[name]).spec(**settings)
+    from bulkinfer.models.text import TextEmbedder
+
+    return TextEmbedder.from_name(name, **settings)
+
+
+def builtin_names() -> list[str]:
+    return sorted([*BUILTIN_MODELS, *JAX_BUILTINS])
+
+
+__all__ = ["CheckpointError", "model_spec"]
