@@ -50,7 +50,7 @@ class CountingModel:
     name: str = "counting"
     fail_on: str | None = None
     output_name = "length"
-    inputs = (TensorSpec("text", (), TEXT),)
+    input_signature = (TensorSpec("text", (), TEXT),)
 
     loads = 0  # class-level: loads in this process
     _lock = threading.Lock()
@@ -139,3 +139,22 @@ def random_token_rows(n: int, *, max_len: int, vocab: int = 101, seed: int = 0) 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of two [N, D] arrays."""
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+TINY_CLASSIFIER_INPUTS = {"pixels": ((4, 3), "float32")}
+
+
+def tiny_classifier(params, batch):
+    """A JaxModel function for tests: {"pixels": float32 [B, 4, 3]} -> {"score": float32 [B, 2], "label": int32 [B]}."""
+    import jax.numpy as jnp
+
+    x = batch["pixels"].reshape(batch["pixels"].shape[0], -1)  # [B, 12]
+    score = jnp.tanh(x @ params["dense"]["w"] + params["dense"]["b"])  # [B, 2]
+    return {"score": score, "label": jnp.argmax(score, -1).astype(jnp.int32)}
+
+
+def tiny_classifier_params(seed: int = 0) -> dict:
+    """Random parameters for `tiny_classifier`: {"dense": {"w": [12, 2], "b": [2]}} float32."""
+    rng = np.random.default_rng(seed)
+    return {"dense": {"w": rng.standard_normal((12, 2)).astype(np.float32),
+                      "b": rng.standard_normal(2).astype(np.float32)}}

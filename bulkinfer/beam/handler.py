@@ -60,7 +60,7 @@ class JaxModelHandler(ModelHandler[Any, PredictionResult, Any]):
         super().__init__()
         self._model = model_spec(model)
         self._batch_size = batch_size
-        self._inputs = getattr(self._model, "inputs", None)  # known before loading for local specs
+        self._inputs = getattr(self._model, "input_signature", None)  # known before loading for local specs
 
     def load_model(self):
         return self._model.load()

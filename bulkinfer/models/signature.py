@@ -2,8 +2,9 @@
 serving and metrics are written once (STYLE #3, after Beam's ModelHandler).
 
 A model **spec** (`TextEmbedder`, `JaxModel`, `RemoteModel`) is small, frozen, hashable and picklable:
-what to load, never loaded weights.  It has `name` and `load()`; `load()` runs on the worker, once per
-process, and returns a **loaded model**:
+what to load, never loaded weights.  It has `name` and `load()`, and may declare `input_signature` (the
+loaded model's `inputs`, known before loading); `load()` runs on the worker, once per process, and
+returns a **loaded model**:
 
     loaded.name: str
     loaded.inputs: tuple[TensorSpec, ...]    what one row provides (the row field is the input's name)

@@ -54,7 +54,7 @@ class TextEmbedder:
     model_parallel: int = 1
 
     output_name = OUTPUT  # the row field its predictions go to (the loaded model says the same)
-    inputs = (TensorSpec(INPUT, (), TEXT),)  # known before loading: JaxModelHandler checks elements with it
+    input_signature = (TensorSpec(INPUT, (), TEXT),)  # known before loading: JaxModelHandler checks elements with it
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
