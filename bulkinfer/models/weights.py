@@ -47,7 +47,7 @@ def _is_local(path: str) -> bool:
 
 
 def _stamp(meta) -> Any:
-    """What says a file changed without reading it: its mtime, else the filesystem's checksum."""
+    """What says a remote file changed without reading it: its mtime, else the filesystem's checksum."""
     if meta.last_updated_in_seconds:
         return meta.last_updated_in_seconds
     return FileSystems.checksum(meta.path)
@@ -56,21 +56,27 @@ def _stamp(meta) -> Any:
 def _listing(path: str) -> tuple[bool, list[tuple[str, str, int, Any]]]:
     """(is a directory, [(relative name, full path, size, stamp)] sorted by name); [] when nothing is there.
 
-    A directory is every file below it, recursively (on object stores: every object under `path/`)."""
+    A directory is every file below it, recursively (on object stores: every object under `path/`).
+    Local trees are walked with os (glob characters in a local name are fine); others with
+    FileSystems.match."""
     path = path.rstrip("/") or "/"
     if _is_local(path):
         if os.path.isfile(path):
-            meta = FileSystems.match([path])[0].metadata_list[0]
-            return False, [("", meta.path, meta.size_in_bytes, _stamp(meta))]
-        if not os.path.isdir(path):
-            return False, []
-    else:
-        exact = [m for m in FileSystems.match([path])[0].metadata_list if m.path == path]
-        if exact:
-            return False, [("", path, exact[0].size_in_bytes, _stamp(exact[0]))]
+            st = os.stat(path)
+            return False, [("", path, st.st_size, st.st_mtime_ns)]
+        entries = []
+        for dirpath, _, files in os.walk(path):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                st = os.stat(full)
+                entries.append((os.path.relpath(full, path).replace(os.sep, "/"), full, st.st_size, st.st_mtime_ns))
+        return os.path.isdir(path), sorted(entries)
+    exact = [m for m in FileSystems.match([path])[0].metadata_list if m.path == path]
+    if exact:
+        return False, [("", path, exact[0].size_in_bytes, _stamp(exact[0]))]
     prefix = path + "/"
     metas = FileSystems.match([prefix + "**"])[0].metadata_list
-    entries = [(m.path[len(prefix):].replace(os.sep, "/"), m.path, m.size_in_bytes, _stamp(m))
+    entries = [(m.path[len(prefix):], m.path, m.size_in_bytes, _stamp(m))
                for m in metas if m.path.startswith(prefix) and not m.path.endswith("/")]
     return True, sorted(entries)
 
@@ -254,9 +260,10 @@ def to_local(path: str | os.PathLike) -> tuple[Path, str]:
     with _memo_lock:
         known = [(rel, _file_digests.get((full, size, stamp))) for rel, full, size, stamp in entries]
     if entries and all(d is not None for _, d in known):
-        cached = _cached(_tree_digest(known) if is_dir else known[0][1])
+        digest = _tree_digest(known) if is_dir else known[0][1]
+        cached = _cached(digest)
         if cached is not None:
-            return cached, (_tree_digest(known) if is_dir else known[0][1])
+            return cached, digest
     return _download(path, None)
 
 

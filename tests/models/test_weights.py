@@ -248,6 +248,11 @@ def test_fingerprint_depends_on_content_not_on_place(tmp_path):
     assert weights.fingerprint(tmp_path / "d") != weights.fingerprint(a)
 
 
+def test_local_names_with_glob_characters_are_plain_names(tmp_path):
+    odd = _tree(tmp_path / "run[1]*?")
+    assert weights.fingerprint(odd) == weights.fingerprint(_tree(tmp_path / "plain"))
+
+
 def test_fingerprint_of_a_file_is_the_sha256_of_its_bytes(tmp_path):
     import hashlib
 
@@ -317,6 +322,17 @@ def test_fetch_copies_a_remote_directory_and_checks_the_digest(tmp_path, mem, ca
     with pytest.raises(CheckpointError, match=f"digest {digest}, but the model spec expects {wrong}"):
         weights.fetch("mem://bucket/m", wrong)
     assert sorted(p.name for p in cache.iterdir()) == [digest]  # the bad copy never became an entry
+
+
+def test_a_copy_that_loses_the_race_to_the_cache_uses_the_winners_entry(tmp_path, mem, cache):
+    local = _tree(tmp_path / "m")
+    _copy_to_mem(local, "mem://bucket/m")
+    digest = weights.fingerprint(local)
+    winner = weights.fetch("mem://bucket/m", digest)  # another process renamed its copy into place first
+    marker = os.stat(winner / "config.json").st_ino
+    got, got_digest = weights._download("mem://bucket/m", digest)  # this one copies, then cannot rename
+    assert (got, got_digest) == (winner, digest) and os.stat(got / "config.json").st_ino == marker
+    assert [p.name for p in cache.iterdir()] == [digest]  # its temporary copy is gone
 
 
 def test_fetch_uses_a_local_path_in_place_and_refuses_changed_content(tmp_path):
