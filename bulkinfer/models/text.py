@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bulkinfer.models import bert, checkpoint
-from bulkinfer.models.registry import resolve_model_dir
+from bulkinfer.models import bert, checkpoint, weights
+from bulkinfer.models.registry import BUILTIN_MODELS, model_dir_here, resolve_model_dir
 from bulkinfer.models.signature import TEXT, TensorSpec
 from bulkinfer.runtime import Bucketing, Engine
 
@@ -31,8 +31,14 @@ INPUT, OUTPUT = "text", "embedding"  # the text family's tensor names (row field
 class TextEmbedder:
     """What to load: a picklable description, cheap to send to workers.  `load()` does the work.
 
-    path: model directory (config.json, *.safetensors, tokenizer.json, sentence-transformers files).
+    path: model directory (config.json, *.safetensors, tokenizer.json, sentence-transformers files) on the
+      machine that made the spec.  `path` and `source` are not part of the spec's identity (compare=False;
+      `digest` is): two copies of one model are the same spec, and a job resumes after the directory moves.
     name: the model's name in reports and on the server.
+    source: what the user gave (a built-in name, a path, a URL such as gs://bucket/model-dir); a worker
+      where `path` does not exist re-resolves the model from it.  Default: `path`.
+    digest: the model's identity, `weights.fingerprint` of the directory's files.  Default: computed from
+      `path`; `load()` refuses a directory whose content has another digest.
     max_length: truncation length in tokens; default: the directory's max_seq_length.
     dtype: compute dtype of the encoder ("float32" or "bfloat16"); pooling is always float32.
     bucketing: the static shapes the engine may run.
@@ -43,8 +49,10 @@ class TextEmbedder:
       for a model larger than one device; the remaining factor of the devices splits the batch.
     """
 
-    path: str
+    path: str = dataclasses.field(compare=False)
     name: str
+    source: str = dataclasses.field(default="", compare=False)
+    digest: str = ""
     max_length: int | None = None
     dtype: str = "float32"
     bucketing: Bucketing = Bucketing()
@@ -57,6 +65,10 @@ class TextEmbedder:
     input_signature = (TensorSpec(INPUT, (), TEXT),)  # known before loading: JaxModelHandler checks elements with it
 
     def __post_init__(self):
+        if not self.source:
+            object.__setattr__(self, "source", self.path)
+        if not self.digest:
+            object.__setattr__(self, "digest", weights.fingerprint(self.path))
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; expected one of {_DTYPES}")
         if self.max_length is not None and self.max_length < 2:
@@ -64,9 +76,11 @@ class TextEmbedder:
 
     @classmethod
     def from_name(cls, name_or_path: str, **settings) -> TextEmbedder:
-        """A built-in model name (`minilm`) or a path to a model directory."""
+        """A built-in model name (`minilm`), a path to a model directory, or a URL of one on any Beam
+        filesystem (`gs://bucket/model-dir`).  Raises CheckpointError naming the value otherwise."""
         name, path = resolve_model_dir(name_or_path)
-        spec = cls(path=str(path), name=name, **settings)
+        source = name_or_path if name_or_path in BUILTIN_MODELS or "://" in name_or_path else str(path)
+        spec = cls(path=str(path), name=name, source=source, digest=weights.fingerprint(path), **settings)
         spec.check()
         return spec
 
@@ -80,7 +94,9 @@ class TextEmbedder:
         checkpoint.check_bert_shapes(checkpoint.safetensors_shapes(directory), config)
 
     def load(self) -> LoadedTextEmbedder:
-        return LoadedTextEmbedder(self)
+        # The launcher's path may not exist here (a remote worker, a moved venv): find the model by content.
+        local = model_dir_here(path=self.path, source=self.source, digest=self.digest)
+        return LoadedTextEmbedder(dataclasses.replace(self, path=str(local)))
 
 
 class LoadedTextEmbedder:

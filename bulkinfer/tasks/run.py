@@ -63,7 +63,7 @@ def build(p: beam.Pipeline, model, job: JobSpec, files: list[str]):
 
 def _settings(model, job: JobSpec) -> dict:
     """What must not change between a run and its resumption (tuning knobs such as the token budget may)."""
-    model_settings = {k: getattr(model, k, None) for k in ("name", "path", "url", "dtype", "max_length")}
+    model_settings = {k: getattr(model, k, None) for k in ("name", "digest" if getattr(model, "digest", None) else "path", "url", "dtype", "max_length")}
     return {"input": io.absolute(job.input), "model": model_settings, "format": job.format,
             "id_field": job.id_field, "input_field": job.input_field, "keep_fields": list(job.keep_fields)}
 
