@@ -96,13 +96,16 @@ class BertConfig:
         """
         family = cfg.get("model_type")
         if family not in FAMILIES:
-            raise ValueError(
-                f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)} (config.json \"model_type\")"
-            )
+            raise ValueError(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(
                 f"position_embedding_type {cfg['position_embedding_type']!r} is not supported; only \"absolute\""
             )
+        padding_idx = None
+        if family in ("roberta", "xlm-roberta"):
+            padding_idx = cfg.get("pad_token_id", 1)  # transformers' RobertaConfig default
+            if not isinstance(padding_idx, int) or padding_idx < 0:
+                raise ValueError(f"pad_token_id {padding_idx!r} is not a token id; {family} positions need it")
         try:
             if family == "distilbert":
                 return cls(
@@ -128,7 +131,7 @@ class BertConfig:
                 layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
                 hidden_act=cfg.get("hidden_act", "gelu"),
                 family=family,
-                padding_idx=cfg.get("pad_token_id", 1) if family in ("roberta", "xlm-roberta") else None,
+                padding_idx=padding_idx,
             )
         except KeyError as e:
             raise ValueError(f"config.json lacks the field {e.args[0]!r} that a {family} encoder needs") from None
