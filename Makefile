@@ -56,6 +56,8 @@ bench-remote: $(STAMP)
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) out .bench
 
-# Reference embeddings from sentence-transformers (PyTorch, CPU) for tests/fixtures, in the peers' venv.
+# Reference embeddings from sentence-transformers (PyTorch, CPU) for tests/fixtures, in the peers' venv:
+# MiniLM's, and tiny random-weight roberta, xlm-roberta, distilbert and bert+Dense checkpoints with theirs.
 fixtures: $(BENCH_STAMP)
 	$(BENCH_BIN)/python scripts/make_reference_embeddings.py
+	$(BENCH_BIN)/python scripts/make_family_fixtures.py

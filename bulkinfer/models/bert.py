@@ -1,15 +1,18 @@
-"""A BERT-family encoder as pure JAX functions over a parameter pytree.
+"""BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa, DistilBERT) as pure JAX functions over a parameter pytree.
 
 Nothing here imports Beam or touches files; `checkpoint.py` turns an HF directory into the
-`BertConfig` and parameter pytree used here.
+`BertConfig` and parameter pytree used here.  The families share one post-LayerNorm encoder and
+differ only in what `BertConfig` records: RoBERTa-style position ids (`padding_idx`), the absence of
+token-type embeddings (DistilBERT, `type_vocab_size=0`) and the names of their weights and config keys.
 
 Parameter layout (all float arrays, transformer layers stacked on a leading axis so the encoder is
 one `lax.scan`; D = hidden size, F = intermediate size, N = number of layers):
 
-    embeddings: word [V, D], position [P, D], token_type [T, D], ln_scale [D], ln_bias [D]
+    embeddings: word [V, D], position [P, D], token_type [T, D] (absent when T = 0), ln_scale [D], ln_bias [D]
     layers:     qkv_w [N, D, 3D], qkv_b [N, 3D], out_w [N, D, D], out_b [N, D],
                 ln1_scale [N, D], ln1_bias [N, D], ffn_in_w [N, D, F], ffn_in_b [N, F],
                 ffn_out_w [N, F, D], ffn_out_b [N, D], ln2_scale [N, D], ln2_bias [N, D]
+    dense:      (optional) a list of sentence-transformers Dense layers after pooling: w [In, Out], b [Out]
 """
 
 from __future__ import annotations
@@ -30,9 +33,30 @@ _ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
+# Activations of sentence-transformers Dense layers (float32, after pooling).
+DENSE_ACTIVATIONS = {
+    "identity": lambda x: x,
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "sigmoid": jax.nn.sigmoid,
+}
+
+# model_type in config.json -> the prefix of its weights inside a task model (BertForX, RobertaForX, ...).
+FAMILIES = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.", "distilbert": "distilbert."}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BertConfig:
+    """A BERT-family encoder's shape and variant.
+
+    family: the config.json model_type (`FAMILIES`); it decides the weight names.
+    type_vocab_size: rows of the token-type table; 0 for DistilBERT, which has none.
+    padding_idx: None for absolute positions 0..L-1 (BERT, DistilBERT).  An int for RoBERTa-style
+      positions (HF `create_position_ids_from_input_ids`): real tokens count up from padding_idx + 1,
+      tokens equal to padding_idx sit at padding_idx.
+    """
+
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -42,11 +66,20 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
+    family: str = "bert"
+    padding_idx: int | None = None
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"model_type {self.family!r} is not supported; supported: {', '.join(FAMILIES)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_heads}"
+            )
+        if self.max_tokens < 2:
+            raise ValueError(
+                f"max_position_embeddings {self.max_position} leaves {self.max_tokens} positions after"
+                f" padding_idx {self.padding_idx}; need at least 2"
             )
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(
@@ -55,8 +88,38 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> BertConfig:
-        """Builds the config from the fields of an HF `config.json` for a BERT-style model."""
+        """Builds the config from an HF `config.json` (a dict); its `model_type` picks the family.
+
+        Defaults are those of the transformers config classes.  Raises ValueError for a model_type
+        outside `FAMILIES`, a missing field, or a variant this encoder does not compute
+        (position_embedding_type other than "absolute").
+        """
+        family = cfg.get("model_type")
+        if family not in FAMILIES:
+            raise ValueError(f"model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"position_embedding_type {cfg['position_embedding_type']!r} is not supported; only \"absolute\""
+            )
+        padding_idx = None
+        if family in ("roberta", "xlm-roberta"):
+            padding_idx = cfg.get("pad_token_id", 1)  # transformers' RobertaConfig default
+            if not isinstance(padding_idx, int) or padding_idx < 0:
+                raise ValueError(f"pad_token_id {padding_idx!r} is not a token id; {family} positions need it")
         try:
+            if family == "distilbert":
+                return cls(
+                    vocab_size=cfg["vocab_size"],
+                    hidden_size=cfg["dim"],
+                    num_layers=cfg["n_layers"],
+                    num_heads=cfg["n_heads"],
+                    intermediate_size=cfg["hidden_dim"],
+                    max_position=cfg["max_position_embeddings"],
+                    type_vocab_size=0,
+                    layer_norm_eps=1e-12,  # fixed in transformers' DistilBERT
+                    hidden_act=cfg.get("activation", "gelu"),
+                    family=family,
+                )
             return cls(
                 vocab_size=cfg["vocab_size"],
                 hidden_size=cfg["hidden_size"],
@@ -67,19 +130,37 @@ class BertConfig:
                 type_vocab_size=cfg.get("type_vocab_size", 2),
                 layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
                 hidden_act=cfg.get("hidden_act", "gelu"),
+                family=family,
+                padding_idx=padding_idx,
             )
         except KeyError as e:
-            raise ValueError(f"config.json lacks the field {e.args[0]!r} that a BERT encoder needs") from None
+            raise ValueError(f"config.json lacks the field {e.args[0]!r} that a {family} encoder needs") from None
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest sequence the position table allows (RoBERTa reserves padding_idx + 1 rows)."""
+        return self.max_position - (0 if self.padding_idx is None else self.padding_idx + 1)
 
 
 def _layer_norm(x, scale, bias, eps):
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def _positions(table: jax.Array, input_ids: jax.Array, mask: jax.Array, config: BertConfig) -> jax.Array:
+    """Position embeddings [B, L, D] (or [1, L, D]) for token ids [B, L]."""
+    length = input_ids.shape[1]
+    if config.padding_idx is None:
+        return table[:length][None]  # [1, L, D]: positions 0..L-1
+    # RoBERTa, as HF's create_position_ids_from_input_ids: padding_idx + cumulative count of real tokens;
+    # a token equal to padding_idx stays at padding_idx.  The mask also excludes the engine's padding.
+    real = ((input_ids != config.padding_idx) & (mask > 0)).astype(jnp.int32)  # [B, L]
+    return table[jnp.cumsum(real, axis=1) * real + config.padding_idx]  # [B, L, D]
 
 
 def encode_tokens(params: Params, input_ids: jax.Array, mask: jax.Array, *, config: BertConfig) -> jax.Array:
@@ -90,7 +171,9 @@ def encode_tokens(params: Params, input_ids: jax.Array, mask: jax.Array, *, conf
     emb = params["embeddings"]
     b, length = input_ids.shape
     dtype = emb["word"].dtype
-    x = emb["word"][input_ids] + emb["position"][:length][None] + emb["token_type"][0]  # [B, L, D]
+    x = emb["word"][input_ids] + _positions(emb["position"], input_ids, mask, config)  # [B, L, D]
+    if config.type_vocab_size:
+        x = x + emb["token_type"][0]  # every token has type 0
     x = _layer_norm(x, emb["ln_scale"], emb["ln_bias"], config.layer_norm_eps)
     # Additive attention bias: 0 where the key is a real token, a large negative number on padding.
     bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)  # [B, 1, 1, L]
@@ -127,15 +210,37 @@ def pool(tokens: jax.Array, mask: jax.Array, *, mode: str, normalize: bool) -> j
     else:
         raise ValueError(f"pooling mode {mode!r} is not supported; expected mean, cls or max")
     if normalize:
-        out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+        out = _normalize(out)
     return out
 
 
+def _normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def embed(
-    params: Params, input_ids: jax.Array, mask: jax.Array, *, config: BertConfig, pooling: str, normalize: bool
+    params: Params,
+    input_ids: jax.Array,
+    mask: jax.Array,
+    *,
+    config: BertConfig,
+    pooling: str,
+    normalize: bool,
+    dense: tuple[str, ...] = (),
 ) -> jax.Array:
-    """Pooled sentence embeddings [B, D] for token ids [B, L]."""
-    return pool(encode_tokens(params, input_ids, mask, config=config), mask, mode=pooling, normalize=normalize)
+    """Sentence embeddings [B, E] float32 for token ids [B, L]: encoder, pooling, Dense layers, Normalize.
+
+    dense: the activation (`DENSE_ACTIVATIONS`) of each sentence-transformers Dense layer, in order;
+      their weights are params["dense"][i] = {"w": [In, Out], "b": [Out]}.  E is the last layer's Out
+      (D without Dense layers).  Order as sentence-transformers: Pooling -> Dense... -> Normalize.
+    """
+    out = pool(encode_tokens(params, input_ids, mask, config=config), mask, mode=pooling, normalize=False)  # [B, D]
+    if dense:
+        if len(params["dense"]) != len(dense):
+            raise ValueError(f"{len(dense)} Dense activations for {len(params['dense'])} Dense layers")
+        for layer, act in zip(params["dense"], dense, strict=True):
+            out = DENSE_ACTIVATIONS[act](out @ layer["w"].astype(jnp.float32) + layer["b"].astype(jnp.float32))
+    return _normalize(out) if normalize else out
 
 
 # How to split the big matrices over a "model" mesh axis (Megatron style): the first matrix of each

@@ -1,4 +1,6 @@
-"""Text embeddings: a sentence-transformers / HF BERT directory, tokenized in batches, run by the engine.
+"""Text embeddings: a sentence-transformers / HF directory, tokenized in batches, run by the engine.
+
+Families (config.json model_type): bert, roberta, xlm-roberta, distilbert; others are refused.
 
     >>> model = TextEmbedder.from_name("minilm")
     >>> loaded = model.load()                      # once per process; BulkInference does this in setup
@@ -88,9 +90,9 @@ class TextEmbedder:
         """Validates the directory without loading weights (config, tokenizer, every tensor's name and
         shape, a complete weights file), so a bad checkpoint fails before a pipeline starts."""
         directory = Path(self.path)
-        config = bert.BertConfig.from_hf(checkpoint.read_json(directory / "config.json"))
-        _, _, max_len = checkpoint.sentence_settings(directory, config)
-        checkpoint.load_tokenizer(directory, max_len)
+        config = checkpoint.read_config(directory)  # refuses an unsupported model_type
+        settings = checkpoint.sentence_settings(directory, config)  # checks Dense modules too
+        checkpoint.load_tokenizer(directory, settings.max_length)
         checkpoint.check_bert_shapes(checkpoint.safetensors_shapes(directory), config)
 
     def load(self) -> LoadedTextEmbedder:
@@ -110,13 +112,16 @@ class LoadedTextEmbedder:
             jax.config.update("jax_compilation_cache_dir", spec.compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         directory = Path(spec.path)
-        config = bert.BertConfig.from_hf(checkpoint.read_json(directory / "config.json"))
-        pooling, normalize, max_len = checkpoint.sentence_settings(directory, config)
-        max_len = min(spec.max_length or max_len, config.max_position)
+        config = checkpoint.read_config(directory)
+        settings = checkpoint.sentence_settings(directory, config)
+        max_len = min(spec.max_length or settings.max_length, config.max_tokens)
         self.tokenizer = checkpoint.load_tokenizer(directory, max_len)
         dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[spec.dtype]
         params = checkpoint.bert_params(checkpoint.read_safetensors(directory), config, dtype=dtype)
-        fn = functools.partial(bert.embed, config=config, pooling=pooling, normalize=normalize)
+        if settings.dense:
+            params["dense"] = checkpoint.dense_params(settings)  # float32, after pooling
+        fn = functools.partial(bert.embed, config=config, pooling=settings.pooling, normalize=settings.normalize,
+                               dense=settings.activations)
         pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.engine = Engine(
             fn, params, bucketing=spec.bucketing.for_max_length(max_len), pad_id=pad_id,
@@ -125,7 +130,7 @@ class LoadedTextEmbedder:
         if spec.warmup:
             self.engine.warmup()
         self.name = spec.name
-        self.dim = config.hidden_size
+        self.dim = settings.dim(config)
         self.max_length = max_len
         self.load_s = time.perf_counter() - t0
 

@@ -43,7 +43,7 @@ def test_config_rejects_bad_values():
         bert.BertConfig(vocab_size=10, hidden_size=10, num_layers=1, num_heads=3, intermediate_size=4,
                         max_position=8)
     with pytest.raises(ValueError, match="num_hidden_layers"):
-        bert.BertConfig.from_hf({"vocab_size": 10, "hidden_size": 8})
+        bert.BertConfig.from_hf({"model_type": "bert", "vocab_size": 10, "hidden_size": 8})
 
 
 def _tiny_config():
