@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks: a deterministic synthetic corpus and a fake model.
+"""Helpers for tests and benchmarks: a deterministic synthetic corpus, a fake model, a tiny BERT, and
+fakes of a device out of memory (at compile: `out_of_memory_above`; while running: `OutOfMemoryWhileRunning`).
 
     >>> texts = synthetic_texts(1000, seed=0)    # realistic skewed length mix, mostly short
 """

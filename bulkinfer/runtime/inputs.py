@@ -90,6 +90,10 @@ def check(specs: Sequence[Input], values: Mapping[str, object], longest: int) ->
     if missing or extra:
         raise ValueError(f"got inputs {sorted(values)}; expected exactly {names} "
                          f"(missing {missing}, unexpected {extra})")
+    for name, value in values.items():
+        if not hasattr(value, "__len__") or isinstance(value, np.ndarray) and value.ndim == 0:
+            raise ValueError(f"input {name!r} is a {type(value).__name__}, not rows; pass an array [N, ...] or a "
+                             f"sequence of N arrays")
     counts = {name: len(value) for name, value in values.items()}
     if len(set(counts.values())) != 1:
         raise ValueError(f"inputs have different row counts {counts}; every input needs one entry per row")

@@ -179,6 +179,7 @@ def test_bad_rows_are_errors_that_name_the_row_and_input(model):
          r"row 2: input 'pixels' has shape \(4, 3\); expected \(4, 4\)"),
         ({**good, "pixels": good["pixels"].astype(np.complex64)}, "dtype complex64, which does not cast"),
         ({"pixels": good["pixels"][:0], "scale": good["scale"][:0]}, "no rows to run"),
+        ({**good, "scale": np.float32(1)}, "input 'scale' is a float32, not rows"),
     ]
     for inputs, message in cases:
         with pytest.raises(ValueError, match=message):
