@@ -156,6 +156,16 @@ class Engine:
             self.stats.compile_s += time.perf_counter() - t0
         return exe
 
+    def output_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Per output name, its per-row shape and numpy dtype name, like `inputs`: e.g.
+        {"probs": ((10,), "float32"), "label": ((), "int32")}.  Traces `fn` once on the smallest
+        batch shape (no compile, nothing runs).  Raises ValueError for an output that is not [B, ...]."""
+        batch, length = min(self.bucketing.shapes())
+        info = jax.eval_shape(self._jitted, self._params, self.batch_spec(batch, length))
+        self._check_outputs(info, batch)
+        outs = info if isinstance(info, dict) else {self._output_name: info}
+        return {name: (tuple(v.shape[1:]), np.dtype(v.dtype).name) for name, v in outs.items()}
+
     def _check_outputs(self, out_info, batch: int) -> None:
         """Every output is [batch, ...] and has the same per-row shape in every compiled shape."""
         outs = out_info if isinstance(out_info, dict) else {self._output_name: out_info}

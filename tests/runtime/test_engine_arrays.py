@@ -51,6 +51,7 @@ def test_for_rows_ladder_and_its_checks():
 def test_fixed_shapes_with_a_dict_output_match_fn_for_every_tail_size(model):
     fn, params = model
     engine = Engine(fn, params, inputs=PIXELS, bucketing=ROWS8)
+    assert engine.output_spec() == {"probs": ((3,), "float32"), "label": ((), "int32")}
     engine.warmup()
     assert engine.stats.compiles == 4
     data = images(40)
@@ -83,6 +84,7 @@ def test_a_single_array_output_goes_to_output_name():
 
     engine = Engine(double, np.float32(2), inputs={"x": ((3,), "float32")}, bucketing=ROWS8, output_name="twice")
     x = np.arange(15, dtype=np.float32).reshape(5, 3)
+    assert engine.output_spec() == {"twice": ((3,), "float32")}
     out = engine.run({"x": x})
     assert list(out) == ["twice"]
     np.testing.assert_array_equal(out["twice"], 2 * x)
@@ -208,6 +210,8 @@ def test_outputs_that_are_not_per_row_are_refused_at_compile():
 
     with pytest.raises(ValueError, match=r"output 'output' has shape \(\) for a batch of 8 rows"):
         Engine(total, None, inputs={"x": ((3,), "float32")}, bucketing=ROWS8).warmup()
+    with pytest.raises(ValueError, match=r"output 'output' has shape \(\) for a batch of 1 rows"):
+        Engine(total, None, inputs={"x": ((3,), "float32")}, bucketing=ROWS8).output_spec()
     engine = Engine(per_length, None, inputs={"x": ((None,), "float32")},
                     bucketing=Bucketing(lengths=(2, 4), token_budget=8, ladder=0))
     with pytest.raises(ValueError, match="must not depend on the bucket length"):
