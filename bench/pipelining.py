@@ -26,14 +26,15 @@ def main(argv=None):
     seqs = loaded.tokenize(synthetic_texts(args.rows, seed=1))
     engine = loaded.engine
     t0 = time.perf_counter()
-    engine.run(seqs)  # compiles every shape this mix uses
+    engine.run({"input_ids": seqs})  # compiles every shape this mix uses
     print(f"{args.rows} rows, first run (with compiles) {time.perf_counter() - t0:.1f}s, "
           f"{engine.stats.compiles} compiles, padding efficiency {engine.stats.padding_efficiency:.3f}")
     # Async dispatch: a call returns long before its batch is computed.
-    exe = engine._executable(*engine.bucketing.shapes()[0])
-    ids = np.ones(engine.bucketing.shapes()[0], np.int32)
+    shape = engine.bucketing.shapes()[0]  # (batch, length)
+    exe = engine._executable(*shape)
+    ids = np.ones(shape, np.int32)
     t0 = time.perf_counter()
-    out = exe(engine._params, ids, ids)
+    out = exe(engine._params, {"input_ids": ids, "mask": ids})
     t1 = time.perf_counter()
     out.block_until_ready()
     t2 = time.perf_counter()
@@ -43,7 +44,7 @@ def main(argv=None):
         engine._max_in_flight = in_flight
         before = dataclasses.replace(engine.stats)
         t0 = time.perf_counter()
-        engine.run(seqs)
+        engine.run({"input_ids": seqs})
         wall = time.perf_counter() - t0
         busy = engine.stats.busy_s - before.busy_s
         print(f"max_in_flight={in_flight}: {args.rows / wall:7.1f} rows/s, device busy {busy / wall:.3f} of the run")

@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks: a deterministic synthetic corpus and a fake model.
+"""Helpers for tests and benchmarks: a deterministic synthetic corpus, a fake model, a tiny BERT, and
+fakes of a device out of memory (at compile: `out_of_memory_above`; while running: `OutOfMemoryWhileRunning`).
 
     >>> texts = synthetic_texts(1000, seed=0)    # realistic skewed length mix, mostly short
 """
@@ -80,35 +81,74 @@ class _LoadedCounting:
 
 
 def out_of_memory_above(fn, max_rows: int):
-    """`fn` for an Engine, failing like a device out of memory on batches of more than max_rows rows.
+    """`fn` for an Engine, failing like a device out of memory when compiling batches of more than max_rows rows.
 
     Compiling such a shape raises XLA's error (jax.errors.JaxRuntimeError, RESOURCE_EXHAUSTED), as
     XLA does when a program's buffers cannot fit in device memory.  Smaller batches run `fn` as is.
 
-        >>> engine = Engine(out_of_memory_above(fn, 8), params, bucketing=Bucketing(...))
+        >>> engine = Engine(out_of_memory_above(fn, 8), params, inputs=..., bucketing=Bucketing(...))
     """
     import jax
 
-    def wrapped(params, input_ids, mask):
-        rows = input_ids.shape[0]  # static: decided once per compiled shape
+    def wrapped(params, batch):
+        rows = jax.tree.leaves(batch)[0].shape[0]  # static: decided once per compiled shape
         if rows > max_rows:
             raise jax.errors.JaxRuntimeError(
                 f"RESOURCE_EXHAUSTED: injected out of memory on a batch of {rows} rows (limit {max_rows})")
-        return fn(params, input_ids, mask)
+        return fn(params, batch)
 
     return wrapped
+
+
+class OutOfMemoryWhileRunning:
+    """An Engine `clock` whose batches of more than max_rows rows fail while they run, as on a GPU.
+
+    The batch compiles and is dispatched normally; the failure (jax.errors.JaxRuntimeError,
+    RESOURCE_EXHAUSTED, the status XLA reports when a running program cannot allocate its buffers)
+    surfaces only when the engine awaits the result, through the ticket the clock hands back.
+    `failures` counts the batches failed so far.
+
+        >>> engine = Engine(fn, params, inputs=..., bucketing=..., clock=OutOfMemoryWhileRunning(8))
+    """
+
+    def __init__(self, max_rows: int):
+        from bulkinfer.runtime.busy import BusyClock
+
+        self.max_rows = max_rows
+        self.failures = 0
+        self._clock = BusyClock(wait_for=self._wait_for)
+
+    def track(self, output):
+        return self._clock.track(output)
+
+    def _wait_for(self, output) -> None:
+        import jax
+
+        jax.block_until_ready(output)  # the batch really runs; its result is discarded, as a failed one's would be
+        rows = jax.tree.leaves(output)[0].shape[0]
+        if rows > self.max_rows:
+            self.failures += 1
+            raise jax.errors.JaxRuntimeError(
+                f"RESOURCE_EXHAUSTED: injected out of memory while running a batch of {rows} rows "
+                f"(limit {self.max_rows})")
+
+
+# The Engine `inputs` of `tiny_bert`'s function: token ids with a variable length.
+TINY_BERT_INPUTS = {"input_ids": ((None,), "int32")}
 
 
 def tiny_bert(*, seed: int = 0, vocab: int = 101, hidden: int = 32, layers: int = 2, heads: int = 4,
               intermediate: int = 64, max_position: int = 128):
     """(fn, params): a randomly initialized BERT encoder small enough to compile in well under a second.
 
-    fn(params, input_ids [B, L], mask [B, L]) -> [B, hidden] mean-pooled, normalized float32 vectors,
-    the same function TextEmbedder runs; params use the layout of `bulkinfer.models.bert`.
+    fn(params, {"input_ids": [B, L] int32, "mask": [B, L] int32}) -> [B, hidden] mean-pooled, normalized
+    float32 vectors, the same function TextEmbedder runs (`text.embed_batch`); params use the layout of
+    `bulkinfer.models.bert`.  Run it with `TINY_BERT_INPUTS`.
     """
     import functools
 
     from bulkinfer.models import bert
+    from bulkinfer.models.text import embed_batch
 
     config = bert.BertConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
                              intermediate_size=intermediate, max_position=max_position)
@@ -125,7 +165,7 @@ def tiny_bert(*, seed: int = 0, vocab: int = 101, hidden: int = 32, layers: int 
                    "ln1_scale": 1 + w(n, d), "ln1_bias": w(n, d), "ffn_in_w": w(n, d, f), "ffn_in_b": w(n, f),
                    "ffn_out_w": w(n, f, d), "ffn_out_b": w(n, d), "ln2_scale": 1 + w(n, d), "ln2_bias": w(n, d)},
     }
-    fn = functools.partial(bert.embed, config=config, pooling="mean", normalize=True)
+    fn = functools.partial(embed_batch, config=config, pooling="mean", normalize=True)
     return fn, params
 
 

@@ -101,6 +101,13 @@ class TextEmbedder:
         return LoadedTextEmbedder(dataclasses.replace(self, path=str(local)))
 
 
+def embed_batch(params, batch, **settings):
+    """The engine's function for text: `bert.embed` over batch["input_ids"] [B, L] int32 and
+    batch["mask"] [B, L] int32, giving [B, D] float32; settings (config, pooling, normalize) are bound
+    with functools.partial."""
+    return bert.embed(params, batch["input_ids"], batch["mask"], **settings)
+
+
 class LoadedTextEmbedder:
     """A loaded model: parameters on the devices, a tokenizer and an engine.  Thread-safe."""
 
@@ -120,12 +127,13 @@ class LoadedTextEmbedder:
         params = checkpoint.bert_params(checkpoint.read_safetensors(directory), config, dtype=dtype)
         if settings.dense:
             params["dense"] = checkpoint.dense_params(settings)  # float32, after pooling
-        fn = functools.partial(bert.embed, config=config, pooling=settings.pooling, normalize=settings.normalize,
+        fn = functools.partial(embed_batch, config=config, pooling=settings.pooling, normalize=settings.normalize,
                                dense=settings.activations)
         pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.engine = Engine(
-            fn, params, bucketing=spec.bucketing.for_max_length(max_len), pad_id=pad_id,
-            max_in_flight=spec.max_in_flight, model_parallel=spec.model_parallel, param_spec=bert.param_spec,
+            fn, params, inputs={"input_ids": ((None,), "int32")}, pad_values={"input_ids": pad_id},
+            bucketing=spec.bucketing.for_max_length(max_len), max_in_flight=spec.max_in_flight,
+            model_parallel=spec.model_parallel, param_spec=bert.param_spec,
         )
         if spec.warmup:
             self.engine.warmup()
@@ -156,4 +164,4 @@ class LoadedTextEmbedder:
         """[N, dim] float32 embeddings, in input order.  `stats`: an EngineStats to add this call's counts to."""
         if not len(texts):
             return np.zeros((0, self.dim), np.float32)
-        return self.engine.run(self.tokenize(texts), stats=stats)
+        return self.engine.run({"input_ids": self.tokenize(texts)}, stats=stats)["output"]

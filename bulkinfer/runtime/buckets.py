@@ -65,6 +65,19 @@ class Bucketing:
         if self.tails not in _TAILS:
             raise ValueError(f"tails {self.tails!r} is not supported; expected one of {_TAILS}")
 
+    @classmethod
+    def for_rows(cls, batch_size: int = 256, ladder: int = 3) -> Bucketing:
+        """Batches of rows alone, for inputs without a variable axis: one length (1), so a batch's
+        "tokens" are its rows.  Batch sizes are batch_size and `ladder` halvings (256, 128, 64, 32 by
+        default); the last batch of a call is padded to the smallest of them that holds it.
+
+        Raises ValueError unless batch_size is a power of two (so that halvings stay integers).
+        """
+        if batch_size < 1 or batch_size & (batch_size - 1):
+            lower = 1 << (max(batch_size, 1).bit_length() - 1)
+            raise ValueError(f"batch_size {batch_size} is not a power of two; use {lower} or {2 * lower}")
+        return cls(lengths=(1,), token_budget=batch_size, max_batch=batch_size, ladder=ladder)
+
     def for_max_length(self, max_length: int) -> Bucketing:
         """The same bucketing with lengths capped at max_length (which becomes the last bucket)."""
         lengths = tuple(n for n in self.lengths if n < max_length) + (max_length,)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 
@@ -31,7 +32,14 @@ class Ticket:
 
 
 class BusyClock:
-    def __init__(self):
+    """Times dispatched outputs on a watcher thread.
+
+    wait_for: blocks until an output is computed and raises what its batch raised (default
+      `jax.block_until_ready`); `bulkinfer.testing.OutOfMemoryWhileRunning` injects failures here.
+    """
+
+    def __init__(self, wait_for: Callable[[object], object] | None = None):
+        self._wait_for = wait_for if wait_for is not None else jax.block_until_ready
         self._queue: queue.SimpleQueue[Ticket] = queue.SimpleQueue()
         self._last_done = 0.0
         self._thread: threading.Thread | None = None
@@ -51,7 +59,7 @@ class BusyClock:
         while True:
             ticket = self._queue.get()
             try:
-                jax.block_until_ready(ticket.output)
+                self._wait_for(ticket.output)
             except Exception as e:  # surfaced to the engine by Ticket.error, where it is handled
                 ticket.error = e
             done = time.perf_counter()

@@ -1,12 +1,24 @@
-"""The device side: one engine per process runs a pure JAX function over token sequences.
+"""The device side: one engine per process runs a pure JAX function over named array inputs.
 
-    out = fn(params, input_ids [B, L] int32, mask [B, L] int32) -> [B, ...]
+    out = fn(params, batch) -> [B, ...] or {name: [B, ...]}
+    batch = {name: [B, *shape] for each input} (+ "mask" [B, L] int32 when an input has a variable axis)
 
-The engine pads rows into the static shapes of a `Bucketing`, compiles each shape once (explicitly,
-so a new shape is visible in `stats.compiles`), splits each batch over the "data" axis of a device
-mesh (and, with `model_parallel > 1`, the parameters over its "model" axis), and keeps
-`max_in_flight` batches dispatched ahead of the one whose result it waits for.  JAX dispatch is asynchronous (on CPU too), so while batch i
-computes the host pads batch i+1, and batch i-1's result is already on its way back
+    >>> def classify(params, batch):                       # batch["pixels"]: [B, 8, 8] float32
+    ...     return {"probs": jax.nn.softmax(batch["pixels"].reshape(-1, 64) @ params["w"])}
+    >>> engine = Engine(classify, {"w": w}, inputs={"pixels": ((8, 8), "float32")},
+    ...                 bucketing=Bucketing.for_rows(batch_size=256))
+    >>> engine.run({"pixels": images})["probs"].shape     # images: [N, 8, 8]
+    (N, 10)
+
+Each input declares its per-row shape and dtype; `None` marks a variable axis (at most one per input,
+shared by every input that has one: a token sequence, a clip of frames).  With a variable axis the
+engine pads rows into the (batch, length) shapes of a `Bucketing` over lengths; without one it plans by
+rows alone (`Bucketing.for_rows`: a full batch size and a few halvings, the last batch padded up to the
+smallest that holds it).  It compiles each shape once (explicitly, so a new shape is visible in
+`stats.compiles`), splits every input's leading axis over the "data" axis of a device mesh (and, with
+`model_parallel > 1`, the parameters over its "model" axis), and keeps `max_in_flight` batches
+dispatched ahead of the one whose result it waits for.  JAX dispatch is asynchronous (on CPU too), so
+while batch i computes the host pads batch i+1, and batch i-1's result is already on its way back
 (`copy_to_host_async` right after dispatch) before the host asks for it.
 
 When a batch runs out of device memory (at compile or at run time) the engine halves the token budget
@@ -27,18 +39,18 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from bulkinfer.runtime import inputs as _inputs
 from bulkinfer.runtime import sharding
 from bulkinfer.runtime.buckets import Bucketing
 from bulkinfer.runtime.busy import BusyClock
 from bulkinfer.runtime.stats import EngineStats
 
 log = logging.getLogger(__name__)
-
 
 def is_out_of_memory(error: BaseException) -> bool:
     """True for XLA's out-of-memory failures (a JaxRuntimeError whose status is RESOURCE_EXHAUSTED)."""
@@ -47,22 +59,39 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 @dataclasses.dataclass
 class _InFlight:
-    rows: np.ndarray  # [n] indices into the caller's sequences
+    rows: np.ndarray  # [n] indices into the caller's rows
     shape: tuple[int, int]  # (batch, length)
     budget: int  # token budget of the bucketing that planned it
     ticket: object  # busy.Ticket
 
 
 class Engine:
-    """Runs `fn` over token sequences in bucketed, sharded, pipelined batches.
+    """Runs `fn` over named array inputs in bucketed, sharded, pipelined batches.
 
-    fn: pure function (params, input_ids [B, L], mask [B, L]) -> [B, ...]; settings bound with
-      functools.partial, parameters passed as an argument (never captured in a closure).
+    fn: pure function (params, batch) -> [B, ...] array or dict of them.  `batch` holds every input
+      padded to [B, *shape] (the variable axis padded to the bucket length L with its pad value), plus
+      batch["mask"] [B, L] int32 (1 = a real position) when some input has a variable axis.  Filler
+      rows (up to a batch size on the ladder) hold pad values and a zero mask; their outputs are
+      dropped.  Settings are bound with functools.partial; parameters are passed as an argument
+      (never captured in a closure).
+    params: pytree of arrays, placed on the devices once.
+    inputs: per input name, (per-row shape, numpy dtype name), e.g. {"pixels": ((8, 8), "float32")} or
+      {"input_ids": ((None,), "int32")}.  None marks a variable axis (at most one per input); every
+      input with one shares the row's length on it.  The name "mask" is reserved.
     bucketing: the shapes it may run; its `multiple` is set to the number of data-parallel devices.
+      Without a variable axis it must be `Bucketing.for_rows(...)` (lengths (1,): rows alone).
+    pad_values: per input, the value of padded positions and filler rows (default 0).
+    output_name: the key of a single-array output in `run`'s result.
     devices: the devices to use (default: all local devices).
     model_parallel: size of the mesh's "model" axis; the data axis gets the rest of the devices.
     param_spec: (path, leaf) -> PartitionSpec splitting a parameter along "model" (or None to
       replicate it); needed when model_parallel > 1, e.g. `bert.param_spec`.
+    clock: watches dispatched batches for completion and device time: anything with
+      `track(output) -> busy.Ticket` (default: a `BusyClock`);
+      `bulkinfer.testing.OutOfMemoryWhileRunning` fails batches while they run, as a device out of memory does.
+
+    Raises ValueError for a bad input declaration, and for a fixed-shape-only model given a bucketing
+    over lengths.
     """
 
     def __init__(
@@ -70,44 +99,90 @@ class Engine:
         fn: Callable,
         params,
         *,
+        inputs: _inputs.InputSpec,
         bucketing: Bucketing,
-        pad_id: int = 0,
+        pad_values: Mapping[str, float | int] | None = None,
+        output_name: str = "output",
         max_in_flight: int = 2,
         devices: Sequence[jax.Device] | None = None,
         model_parallel: int = 1,
         param_spec: sharding.ParamSpec | None = None,
+        clock=None,
     ):
         if model_parallel > 1 and param_spec is None:
             raise ValueError(f"model_parallel={model_parallel} needs a param_spec saying how to split parameters")
+        self._inputs = _inputs.parse(inputs, pad_values)
+        self._variable = [i for i in self._inputs if i.axis is not None]
+        if not self._variable and bucketing.lengths != (1,):
+            raise ValueError(
+                f"no input has a variable axis, so batches are planned by rows alone, but the bucketing has "
+                f"lengths {bucketing.lengths}; use Bucketing.for_rows(batch_size=...)")
+        self._output_name = output_name
         self._mesh = sharding.make_mesh(devices, model_parallel)
         self.bucketing = dataclasses.replace(bucketing, multiple=self._mesh.shape[sharding.DATA])
         param_shardings = sharding.param_shardings(params, self._mesh, param_spec)
-        self._batch_sharded = sharding.batch_sharding(self._mesh)
+        self._rows_sharded = sharding.batch_sharding(self._mesh)
         self._params = jax.device_put(params, param_shardings)
-        # Static: the shape of each batch (one executable per shape).  Dynamic: params, ids, mask.
-        self._jitted = jax.jit(fn, in_shardings=(param_shardings, self._batch_sharded, self._batch_sharded))
+        # Static: the shape of each batch (one executable per (batch, length)).  Dynamic: params, batch.
+        self._jitted = jax.jit(fn, in_shardings=(param_shardings, self._rows_sharded))
         self._compiled: dict[tuple[int, int], Callable] = {}
-        self._pad_id = pad_id
+        self._row_shapes: dict[str, tuple[int, ...]] | None = None  # per-row output shapes, from the first compile
         self._max_in_flight = max(1, max_in_flight)
         self._lock = threading.Lock()
-        self._clock = BusyClock()
+        self._clock = clock if clock is not None else BusyClock()
         self.stats = EngineStats()
 
     @property
     def mesh_shape(self) -> dict[str, int]:
         return dict(self._mesh.shape)
 
+    def batch_spec(self, batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The `batch` argument `fn` gets for one shape: {name: ShapeDtypeStruct [batch, ...]}."""
+        spec = {i.name: jax.ShapeDtypeStruct(i.batch_shape(batch, length), i.dtype, sharding=self._rows_sharded)
+                for i in self._inputs}
+        if self._variable:
+            spec[_inputs.MASK] = jax.ShapeDtypeStruct((batch, length), np.int32, sharding=self._rows_sharded)
+        return spec
+
     def _executable(self, batch: int, length: int) -> Callable:
         key = (batch, length)
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            spec = jax.ShapeDtypeStruct((batch, length), np.int32, sharding=self._batch_sharded)
-            exe = self._jitted.lower(self._params, spec, spec).compile()
+            exe = self._jitted.lower(self._params, self.batch_spec(batch, length)).compile()
+            self._check_outputs(exe.out_info, batch)
             self._compiled[key] = exe
             self.stats.compiles += 1
             self.stats.compile_s += time.perf_counter() - t0
         return exe
+
+    def output_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Per output name, its per-row shape and numpy dtype name, like `inputs`: e.g.
+        {"probs": ((10,), "float32"), "label": ((), "int32")}.  Traces `fn` once on the smallest
+        batch shape (no compile, nothing runs).  Raises ValueError for an output that is not [B, ...]."""
+        batch, length = min(self.bucketing.shapes())
+        info = jax.eval_shape(self._jitted, self._params, self.batch_spec(batch, length))
+        self._check_outputs(info, batch)
+        outs = info if isinstance(info, dict) else {self._output_name: info}
+        return {name: (tuple(v.shape[1:]), np.dtype(v.dtype).name) for name, v in outs.items()}
+
+    def _check_outputs(self, out_info, batch: int) -> None:
+        """Every output is [batch, ...] and has the same per-row shape in every compiled shape."""
+        outs = out_info if isinstance(out_info, dict) else {self._output_name: out_info}
+        shapes = {}
+        for name, info in outs.items():
+            if not isinstance(info, jax.ShapeDtypeStruct):
+                raise ValueError(f"fn returned {type(info).__name__} under {name!r}; it must return an array "
+                                 f"[B, ...] or a flat dict of them")
+            if not info.shape or info.shape[0] != batch:
+                raise ValueError(f"output {name!r} has shape {info.shape} for a batch of {batch} rows; every "
+                                 f"output must be [B, ...], one entry per row")
+            shapes[name] = tuple(info.shape[1:])
+        if self._row_shapes is None:
+            self._row_shapes = shapes
+        elif shapes != self._row_shapes:
+            raise ValueError(f"per-row output shapes {shapes} differ from {self._row_shapes} in another batch "
+                             f"shape; an output must not depend on the bucket length (pool over the variable axis)")
 
     def warmup(self) -> None:
         """Compiles every shape the bucketing allows, so no compile happens while data flows.
@@ -126,23 +201,27 @@ class Engine:
                         raise
                     self._back_off(self.bucketing.token_budget, (batch, length), e, self.stats)
 
-    def run(self, seqs: Sequence[np.ndarray], stats: EngineStats | None = None) -> np.ndarray:
-        """Outputs for each token sequence, in input order: [N, ...].
+    def run(self, inputs: Mapping[str, np.ndarray | Sequence[np.ndarray]],
+            stats: EngineStats | None = None) -> dict[str, np.ndarray]:
+        """Outputs for each row, in input order: {output name: [N, ...]} (a single array is `output_name`).
 
-        `stats`, if given, receives this call's counts as well as `self.stats` (which is per process).
+        inputs: every declared input: a fixed-shape one as an array [N, *shape] (or N arrays of that
+          shape), a variable-axis one as a sequence of N arrays.  Values are cast to the declared dtype
+          when numpy's "same_kind" casting allows it (float64 -> float32, int64 -> int32).
+        stats: if given, receives this call's counts as well as `self.stats` (which is per process).
+          For inputs without a variable axis, real and padded "tokens" count rows.
+
+        Raises ValueError naming the input and row for a missing input, a wrong shape or dtype, an
+        empty variable axis, or a row longer than the last bucket.  Out-of-memory failures back off
+        (see the module docstring); other device errors are raised.
         """
-        if not seqs:
-            raise ValueError("run() needs at least one sequence")
-        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-        if lengths.min() < 1:
-            row = int(np.argmin(lengths))
-            raise ValueError(f"sequence {row} is empty; every row needs at least one token")
+        arrays, lengths = _inputs.check(self._inputs, inputs, self.bucketing.lengths[-1])
         call = EngineStats()
         with self._lock:
             t0 = time.perf_counter()
             compiles, compile_s = self.stats.compiles, self.stats.compile_s
-            out = self._run_locked(seqs, lengths, call)
-            call.rows = len(seqs)
+            out = self._run_locked(arrays, lengths, call)
+            call.rows = len(lengths)
             call.real_tokens = int(lengths.sum())
             call.compiles = self.stats.compiles - compiles
             call.compile_s = self.stats.compile_s - compile_s
@@ -152,13 +231,13 @@ class Engine:
             stats.add(call)
         return out
 
-    def _run_locked(self, seqs, lengths: np.ndarray, call: EngineStats) -> np.ndarray:
-        out: np.ndarray | None = None
-        todo = collections.deque([np.arange(len(seqs))])  # groups of rows still to plan and run
+    def _run_locked(self, arrays, lengths: np.ndarray, call: EngineStats) -> dict[str, np.ndarray]:
+        n = len(lengths)
+        out: dict[str, np.ndarray] = {}
+        todo = collections.deque([np.arange(n)])  # groups of rows still to plan and run
         pending: collections.deque[_InFlight] = collections.deque()
 
         def drain_one():
-            nonlocal out
             job = pending.popleft()
             job.ticket.wait()
             error = job.ticket.error
@@ -168,10 +247,11 @@ class Engine:
                 self._back_off(job.budget, job.shape, error, call)
                 todo.append(job.rows)
                 return
-            host = np.asarray(job.ticket.output)  # [B, ...]; already copied, does not block
-            if out is None:
-                out = np.empty((len(seqs),) + host.shape[1:], host.dtype)
-            out[job.rows] = host[: len(job.rows)]
+            for name, value in job.ticket.output.items():
+                host = np.asarray(value)  # [B, ...]; already copied, does not block
+                if name not in out:
+                    out[name] = np.empty((n,) + host.shape[1:], host.dtype)
+                out[name][job.rows] = host[: len(job.rows)]
             call.batches += 1
             call.padded_tokens += job.shape[0] * job.shape[1]
             call.busy_s += job.ticket.busy_s
@@ -187,8 +267,8 @@ class Engine:
                 rows = group[idx]
                 try:
                     exe = self._executable(batch, length)
-                    ids, mask = self._pad([seqs[i] for i in rows], lengths[rows], batch, length)
-                    output = exe(self._params, ids, mask)  # async: returns before the batch is computed
+                    batch_in = _inputs.pad(self._inputs, arrays, rows, lengths[rows], batch, length)
+                    output = exe(self._params, batch_in)  # async: returns before the batch is computed
                 except Exception as e:
                     if not is_out_of_memory(e):
                         raise
@@ -196,10 +276,18 @@ class Engine:
                     # This batch and the rest of the plan were cut for the old budget: replan them.
                     todo.append(np.concatenate([rows] + [group[rest] for _, _, rest in plan[k + 1:]]))
                     break
-                output.copy_to_host_async()
+                if not isinstance(output, dict):
+                    output = {self._output_name: output}
+                for value in output.values():
+                    value.copy_to_host_async()
                 pending.append(_InFlight(rows, (batch, length), bucketing.token_budget, self._clock.track(output)))
                 if len(pending) > self._max_in_flight:
                     drain_one()
+                    if self.bucketing is not bucketing and k + 1 < len(plan):
+                        # A batch failed while running and the budget was halved: the rest of this plan
+                        # was cut for the old budget, so replan it instead of running into the same failure.
+                        todo.append(np.concatenate([group[rest] for _, _, rest in plan[k + 1:]]))
+                        break
         return out
 
     def _back_off(self, budget: int, shape: tuple[int, int], error: BaseException, call: EngineStats) -> None:
@@ -211,19 +299,15 @@ class Engine:
             return
         half = self.bucketing.halved()
         if half is None:
+            if self._variable:
+                fix = (f"the smallest that fits the longest bucket ({self.bucketing.lengths[-1]}); use a shorter "
+                       f"max_length, more devices with model_parallel, or a device with more memory")
+            else:
+                fix = "a single row does not fit; use more devices with model_parallel, or a device with more memory"
             raise RuntimeError(
                 f"out of device memory on a {shape[0]} x {shape[1]} batch even at token_budget {budget}, "
-                f"the smallest that fits the longest bucket ({self.bucketing.lengths[-1]}); use a shorter "
-                f"max_length, more devices with model_parallel, or a device with more memory") from error
+                f"{fix}") from error
         log.warning("out of device memory on a %d x %d batch (token_budget %d); halving the token budget "
                     "to %d for the rest of the run and rerunning its rows: %s",
                     *shape, budget, half.token_budget, str(error).splitlines()[0][:200])
         self.bucketing = half
-
-    def _pad(self, seqs, lengths, batch: int, length: int):
-        # [B, L] ids and mask; rows past len(seqs) are dummy rows with an all-zero mask.
-        mask = np.zeros((batch, length), np.int32)
-        mask[: len(seqs)] = np.arange(length)[None, :] < lengths[:, None]
-        ids = np.full((batch, length), self._pad_id, np.int32)
-        ids[mask.astype(bool)] = np.concatenate(seqs)
-        return ids, mask

@@ -30,8 +30,8 @@ def make_mesh(devices: Sequence[jax.Device] | None, model_parallel: int) -> Mesh
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[B, L] inputs: rows split over "data", replicated over "model"."""
-    return NamedSharding(mesh, PartitionSpec(DATA, None))
+    """Batch inputs [B, ...] of any rank: rows split over "data", the rest replicated (also over "model")."""
+    return NamedSharding(mesh, PartitionSpec(DATA))
 
 
 def param_shardings(params, mesh: Mesh, param_spec: ParamSpec | None):
