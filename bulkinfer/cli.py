@@ -113,7 +113,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _model(args):
     """The model spec for --model and the engine flags; text-only flags on another model are an error."""
-    from bulkinfer.models.resolve import JAX_BUILTINS, model_spec
+    from bulkinfer.models.registry import BUILTIN_FUNCTIONS
+    from bulkinfer.models.resolve import model_spec
     from bulkinfer.runtime import Bucketing
 
     settings = dict(warmup=args.warmup, compilation_cache_dir=_compilation_cache(args.compilation_cache))
@@ -121,7 +122,7 @@ def _model(args):
                  "--max-length": ("max_length", args.max_length),
                  "--token-budget": ("bucketing", args.token_budget and Bucketing(token_budget=args.token_budget))}
     given = {flag: kv for flag, kv in text_only.items() if kv[1] is not None}
-    if args.model in JAX_BUILTINS and given:
+    if args.model in BUILTIN_FUNCTIONS and given:
         raise ValueError(f"{', '.join(given)} apply to text models only, not to {args.model!r}")
     settings.update(dict(given.values()))
     return model_spec(args.model, **settings)

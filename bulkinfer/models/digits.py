@@ -78,3 +78,12 @@ def load() -> dict:
     """The shipped parameters as a nested dict of numpy float32 arrays."""
     return load_params(str(weights_path()))
 
+
+
+def spec(**settings):
+    """The built-in `digits` model as a `JaxModel`: `classify` with the shipped weights (carried in the
+    spec: 0.1 MB), input "pixels" float32 [8, 8] (64 numbers row-major also work), outputs "label" int32
+    and "probs" float32 [10].  settings: JaxModel's (batch_size, warmup, compilation_cache_dir, ...)."""
+    from bulkinfer.models.jax_model import JaxModel
+
+    return JaxModel(fn=classify, params=load(), inputs=INPUTS, name="digits", **settings)

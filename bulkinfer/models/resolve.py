@@ -13,10 +13,7 @@ from __future__ import annotations
 import importlib
 
 from bulkinfer.models.checkpoint import CheckpointError
-from bulkinfer.models.registry import BUILTIN_MODELS
-
-# Built-in models that are JAX functions, not text checkpoints: name -> module whose spec() builds them.
-JAX_BUILTINS = {"digits": "bulkinfer.models.digits"}
+from bulkinfer.models.registry import BUILTIN_FUNCTIONS, builtin_names
 
 
 def model_spec(model, **settings):
@@ -35,15 +32,11 @@ def model_spec(model, **settings):
             f"model {model!r} is neither a built-in name ({', '.join(builtin_names())}), a model "
             "directory nor a model spec (an object with load(), such as bulkinfer.JaxModel(...))")
     name = str(model.decode() if isinstance(model, bytes) else model)
-    if name in JAX_BUILTINS:
-        return importlib.import_module(JAX_BUILTINS[name]).spec(**settings)
+    if name in BUILTIN_FUNCTIONS:
+        return importlib.import_module(BUILTIN_FUNCTIONS[name]).spec(**settings)
     from bulkinfer.models.text import TextEmbedder
 
     return TextEmbedder.from_name(name, **settings)
-
-
-def builtin_names() -> list[str]:
-    return sorted([*BUILTIN_MODELS, *JAX_BUILTINS])
 
 
 __all__ = ["CheckpointError", "model_spec"]

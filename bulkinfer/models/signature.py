@@ -200,10 +200,16 @@ def signature(inputs: Mapping[str, tuple[Sequence[int | None], str]]) -> tuple[T
     """TensorSpecs from `{"pixels": ((8, 8), "float32")}`; raises ValueError naming a malformed entry."""
     specs = []
     for name, entry in inputs.items():
-        if not (isinstance(entry, tuple | list) and len(entry) == 2):
+        shape, dtype = entry if isinstance(entry, tuple | list) and len(entry) == 2 else (None, None)
+        if not (isinstance(shape, tuple | list) and all(d is None or isinstance(d, int) for d in shape)
+                and isinstance(dtype, str | type | np.dtype)):
             raise ValueError(f"input {name!r}: expected (shape, dtype), e.g. ((8, 8), 'float32'), got {entry!r}")
-        shape, dtype = entry
-        dtype = dtype if dtype in (TEXT, "bfloat16") else str(np.dtype(dtype))
+        if dtype not in (TEXT, "bfloat16"):
+            try:
+                dtype = np.dtype(dtype).name
+            except TypeError:
+                raise ValueError(f"input {name!r}: {dtype!r} is not a dtype; expected one of "
+                                 f"{sorted(V2_DATATYPES)}") from None
         specs.append(TensorSpec(name, tuple(shape), dtype))
     if not specs:
         raise ValueError("a model needs at least one input")

@@ -42,7 +42,7 @@ def family_model(request):
 def test_embeddings_match_sentence_transformers(family_model, texts):
     family, model = family_model
     expected = np.load(FIXTURES / family / "reference.npy")
-    got = model.predict(texts)
+    got = model.embed(texts)
     assert got.shape == expected.shape and got.dtype == np.float32
     # Measured on this machine (float32): min cosine >= 0.9999997, max |diff| <= 2.7e-6 (xlm-roberta).
     assert cosine(got, expected).min() >= 0.99999
@@ -62,8 +62,8 @@ def test_fixture_texts_are_truncated_and_distinct(family_model, texts):
 def test_dense_module_sets_the_output_width():
     model = TextEmbedder.from_name(str(model_dir("bert-dense"))).load()
     assert model.dim == 16  # Dense 32 -> 16; the encoder's hidden size is 32
-    assert model.predict([]).shape == (0, 16)
-    np.testing.assert_allclose(np.linalg.norm(model.predict(["Hello", "world"]), axis=1), 1.0, rtol=1e-5)
+    assert model.embed([]).shape == (0, 16)
+    np.testing.assert_allclose(np.linalg.norm(model.embed(["Hello", "world"]), axis=1), 1.0, rtol=1e-5)
 
 
 def test_roberta_positions_start_after_the_padding_index(texts):

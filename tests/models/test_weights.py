@@ -408,7 +408,7 @@ def test_text_specs_of_one_model_in_two_directories_are_equal_and_load(tiny_bert
     assert a.path != b.path and a == b and hash(a) == hash(b)
     assert a.digest == weights.fingerprint(tiny_bert) and a.source == str(tiny_bert.resolve())
     texts = ["a sentence", "another, longer sentence than the first"]
-    np.testing.assert_array_equal(a.load().predict(texts), b.load().predict(texts))
+    np.testing.assert_array_equal(a.load().embed(texts), b.load().embed(texts))
 
     (other / "config.json").write_text((other / "config.json").read_text().replace("1e-12", "1e-6"))
     assert TextEmbedder.from_name(str(other)) != a  # other content, other spec
@@ -425,7 +425,7 @@ def test_text_spec_from_a_url_loads_where_the_launcher_path_is_gone(tiny_bert, m
     assert Path(spec.path) == cache / spec.digest
     shutil.rmtree(cache)  # a fresh worker: nothing cached, the launcher's path absent
     on_worker = dataclasses.replace(spec, path="/launcher/only/path")
-    assert on_worker.load().predict(["hello"]).shape == (1, 8)
+    assert on_worker.load().embed(["hello"]).shape == (1, 8)
     assert (cache / spec.digest / "config.json").is_file()
 
     mem.objects["mem://bucket/tiny/config.json"] = mem.objects["mem://bucket/tiny/config.json"].replace(b"12", b"13")
