@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-rows", type=int, default=1024, help="rows per model call, at most (default: 1024)")
     serve.add_argument("--max-request-bytes", type=int, default=64 << 20,
                        help="larger request bodies get 413, unread (default: 64 MiB)")
+    serve.add_argument("--max-connections", type=int, default=512,
+                       help="connections served at once, idle keep-alive ones included; one more gets 503 "
+                            "with Retry-After (default: 512)")
+    serve.add_argument("--body-timeout-s", type=float, default=60.0,
+                       help="a request body not all received this many seconds after its headers gets 408, "
+                            "however slowly it trickles (default: 60)")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
     parser.commands = {"run": run, "serve": serve}
     return parser
@@ -188,7 +194,8 @@ def _serve(args) -> int:
     try:
         config = ServeConfig(host=args.host, port=args.port, token=args.token or os.environ.get("BULKINFER_TOKEN"),
                              max_queue_delay_ms=args.max_queue_delay_ms, max_batch_rows=args.max_batch_rows,
-                             max_request_bytes=args.max_request_bytes)
+                             max_request_bytes=args.max_request_bytes, max_connections=args.max_connections,
+                             body_timeout_s=args.body_timeout_s)
         return serve(_model(args), config)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"bulkinfer serve: error: {e}", file=sys.stderr)
