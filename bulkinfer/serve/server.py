@@ -184,7 +184,7 @@ def serve(model, config: ServeConfig) -> int:
              loaded.load_s, "; a bearer token is required" if config.token else "")
     while not stop.wait(0.5):
         pass
-    log.info("shutting down: finishing %d requests in flight", server.in_flight)
+    log.info("shutting down: finishing requests in flight (%d now)", server.in_flight)
     server.stop()
     stats = server.batcher.stats
     log.info("stopped after %d requests, %d rows, %d model calls", stats.requests, stats.rows, stats.calls)
