@@ -34,9 +34,11 @@ Routes (Open Inference Protocol / KServe v2 REST, JSON or binary tensors):
   GET  /v2/models/NAME                        metadata: input text BYTES [-1] -> output embedding FP32 [-1, dim]
   GET  /v2/models/NAME/ready, /v2/models/NAME/stats
   POST /v2/models/NAME/infer
-NAME is the built-in model name (minilm) or the model directory's name.
-Concurrent requests are merged into one model call (dynamic batching).  SIGTERM or Ctrl-C stops
-accepting connections, finishes the requests in flight and exits 0.
+NAME is the built-in model name (minilm) or the model directory's name; it may be percent-escaped.
+Concurrent requests are merged into one model call (dynamic batching).
+Limits: a body over --max-request-bytes gets 413 unread; a body not all received --body-timeout-s after
+its headers gets 408; past --max-connections a new connection gets 503 with Retry-After.
+SIGTERM or Ctrl-C stops accepting connections, finishes the requests in flight and exits 0.
 
 Examples:
   bulkinfer serve --model minilm --port 8000
