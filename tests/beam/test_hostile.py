@@ -15,8 +15,9 @@ from apache_beam.testing.util import assert_that
 
 from bulkinfer import BulkInference
 from bulkinfer.beam.batch import Batch, dead_letter, escape_surrogates
-from bulkinfer.beam.inputs import row_inputs
+from bulkinfer.beam.inputs import model_inputs
 from bulkinfer.beam.io import ReadDataset, WriteDataset, rows_to_table, write_temp
+from bulkinfer.models.signature import TEXT, TensorSpec
 from bulkinfer.testing import CountingModel
 
 BAD_TEXT = "ok\ud800bad"  # what json.loads('"ok\\ud800bad"') gives
@@ -30,11 +31,11 @@ def test_escape_surrogates_touches_only_strings_that_hold_one():
     assert escape_surrogates({"a\udc80": [BAD_TEXT, ("x", 2)]}) == {"a\\udc80": ["ok\\ud800bad", ("x", 2)]}
 
 
-def test_row_inputs_makes_a_surrogate_text_a_dead_letter_naming_field_code_point_and_character():
+def test_model_inputs_makes_a_surrogate_text_a_dead_letter_naming_field_code_point_and_character():
     batch = Batch([{"id": "a", "text": "fine"}, {"id": "s1", "text": BAD_TEXT}, {"id": "b", "text": "héllo"},
                    {"id": "c", "text": "\udfff"}])
-    valid, values, bad = row_inputs(batch, "text", str)
-    assert valid == [0, 2] and values == ["fine", "héllo"]
+    valid, inputs, bad = model_inputs(batch, (TensorSpec("text", (), TEXT),), {"text": "text"})
+    assert valid == [0, 2] and inputs == {"text": ["fine", "héllo"]}
     assert [i for i, _ in bad] == [1, 3]
     assert SURROGATE_ERROR in bad[0][1]
     assert "U+DFFF at character 0" in bad[1][1]
@@ -97,7 +98,7 @@ def test_pipeline_with_surrogate_rows_dead_letters_one_and_writes_the_rest(tmp_p
 
     with test_pipeline.TestPipeline() as p:
         rows = p | ReadDataset(str(src))
-        preds, failed = rows | BulkInference(CountingModel(), output_field="length").with_exception_handling()
+        preds, failed = rows | BulkInference(CountingModel()).with_exception_handling()
         _ = preds | "Parquet" >> WriteDataset(str(out / "pq"))
         _ = preds | "Jsonl" >> WriteDataset(str(out / "js"), format="jsonl")
         _ = failed | "Failed" >> WriteDataset(str(out / "failed"), format="jsonl")

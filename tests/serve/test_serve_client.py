@@ -142,7 +142,7 @@ TEXTS = ["alpha", "bb", "", "δέλτα", "e" * 9]
 
 def test_429_with_retry_after_waits_as_long_as_the_server_asks_then_gets_the_values(scripted):
     srv, t = scripted((429, {"Retry-After": "3"})), FakeTime()
-    got = _loaded(srv, t, retry=RetryPolicy(base_s=0.1)).predict(TEXTS)
+    got = _loaded(srv, t, retry=RetryPolicy(base_s=0.1)).embed(TEXTS)
     np.testing.assert_array_equal(got, expected(TEXTS))
     assert t.sleeps == [3.0]  # the server's 3 s, not the ~0.1 s backoff
     assert srv.infers == [TEXTS, TEXTS]
@@ -150,7 +150,7 @@ def test_429_with_retry_after_waits_as_long_as_the_server_asks_then_gets_the_val
 
 def test_503_twice_backs_off_exponentially_with_jitter_then_gets_the_values(scripted):
     srv, t = scripted((503, {}), (503, {})), FakeTime()
-    got = _loaded(srv, t, retry=RetryPolicy(base_s=0.1, max_backoff_s=5)).predict(TEXTS)
+    got = _loaded(srv, t, retry=RetryPolicy(base_s=0.1, max_backoff_s=5)).embed(TEXTS)
     np.testing.assert_array_equal(got, expected(TEXTS))
     assert len(t.sleeps) == 2
     assert 0.1 <= t.sleeps[0] <= 0.2 and 0.2 <= t.sleeps[1] <= 0.4  # retry k: in [base*2**k / 2, base*2**k]
@@ -159,7 +159,7 @@ def test_503_twice_backs_off_exponentially_with_jitter_then_gets_the_values(scri
 
 def test_the_backoff_is_capped(scripted):
     srv, t = scripted(*[(502, {})] * 6), FakeTime()
-    np.testing.assert_array_equal(_loaded(srv, t, retry=RetryPolicy(base_s=0.1, max_backoff_s=0.5)).predict(TEXTS),
+    np.testing.assert_array_equal(_loaded(srv, t, retry=RetryPolicy(base_s=0.1, max_backoff_s=0.5)).embed(TEXTS),
                                   expected(TEXTS))
     assert len(t.sleeps) == 6 and all(0.25 <= s <= 0.5 for s in t.sleeps[2:])
 
@@ -167,14 +167,14 @@ def test_the_backoff_is_capped(scripted):
 def test_500_twice_gives_the_rows_up_to_bisection_after_attempts_on_500(scripted):
     srv, t = scripted((500, {}), (500, {})), FakeTime()
     with pytest.raises(RemoteError) as e:
-        _loaded(srv, t, retry=RetryPolicy(attempts_on_500=2)).predict(TEXTS)
+        _loaded(srv, t, retry=RetryPolicy(attempts_on_500=2)).embed(TEXTS)
     assert e.value.status == 500 and "scripted 500" in str(e.value)
     assert len(srv.infers) == 2 and len(t.sleeps) == 1
 
 
 def test_500_twice_with_three_attempts_gets_the_values(scripted):
     srv, t = scripted((500, {}), (500, {})), FakeTime()
-    got = _loaded(srv, t, retry=RetryPolicy(attempts_on_500=3)).predict(TEXTS)
+    got = _loaded(srv, t, retry=RetryPolicy(attempts_on_500=3)).embed(TEXTS)
     np.testing.assert_array_equal(got, expected(TEXTS))
     assert len(srv.infers) == 3 and len(t.sleeps) == 2
 
@@ -182,14 +182,14 @@ def test_500_twice_with_three_attempts_gets_the_values(scripted):
 def test_a_400_is_not_retried(scripted):
     srv, t = scripted((400, {})), FakeTime()
     with pytest.raises(RemoteError, match="HTTP 400"):
-        _loaded(srv, t).predict(TEXTS)
+        _loaded(srv, t).embed(TEXTS)
     assert len(srv.infers) == 1 and t.sleeps == []
 
 
 def test_past_the_retry_budget_the_call_is_unavailable_with_the_last_reason(scripted):
     srv, t = scripted(*[(503, {"Retry-After": "10"})] * 10), FakeTime()
     with pytest.raises(ModelUnavailable, match=r"infer failed 3 times in 20\.0 s \(retry budget 25 s\).*scripted 503"):
-        _loaded(srv, t, retry=RetryPolicy(budget_s=25)).predict(TEXTS)
+        _loaded(srv, t, retry=RetryPolicy(budget_s=25)).embed(TEXTS)
     assert t.sleeps == [10.0, 10.0]  # a third wait would end past the budget: given up instead
     assert len(srv.infers) == 3
 
@@ -197,7 +197,7 @@ def test_past_the_retry_budget_the_call_is_unavailable_with_the_last_reason(scri
 def test_chunks_are_in_flight_at_once_and_come_back_in_order(scripted):
     srv = scripted(barrier=threading.Barrier(3))  # no request is answered until 3 have arrived
     texts = [f"{chr(97 + i)} row {i}" for i in range(12)]
-    got = _loaded(srv, FakeTime(), chunk_rows=2, max_in_flight=3).predict(texts)
+    got = _loaded(srv, FakeTime(), chunk_rows=2, max_in_flight=3).embed(texts)
     np.testing.assert_array_equal(got, expected(texts))
     assert sorted(map(tuple, srv.infers)) == [tuple(texts[i:i + 2]) for i in range(0, 12, 2)]
     assert srv.max_in_flight == 3  # three overlapped (the barrier proves it), never more than max_in_flight
@@ -206,5 +206,5 @@ def test_chunks_are_in_flight_at_once_and_come_back_in_order(scripted):
 def test_one_chunk_failing_gives_up_the_whole_call(scripted):
     srv, t = scripted((400, {})), FakeTime()
     with pytest.raises(RemoteError, match="HTTP 400"):
-        _loaded(srv, t, chunk_rows=1, max_in_flight=1).predict(TEXTS)
+        _loaded(srv, t, chunk_rows=1, max_in_flight=1).embed(TEXTS)
     assert len(srv.infers) == 1  # with one request in flight, the rest were never sent

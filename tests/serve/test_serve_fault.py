@@ -72,7 +72,7 @@ def test_remote_run_survives_a_server_kill_with_every_row_exactly_once(tmp_path,
     ids = [r["id"] for r in rows]
     assert len(ids) == ROWS and sorted(ids) == list(range(ROWS))  # every row, none twice
     got = np.array([r["embedding"] for r in rows], np.float32)  # [ROWS, 384], in the output's order
-    np.testing.assert_allclose(got, embedder32.predict([texts[i] for i in ids]), atol=1e-6)  # each row its own
+    np.testing.assert_allclose(got, embedder32.embed([texts[i] for i in ids]), atol=1e-6)  # each row its own
     assert not [f for f in out.glob("failed-*.jsonl") if f.read_text().strip()]
     report = json.loads((out / "report.json").read_text())
     assert report["reconciled"] and report["rows_in"] == report["rows_out"] == ROWS
@@ -102,7 +102,7 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(server_process, embe
     srv.proc.send_signal(signal.SIGTERM)
     t.join(60)
     assert "error" not in result, result.get("error")
-    np.testing.assert_allclose(result["emb"], embedder32.predict(texts), atol=1e-6)
+    np.testing.assert_allclose(result["emb"], embedder32.embed(texts), atol=1e-6)
     assert srv.proc.wait(30) == 0
     log_text = srv.log.read_text()
     assert "finishing requests in flight (1 now)" in log_text  # SIGTERM came while it ran

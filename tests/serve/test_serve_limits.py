@@ -20,9 +20,8 @@ DEADLINE_S = 30.0  # generous: only a broken server takes this long
 
 
 class FakeEmbedder:
-    """A loaded model for the server: row i of predict(texts) is [len(text), number of spaces] (dim 2)."""
+    """A loaded model for the server: row i of embed(texts) is [len(text), number of spaces] (dim 2)."""
 
-    input_type = str
     output_name = "embedding"
     load_s = 0.0
     dim = 2
@@ -30,7 +29,7 @@ class FakeEmbedder:
     def __init__(self, name: str = "my-model"):
         self.name = name
 
-    def predict(self, texts, stats=None):
+    def embed(self, texts, stats=None):
         return np.array([[len(t), t.count(" ")] for t in texts], np.float32).reshape(len(texts), 2)
 
 
@@ -118,7 +117,7 @@ def test_the_client_retries_a_503_for_lack_of_connections_until_one_is_free(serv
 
     spec = RemoteModel(url=srv.url, name="my-model", retry=server_retry())
     loaded = LoadedRemoteModel(spec, sleep=sleep)
-    np.testing.assert_array_equal(loaded.predict(["a b c"]), [[5, 2]])
+    np.testing.assert_array_equal(loaded.embed(["a b c"]), [[5, 2]])
     assert sleeps == [1.0, 1.0]  # Retry-After: 1, longer than the backoff
 
 
@@ -207,7 +206,7 @@ def test_escapes_that_name_no_model_or_are_not_utf8_are_4xx(serve):
 def test_a_model_name_that_needs_escaping_works_through_the_client(serve):
     srv = serve(name="my model/é")
     loaded = RemoteModel(url=srv.url, name="my model/é").load()
-    np.testing.assert_array_equal(loaded.predict(["a b", ""]), [[3, 1], [0, 0]])
+    np.testing.assert_array_equal(loaded.embed(["a b", ""]), [[3, 1], [0, 0]])
     assert V2Client(srv.url).model_stats("my model/é")["model_stats"][0]["inference_count"] == 2
 
 
