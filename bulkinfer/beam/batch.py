@@ -197,7 +197,7 @@ def escape_surrogates(value: Any) -> Any:
         return value if value.isascii() or _SURROGATE.search(value) is None else _SURROGATE.sub(_escape, value)
     if isinstance(value, dict):
         return {escape_surrogates(k): escape_surrogates(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if type(value) in (list, tuple):
         return type(value)(escape_surrogates(v) for v in value)
     return value
 
