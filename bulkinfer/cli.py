@@ -34,9 +34,11 @@ Routes (Open Inference Protocol / KServe v2 REST, JSON or binary tensors):
   GET  /v2/models/NAME                        metadata: input text BYTES [-1] -> output embedding FP32 [-1, dim]
   GET  /v2/models/NAME/ready, /v2/models/NAME/stats
   POST /v2/models/NAME/infer
-NAME is the built-in model name (minilm) or the model directory's name.
-Concurrent requests are merged into one model call (dynamic batching).  SIGTERM or Ctrl-C stops
-accepting connections, finishes the requests in flight and exits 0.
+NAME is the built-in model name (minilm) or the model directory's name; it may be percent-escaped.
+Concurrent requests are merged into one model call (dynamic batching).
+Limits: a body over --max-request-bytes gets 413 unread; a body not all received --body-timeout-s after
+its headers gets 408; past --max-connections a new connection gets 503 with Retry-After.
+SIGTERM or Ctrl-C stops accepting connections, finishes the requests in flight and exits 0.
 
 Examples:
   bulkinfer serve --model minilm --port 8000
@@ -89,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-rows", type=int, default=1024, help="rows per model call, at most (default: 1024)")
     serve.add_argument("--max-request-bytes", type=int, default=64 << 20,
                        help="larger request bodies get 413, unread (default: 64 MiB)")
+    serve.add_argument("--max-connections", type=int, default=512,
+                       help="connections served at once, idle keep-alive ones included; one more gets 503 "
+                            "with Retry-After (default: 512)")
+    serve.add_argument("--body-timeout-s", type=float, default=60.0,
+                       help="a request body not all received this many seconds after its headers gets 408, "
+                            "however slowly it trickles (default: 60)")
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
     parser.commands = {"run": run, "serve": serve}
     return parser
@@ -189,7 +197,8 @@ def _serve(args) -> int:
     try:
         config = ServeConfig(host=args.host, port=args.port, token=args.token or os.environ.get("BULKINFER_TOKEN"),
                              max_queue_delay_ms=args.max_queue_delay_ms, max_batch_rows=args.max_batch_rows,
-                             max_request_bytes=args.max_request_bytes)
+                             max_request_bytes=args.max_request_bytes, max_connections=args.max_connections,
+                             body_timeout_s=args.body_timeout_s)
         return serve(_model(args), config)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"bulkinfer serve: error: {e}", file=sys.stderr)

@@ -69,6 +69,29 @@ def test_jsonl_output_rerun_resumes_and_other_settings_need_overwrite(tmp_path):
     assert not list(out.glob("part-*.jsonl")) and len(list(out.glob("part-*.parquet"))) == 1
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_a_lone_surrogate_row_is_one_dead_letter_and_the_job_succeeds(tmp_path, fmt):
+    # Valid JSON whose strings decode to lone surrogates, which UTF-8, Arrow and the tokenizer refuse.
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "hello world"}\n{"id": "s1", "text": "ok\\ud800bad"}\n'
+                                       '{"id": "x\\udc00", "text": "second row"}\n', encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["run", "--model", "minilm", "--input", tmp_path / "in.jsonl", "--output", out, "--format", fmt]
+    proc = bulkinfer(*args)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"], report["reconciled"]) == (3, 2, 1, True)
+    [letter] = [json.loads(line) for f in out.glob("failed-*.jsonl") for line in f.read_text("utf-8").splitlines()]
+    assert letter["id"] == "s1" and letter["record"] == {"id": "s1", "text": "ok\\ud800bad"}
+    assert "line 2 (id 's1'): field 'text' holds a lone surrogate U+D800 at character 2" in letter["error"]
+    if fmt == "parquet":
+        ids = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read().column("id").to_pylist()
+        assert sorted(ids) == ["a", "x\\udc00"]  # Parquet holds the escape's text
+    else:
+        ids = [json.loads(line)["id"] for f in out.glob("part-*.jsonl") for line in f.read_text("utf-8").splitlines()]
+        assert sorted(ids) == ["a", "x\udc00"]  # a JSON escape: the very same string
+    assert bulkinfer(*args).returncode == 0  # a rerun finds it committed
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-model"], "neither a built-in name (minilm) nor a directory"),
     (["--model", "minilm", "--input", "/nonexistent/*.jsonl"], "no input file matches"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -172,22 +173,55 @@ class SourceDone:
 
 def dead_letter(*, stage: str, error: str, record: Any, row_id: Any = None, source: str | None = None,
                 position: int | None = None) -> dict:
-    """One failed row: where it failed, why, and the raw record as it arrived."""
-    return {"id": row_id, "stage": stage, "error": error, "record": record, "source": source, "position": position}
+    """One failed row: where it failed, why, and the raw record as it arrived.
+
+    Lone surrogates in its text (see `escape_surrogates`) are escaped, so that a dead letter can always
+    be encoded: by Beam's coders between stages (UTF-8) and by every writer.
+    """
+    return escape_surrogates(
+        {"id": row_id, "stage": stage, "error": error, "record": record, "source": source, "position": position})
 
 
-# Characters that some line readers (Python's str.splitlines, JavaScript) take as line breaks: escaped,
-# so that one JSONL record is always one line whoever reads it.
-_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+# Lone surrogates: code points U+D800..U+DFFF, which a Python str can hold (JSON's "\ud800" escape decodes
+# to one) but UTF-8, Arrow and the tokenizer cannot.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def escape_surrogates(value: Any) -> Any:
+    r"""`value` with each lone surrogate in its strings (nested in dicts, lists and tuples too, keys
+    included) replaced by the six characters of its escape, e.g. "ok\ud800" -> "ok\\ud800".
+
+    Values without one are returned as they are (the same object); other types are left alone.
+    """
+    if isinstance(value, str):
+        return value if value.isascii() or _SURROGATE.search(value) is None else _SURROGATE.sub(_escape, value)
+    if isinstance(value, dict):
+        return {escape_surrogates(k): escape_surrogates(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(escape_surrogates(v) for v in value)
+    return value
+
+
+def _escape(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+# Characters escaped in JSONL output.  U+0085, U+2028 and U+2029: some line readers (Python's
+# str.splitlines, JavaScript) take them as line breaks, so escaped, one JSONL record is always one line
+# whoever reads it.  Lone surrogates: UTF-8 cannot encode them; escaped, the JSON is valid and decodes
+# to the same string.  All of these can only occur inside JSON strings, where the escape means the
+# same character.
+_ESCAPED = str.maketrans(
+    {chr(c): f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029, *range(0xD800, 0xE000))})
 
 
 def to_json(obj: Any) -> str:
-    """JSON for rows and dead letters, whatever they hold (numpy arrays become lists, bytes are decoded).
+    r"""JSON for rows and dead letters, whatever they hold (numpy arrays become lists, bytes are decoded).
 
-    Non-ASCII text stays readable; only U+0085, U+2028 and U+2029 are escaped (they can only occur
-    inside JSON strings, where the escape means the same character).
+    Non-ASCII text stays readable; only U+0085, U+2028, U+2029 and lone surrogates are escaped (as
+    \u0085 ...), so the result always encodes to UTF-8 and `json.loads` gives back the same strings.
     """
-    return json.dumps(obj, ensure_ascii=False, default=_json_default).translate(_LINE_BREAKS)
+    return json.dumps(obj, ensure_ascii=False, default=_json_default).translate(_ESCAPED)
 
 
 def _json_default(o):

@@ -75,10 +75,25 @@ def _check_each(spec: TensorSpec, field: str, values: list, skip: Mapping[int, s
             out.append(None)
             continue
         checked, error = spec.check(value, field)
+        error = error or _unicode_error(checked, field)
         if error is not None:
             errors[i] = error
         out.append(checked)
     return out, errors
+
+
+def _unicode_error(value, field: str) -> str | None:
+    r"""Why a str value is not Unicode text, or None.  A JSON escape such as "\ud800" decodes to a lone
+    surrogate, which no tokenizer, UTF-8 writer or Beam coder takes.  (Arrow string columns cannot hold
+    one, so only values checked row by row need this.)"""
+    if not isinstance(value, str) or value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"field {field!r} holds a lone surrogate U+{ord(value[e.start]):04X} at character {e.start}, "
+                "which is not valid Unicode; fix or drop the escape in the input")
+    return None
 
 
 def _take(values: np.ndarray | list, rows: list[int]) -> np.ndarray | list:

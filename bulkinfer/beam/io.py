@@ -34,6 +34,7 @@ from bulkinfer.beam.batch import (
     Batch,
     SourceDone,
     dead_letter,
+    escape_surrogates,
     position_text,
     table_rows,
     to_json,
@@ -403,7 +404,11 @@ def commit(temp: str, final: str) -> None:
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
-    """An Arrow table from dict rows; equal-length 1-D numpy vectors become fixed-size float lists."""
+    r"""An Arrow table from dict rows; equal-length 1-D numpy vectors become fixed-size float lists.
+
+    Arrow strings are UTF-8: a lone surrogate (JSON's "\ud800" decodes to one) is stored as the six
+    characters of its escape, `\ud800`, in a column that keeps its type (in column names too).
+    """
     names: dict[str, None] = {}
     for r in rows:
         names.update(dict.fromkeys(r))
@@ -414,14 +419,21 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
         if isinstance(first, np.ndarray) and first.ndim == 1 and all(
                 isinstance(v, np.ndarray) and v.shape == first.shape for v in values):
             flat = pa.array(np.stack(values).reshape(-1))
-            columns[name] = pa.FixedSizeListArray.from_arrays(flat, first.shape[0])
+            columns[escape_surrogates(name)] = pa.FixedSizeListArray.from_arrays(flat, first.shape[0])
         else:
-            values = [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
-            try:
-                columns[name] = pa.array(values)
-            except (pa.ArrowException, TypeError, ValueError, OverflowError):
-                # Mixed types in one column (an id that is sometimes a number, sometimes a string):
-                # keep every value, as text (strings as they are, anything else as JSON).
-                columns[name] = pa.array([v if v is None or isinstance(v, str) else to_json(v) for v in values],
-                                         pa.string())
+            columns[escape_surrogates(name)] = _column([v.tolist() if isinstance(v, np.ndarray) else v
+                                                        for v in values])
     return pa.table(columns)
+
+
+def _column(values: list) -> pa.Array:
+    """One Arrow column of Python values, whatever they hold (see `rows_to_table`)."""
+    try:
+        return pa.array(values)
+    except UnicodeEncodeError:  # a lone surrogate; its escape has none, so this recursion ends
+        return _column(escape_surrogates(values))
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        # Mixed types in one column (an id that is sometimes a number, sometimes a string): keep
+        # every value, as text (strings as they are, anything else as JSON).
+        return pa.array([v if v is None else escape_surrogates(v) if isinstance(v, str) else to_json(v)
+                         for v in values], pa.string())

@@ -136,9 +136,9 @@ class V2Client:
             return resp.status, resp.headers, data
 
     def _json(self, method: str, path: str) -> dict:
-        status, _, data = self.request(method, path)
+        status, headers, data = self.request(method, path)
         if status != 200:
-            raise RemoteError(status, _error_text(data))
+            raise RemoteError(status, _error_text(data), retry_after_s=_retry_after(headers))
         return json.loads(data)
 
     def ready(self) -> bool:

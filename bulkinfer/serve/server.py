@@ -13,17 +13,28 @@ Routes (JSON errors are `{"error": "..."}`):
 
 The model runs in one batcher thread (`DynamicBatcher`) that merges concurrent requests; HTTP
 threads only parse and encode.  Request bodies are parsed with `json.loads` and `struct`, never
-unpickled.  The body size is checked against `Content-Length` before any of it is read.
+unpickled.
+
+Limits, so that no client can hold the server: the body size is checked against `Content-Length`
+before any of it is read (413); at most `max_connections` connections are served at once, and one
+more gets a 503 with `Retry-After` (a liveness probe still gets 200) or, in a flood, is closed at once;
+a request's line and headers must arrive within `idle_timeout_s` of the connection going idle (else
+it is closed), and its body within `body_timeout_s` of its headers (else 408), however slowly the
+bytes trickle in.  Model names in paths may be percent-escaped (`/v2/models/my%2Dmodel/infer`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hmac
+import io
 import json
 import logging
 import signal
+import socket
 import threading
+import time
+import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -51,7 +62,11 @@ class ServeConfig:
     max_queue_rows: rows waiting for the model before new requests get 429; a request with more rows gets 413.
     max_request_bytes: larger request bodies get 413, unread.
     drain_timeout_s: on shutdown, how long to wait for requests in flight.
-    idle_timeout_s: a connection idle (or trickling a body) this long is closed.
+    idle_timeout_s: a connection whose next request's line and headers have not all arrived this long
+      after its last answer (or after it opened) is closed.
+    body_timeout_s: a request whose body has not all arrived this long after its headers gets 408.
+    max_connections: connections served at once (each holds a thread, also while idle between
+      requests); one more gets 503 with Retry-After.
     """
 
     host: str = "127.0.0.1"
@@ -63,6 +78,8 @@ class ServeConfig:
     max_request_bytes: int = 64 << 20
     drain_timeout_s: float = 30.0
     idle_timeout_s: float = 120.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 512
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -73,6 +90,10 @@ class ServeConfig:
             raise ValueError("max_batch_rows and max_queue_rows must be >= 1")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.idle_timeout_s <= 0 or self.body_timeout_s <= 0 or self.drain_timeout_s < 0:
+            raise ValueError("idle_timeout_s and body_timeout_s must be > 0 and drain_timeout_s >= 0")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.token is not None and not self.token:
             raise ValueError("token must not be empty; leave it unset to serve without authentication")
 
@@ -82,7 +103,7 @@ class Server:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self._http = _HTTPServer((config.host, config.port), _Handler)
+        self._http = _HTTPServer((config.host, config.port), _Handler, max_connections=config.max_connections)
         self._http.app = self
         self.model = None  # a loaded model: predict(list[str]) -> [N, dim], name, dim
         self.name: str | None = None
@@ -96,6 +117,16 @@ class Server:
     @property
     def port(self) -> int:
         return self._http.server_address[1]
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now (at most config.max_connections), idle keep-alive ones included."""
+        return self._http.connections
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered now."""
+        return self._in_flight
 
     @property
     def url(self) -> str:
@@ -153,17 +184,122 @@ def serve(model, config: ServeConfig) -> int:
              loaded.load_s, "; a bearer token is required" if config.token else "")
     while not stop.wait(0.5):
         pass
-    log.info("shutting down: finishing requests in flight")
+    log.info("shutting down: finishing requests in flight (%d now)", server.in_flight)
     server.stop()
     stats = server.batcher.stats
     log.info("stopped after %d requests, %d rows, %d model calls", stats.requests, stats.rows, stats.calls)
     return 0
 
 
+# A connection over max_connections: how long it may take to send its request head before its 503, and
+# how long (and how many bytes) of what it sends after are read and dropped, so that closing does not
+# reset the connection before the client has read the answer.  Rejections run at most this many at once;
+# past that, connections are closed at once.
+REJECT_TIMEOUT_S = 2.0
+REJECT_DRAIN_BYTES = 1 << 20
+MAX_REJECTING = 32
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # idle keep-alive connections must not keep the process alive
     allow_reuse_address = True  # a restarted server can bind the same port at once
     app: Server
+
+    def __init__(self, address, handler, *, max_connections: int):
+        self.max_connections = max_connections
+        self.connections = 0  # being served, each by its thread
+        self._lock = threading.Lock()
+        self._rejecting = threading.BoundedSemaphore(MAX_REJECTING)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        """Called by the accept loop for each new connection: serve it, answer 503, or close it."""
+        with self._lock:
+            serve = self.connections < self.max_connections
+            self.connections += serve
+        if serve:
+            try:
+                super().process_request(request, client_address)  # a thread running process_request_thread
+            except BaseException:
+                self._done()
+                raise
+        elif self._rejecting.acquire(blocking=False):
+            threading.Thread(target=self._reject, args=(request,), name="bulkinfer-reject", daemon=True).start()
+        else:
+            log.warning("over %d connections and %d rejections at once; closing a new one unanswered",
+                        self.max_connections, MAX_REJECTING)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)  # serves, then closes the connection
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self.connections -= 1
+
+    def _reject(self, sock: socket.socket) -> None:
+        """Answers one connection over the limit with 503 and Retry-After (200 to a liveness probe), closes it."""
+        try:
+            deadline = time.monotonic() + REJECT_TIMEOUT_S
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                head += chunk
+            if head.startswith((b"GET /v2/health/live ", b"GET /v2/health/live?")):
+                status, body = "200 OK", {"live": True}
+            else:
+                status, body = "503 Service Unavailable", {"error": (
+                    f"the server is serving its maximum of {self.max_connections} connections; retry later on a "
+                    "new connection (or raise --max-connections)")}
+            data = json.dumps(body).encode()
+            sock.settimeout(REJECT_TIMEOUT_S)
+            sock.sendall(f"HTTP/1.1 {status}\r\nServer: bulkinfer\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(data)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n".encode()
+                         + data)
+            sock.shutdown(socket.SHUT_WR)
+            deadline, drained = time.monotonic() + REJECT_TIMEOUT_S, 0
+            while drained < REJECT_DRAIN_BYTES and (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:  # reset, timed out: the client is gone or too slow; nothing more to do
+            pass
+        finally:
+            self.shutdown_request(sock)
+            self._rejecting.release()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's socket as a raw stream whose reads all end by `until` (time.monotonic() seconds).
+
+    A socket timeout bounds one wait; this bounds a whole request head or body however slowly it
+    trickles.  Each read waits at most `idle_s` and at most until `until`; past it, TimeoutError.
+    """
+
+    def __init__(self, sock: socket.socket, idle_s: float):
+        self._sock, self._idle_s = sock, idle_s
+        self.until: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        wait = self._idle_s if self.until is None else min(self._idle_s, self.until - time.monotonic())
+        if wait <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self._sock.settimeout(wait)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._idle_s)  # writes keep the idle timeout
 
 
 class _Reply(Exception):
@@ -182,6 +318,15 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.app.config.idle_timeout_s  # socket timeout: idle keep-alive threads end
         super().setup()
+        self.rfile.close()  # the stdlib's reader: replaced by one with deadlines (the socket stays open)
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        # The next request's line and headers must all arrive within idle_timeout_s, however slowly they
+        # trickle (the stdlib closes the connection on TimeoutError); the body gets its own deadline.
+        self._reader.until = time.monotonic() + self.server.app.config.idle_timeout_s
+        super().handle_one_request()
 
     def log_message(self, format, *args):  # noqa: A002 -- BaseHTTPRequestHandler's signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -232,7 +377,7 @@ class _Handler(BaseHTTPRequestHandler):
             app._leave()
 
     def _route(self, method: str, app: Server):
-        parts = self.path.split("?", 1)[0].strip("/").split("/")
+        parts = [_unescape(p) for p in self.path.split("?", 1)[0].strip("/").split("/")]
         if parts[:1] != ["v2"]:
             raise _Reply(404, f"no route {show(self.path)}; the Open Inference Protocol routes start with /v2")
         rest = parts[1:]
@@ -308,11 +453,13 @@ class _Handler(BaseHTTPRequestHandler):
                          "(send fewer rows per request or raise --max-request-bytes)")
         if n < 0:
             raise _Reply(400, f"Content-Length must be >= 0, got {n}")
+        self._reader.until = time.monotonic() + app.config.body_timeout_s
         try:
             body = self.rfile.read(n)
         except TimeoutError:
             self.close_connection = True
-            raise _Reply(408, f"the body did not arrive within {app.config.idle_timeout_s:g} s") from None
+            raise _Reply(408, f"the {n}-byte body did not arrive within {app.config.body_timeout_s:g} s of the "
+                         "headers; send it faster or in smaller requests") from None
         if len(body) != n:
             raise _Reply(400, f"the body ended after {len(body)} of {n} bytes")
         self._body_read = True
@@ -320,6 +467,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _infer(self, app: Server, model):
         body = self._read_body(app)
+        log.debug("%s: %d-byte infer request read", self.address_string(), len(body))
         request, tail = protocol.split_body(body, self.headers.get(HEADER_LENGTH))
         texts = _texts(request, tail)
         if len(texts) > app.config.max_queue_rows:  # its reply alone would be ~1.5 KB (binary) to 8 KB (JSON) a row
@@ -375,6 +523,16 @@ class _Handler(BaseHTTPRequestHandler):
         if status >= 500:
             log.warning("%s %s -> %d: %s", self.command, show(getattr(self, "path", "")), status, message)
         self._send(status, {"error": message}, {})
+
+
+def _unescape(segment: str) -> str:
+    """One path segment with its percent-escapes decoded as UTF-8 (%2F stays inside the segment)."""
+    if "%" not in segment:
+        return segment
+    try:
+        return urllib.parse.unquote_to_bytes(segment).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Reply(400, f"the path segment {show(segment)} is not UTF-8 once percent-decoded") from None
 
 
 def _metadata(model) -> dict:

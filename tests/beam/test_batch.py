@@ -57,3 +57,13 @@ def test_to_json_keeps_one_record_per_line_for_any_reader():
     line = to_json(row)
     assert len(line.splitlines()) == 1 and "é 東京" in line
     assert json.loads(line) == row
+
+
+def test_to_json_escapes_lone_surrogates_so_the_line_encodes_and_reads_back_the_same():
+    from bulkinfer.beam.batch import to_json
+
+    row = {"id": "s\udc80", "text": "ok\ud800bad", "nested": [{"k\udfff": "é"}]}  # as json.loads gives them
+    line = to_json(row)
+    assert "ok\\ud800bad" in line and "s\\udc80" in line and '"k\\udfff"' in line and "é" in line
+    line.encode("utf-8")  # no UnicodeEncodeError
+    assert json.loads(line) == row

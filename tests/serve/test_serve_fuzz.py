@@ -16,7 +16,6 @@ import http.client
 import json
 import socket
 import string
-import time
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -300,15 +299,16 @@ def test_fuzzed_requests_get_2xx_or_4xx_json_and_the_server_stays_up_with_bounde
 
 def test_oversize_body_gets_413_before_the_server_reads_it(fuzzed):
     for auth, want in ((f"Bearer {TOKEN}", 413), (None, 401)):
-        with socket.create_connection(("127.0.0.1", fuzzed.port), timeout=10) as s:
+        # The rest of the body never comes: an answer at all means the server did not wait for it (were it
+        # to wait, this socket would time out, well before the server's own 60 s body deadline).
+        with socket.create_connection(("127.0.0.1", fuzzed.port), timeout=30) as s:
             head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {LIMIT * 1000}\r\n"
             head += f"Authorization: {auth}\r\n" if auth else ""
-            t0 = time.monotonic()
             s.sendall(head.encode() + b"\r\n" + b'{"inputs": [')  # a few bytes of the 64 MB announced; no close
             r = http.client.HTTPResponse(s, method="POST")
-            r.begin()  # would time out if the server waited for the rest of the body
+            r.begin()
             error = json.loads(r.read())["error"]
-            assert r.status == want and time.monotonic() - t0 < 5, (r.status, error)
+            assert r.status == want, (r.status, error)
             assert r.getheader("Connection") == "close"  # the unread body is never parsed as a request
             if want == 413:
                 assert f"at most {LIMIT}" in error
