@@ -23,7 +23,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from bulkinfer.beam import progress
-from bulkinfer.beam.batch import FAILED, NAMESPACE, Batch, Rebatch, SourceDone, dead_letter
+from bulkinfer.beam.batch import FAILED, NAMESPACE, Batch, Rebatch, dead_letter, missing_ids
 from bulkinfer.beam.inputs import row_inputs
 from bulkinfer.beam.isolate import predict_isolating
 from bulkinfer.beam.loading import load_shared, report_engine_stats, report_load
@@ -45,6 +45,8 @@ class BulkInference(beam.PTransform):
       accelerator="type:nvidia-h200;count:1;install-nvidia-driver", min_ram="16GB".
     flush_rows: rows gathered (per bundle) before the engine runs them; more rows -> less padding.
     server, server_token: run `model` (by its name) on this v2 server instead of loading it here.
+    allow_missing_ids: predict rows whose `id_field` is missing or null too (by default each is a dead
+      letter: its prediction could not be joined back to its input).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class BulkInference(beam.PTransform):
         flush_rows: int = 8192,
         server: str | None = None,
         server_token: str | None = None,
+        allow_missing_ids: bool = False,
     ):
         super().__init__()
         if flush_rows < 1:
@@ -71,7 +74,8 @@ class BulkInference(beam.PTransform):
             model = RemoteModel.for_model(server, model, token=server_token)
         self._model = model
         self._hints = {k: v for k, v in (("accelerator", accelerator), ("min_ram", min_ram)) if v}
-        self._fields = dict(input_field=input_field, id_field=id_field, output_field=output_field)
+        self._fields = dict(input_field=input_field, id_field=id_field, output_field=output_field,
+                            allow_missing_ids=allow_missing_ids)
         self._flush_rows = flush_rows
         self._dead_letters = False
 
@@ -107,8 +111,9 @@ class _InferDoFn(beam.DoFn):
     """Gathers rows until `flush_rows` are pending, runs the model once over all of them, and emits the
     predicted batches and, on FAILED, a dead letter per row that was bad or that the model failed on."""
 
-    def __init__(self, model, *, input_field, id_field, output_field, flush_rows):
+    def __init__(self, model, *, input_field, id_field, output_field, flush_rows, allow_missing_ids=False):
         self._model = model
+        self._check_ids = id_field is not None and not allow_missing_ids
         self._input_field, self._id_field = input_field, id_field
         self._output_field = output_field
         self._flush_rows = flush_rows
@@ -125,15 +130,12 @@ class _InferDoFn(beam.DoFn):
         # (batch, valid row indices or None for all rows, their values)
         self._pending: list[tuple[Batch, list[int] | None, list]] = []
         self._pending_rows = 0
-        self._letters: dict[str, list] = {}  # source -> dead letters made here, for its SourceDone
 
-    def process(self, batch: Batch | SourceDone):
-        if isinstance(batch, SourceDone):  # all rows of that file must leave before the marker
-            yield from self._flush()
-            yield batch.with_letters(self._letters.pop(batch.source, ()))
-            return
+    def process(self, batch: Batch):
         self._rows_in.inc(len(batch))
         valid, values, bad = row_inputs(batch, self._input_field, self._loaded.input_type)
+        if self._check_ids:
+            valid, values, bad = self._without_missing_ids(batch, valid, values, bad)
         for i, error in bad:
             yield self._letter(batch, i, error)
         self._pending.append((batch, valid, values))
@@ -148,16 +150,27 @@ class _InferDoFn(beam.DoFn):
             else:
                 yield _in_global_window(out)
 
+    def _without_missing_ids(self, batch: Batch, valid, values, bad):
+        """row_inputs' (valid, values, bad) with rows lacking an id moved to bad."""
+        missing = missing_ids(batch, self._id_field)
+        if not missing:
+            return valid, values, bad
+        error = f"field {self._id_field!r} (the id) is missing or null; set --id-field, or --allow-missing-ids"
+        drop = set(missing)
+        indices = range(len(batch)) if valid is None else valid
+        kept = [(i, v) for i, v in zip(indices, values) if i not in drop]
+        already = {i for i, _ in bad}
+        bad = sorted(bad + [(i, error) for i in missing if i not in already])
+        return [i for i, _ in kept], [v for _, v in kept], bad
+
     def _letter(self, batch: Batch, i: int, error: str, stage: str = "inference"):
         self._failed.inc()
         row = batch.row(i)
         row_id = row.get(self._id_field) if isinstance(row, dict) and self._id_field else None
         where = batch.where(i) + (f" (id {row_id!r})" if row_id is not None else "")
         pos = batch.positions[i] if batch.positions is not None else None
-        letter = dead_letter(
-            stage=stage, error=f"{where}: {error}", record=row, row_id=row_id, source=batch.source, position=pos)
-        if batch.source is not None:
-            self._letters.setdefault(batch.source, []).append(letter)
+        letter = dead_letter(stage=stage, error=f"{where}: {error}", record=row, row_id=row_id, source=batch.source,
+                             position=pos, unit=batch.unit)
         return beam.pvalue.TaggedOutput(FAILED, letter)
 
     def _flush(self):
