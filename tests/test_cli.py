@@ -61,7 +61,7 @@ def test_jsonl_output_rerun_resumes_and_other_settings_need_overwrite(tmp_path):
     again = bulkinfer(*args)  # everything is committed: nothing to redo
     assert again.returncode == 0, again.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["files_resumed_from_earlier_runs"] == 1 and report["rows_out"] == 2
+    assert report["units_skipped"] == 1 and report["rows_out"] == 2
     assert sorted(out.glob("part-*.jsonl")) == files
     other = bulkinfer(*args[:-6], "--id-field", "key", "--text-field", "body")  # parquet now
     assert other.returncode == 2 and "--overwrite" in other.stderr

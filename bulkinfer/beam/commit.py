@@ -1,51 +1,123 @@
-"""Per-input-file commits: atomic outputs and resumable jobs.
+"""Commits per unit of work that check counts and do not depend on how the runner fuses stages.
 
-Each input file (a "source") is one unit of work.  Its predictions and dead letters are written under
-temporary names while the file flows through the pipeline; when its `SourceDone` marker arrives, the
-files are renamed into place and then a commit record `_committed/<key>.json` is written (itself by
-rename).  A source counts as done only once its record exists:
+A unit of work (`io.Unit`: a file or a range of one) is committed only when what reached the writers
+reconciles with what the reader read for that unit:
 
-    DIR/part-<key>-<n>.parquet     predictions of one source
-    DIR/failed-<key>.jsonl         its dead letters
-    DIR/_committed/<key>.json      {"source", "rows_in", "rows_out", "rows_failed", "files"}
+    reader counts  (unit, ("read", rows, failed, Unit))  ─┐
+    predictions    -> WriteUnitParts   -> (unit, ("part", temporary file, rows))   ─┼─ GroupByKey(unit)
+    dead letters   -> WriteUnitLetters -> (unit, ("failed", temporary file, rows)) ─┘        │
+                                                      reconcile: rows_in == rows_out + rows_failed
+                                                      commit: rename temporaries, write the record
 
-A rerun with the same output directory skips the committed sources, deletes whatever a killed run left
-of the others (temporary files, or final names renamed before the record was written), and processes
-only those.  A retried bundle finds the record already there and discards its duplicate output.
+Writers write each bundle's rows under temporary names and report them downstream; a GroupByKey on
+the unit key gathers the reports, so nothing depends on the order in which rows and counts arrive or
+on which stages share a worker.  A runner that retries a bundle delivers only the successful
+attempt's reports; the temporaries of failed attempts (orphans) are deleted at commit.
+
+    DIR/part-<key>-<n>.parquet     predictions of one unit
+    DIR/failed-<key>-<n>.jsonl     its dead letters
+    DIR/_committed/<key>.json      {"key", "source", "fingerprint", "start", "stop", "rows_in",
+                                    "rows_out", "rows_failed", "files"}
+
+A unit whose counts do not reconcile raises `UnitNotReconciled` (the job fails, nothing of that unit is
+committed).  When, over the job, at least `min_rows` rows were seen and more than `max_failed_fraction`
+of them failed, the commit raises `TooManyFailures` instead of committing a dataset of dead letters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import uuid
 
 import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
-from bulkinfer.beam.batch import NAMESPACE, Batch, SourceDone
+from bulkinfer.beam.batch import NAMESPACE, Batch, to_json
 from bulkinfer.beam.io import ShardBuffer, commit, ensure_dir, temp_name, write_temp
 
 COMMITTED = "_committed"
+LETTERS_PER_FILE = 10_000  # dead letters a bundle holds in memory before writing them out
 
 
-def source_key(source: str) -> str:
-    return hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
+class UnitNotReconciled(RuntimeError):
+    """A unit's rows_in != rows_out + rows_failed: some rows were lost or duplicated between read and write."""
+
+
+class TooManyFailures(RuntimeError):
+    """More than the allowed fraction of the job's rows failed: a systemic fault, not a few bad rows."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FailureLimit:
+    """Stop the job when more than `max_fraction` of its rows failed, once at least `min_rows` were seen.
+
+    max_fraction 1.0 never stops.  prior_rows, prior_failed: rows of units committed before this
+    pipeline (earlier waves and runs), counted with this pipeline's.
+    """
+
+    max_fraction: float = 0.5
+    min_rows: int = 1000
+    prior_rows: int = 0
+    prior_failed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_fraction <= 1.0:
+            raise ValueError(f"max_failed_fraction must be within [0, 1], got {self.max_fraction}")
+        if self.min_rows < 1:
+            raise ValueError(f"min_rows must be >= 1, got {self.min_rows}")
+
+    def check(self, rows: int, failed: int) -> None:
+        rows, failed = rows + self.prior_rows, failed + self.prior_failed
+        if rows >= self.min_rows and failed > self.max_fraction * rows:
+            raise TooManyFailures(
+                f"{failed} of {rows} rows failed ({failed / rows:.0%}), more than --max-failed-fraction "
+                f"{self.max_fraction:g}: a systemic fault (wrong --text-field? a broken model?), so nothing "
+                "more is committed; see the dead letters' errors, fix the cause and rerun, or raise the limit")
 
 
 def committed(directory: str) -> dict[str, dict]:
-    """source path -> its commit record, for every committed source in `directory`."""
+    """unit key -> its commit record, for every committed unit in `directory`."""
     records = {}
     pattern = FileSystems.join(directory, COMMITTED, "*.json")
     for m in FileSystems.match([pattern])[0].metadata_list:
         with FileSystems.open(m.path) as f:
             record = json.loads(f.read())
-        records[record["source"]] = record
+        records[record.get("key", m.path.rsplit("/", 1)[1].removesuffix(".json"))] = record
     return records
 
 
+def records_of(directory: str, keys: list[str]) -> list[dict]:
+    """The commit records of these units (those committed)."""
+    records = []
+    for key in keys:
+        path = FileSystems.join(directory, COMMITTED, f"{key}.json")
+        if FileSystems.exists(path):
+            with FileSystems.open(path) as f:
+                records.append(json.loads(f.read()))
+    return records
+
+
+def forget(directory: str, records: list[dict]) -> None:
+    """Deletes committed units: their commit records first (then they no longer count), then their files."""
+    if not records:
+        return
+    FileSystems.delete([FileSystems.join(directory, COMMITTED, f"{r['key']}.json") for r in records])
+    doomed = [FileSystems.join(directory, f) for r in records for f in r["files"]]
+    doomed = [f for f in doomed if FileSystems.exists(f)]
+    if doomed:
+        FileSystems.delete(doomed)
+
+
 def remove_uncommitted(directory: str) -> list[str]:
-    """Deletes the outputs of sources without a commit record and every temporary file; returns them."""
+    """Deletes the outputs of units without a commit record and every temporary file; returns them."""
     keep = {f for r in committed(directory).values() for f in r["files"]}
     doomed = []
     for pattern in ("part-*", "failed-*", ".tmp-*", f"{COMMITTED}/.tmp-*"):
@@ -57,92 +129,241 @@ def remove_uncommitted(directory: str) -> list[str]:
     return doomed
 
 
-class CommitShards(beam.PTransform):
-    """Writes predictions (Batches) per source and, at its `SourceDone`, its dead letters; then commits."""
+class CommitUnits(beam.PTransform):
+    """Writes and commits per unit.  Applied to (predictions, dead letters, reader counts), three PCollections.
 
-    def __init__(self, directory: str, *, format: str, columns: list[str] | None, rows_per_file: int = 100_000):
+    predictions: Batches whose `unit` is set (as ReadUnits makes them and BulkInference keeps them).
+    dead letters: dicts with a "unit" field (written without it), e.g. the reader's and BulkInference's
+    flattened.  counts: `io.ReadUnits`' COUNTS.
+    Returns the commit records.
+    """
+
+    def __init__(self, directory: str, *, format: str, columns: list[str] | None, rows_per_file: int = 100_000,
+                 limit: FailureLimit = FailureLimit()):
         super().__init__()
-        self._args = dict(directory=directory.rstrip("/"), fmt=format, columns=columns, rows_per_file=rows_per_file)
+        self._dir, self._fmt, self._columns = directory.rstrip("/"), format, columns
+        self._rows_per_file, self._limit = rows_per_file, limit
 
-    def expand(self, pcoll):
-        return pcoll | "Commit" >> beam.ParDo(_CommitDoFn(**self._args))
+    def expand(self, inputs):
+        predictions, letters, counts = inputs
+        parts = predictions | "WriteParts" >> beam.ParDo(
+            _WriteUnitParts(self._dir, self._fmt, self._columns, self._rows_per_file))
+        failed = letters | "WriteLetters" >> beam.ParDo(_WriteUnitLetters(self._dir))
+        units = ((counts, parts, failed) | "FlattenReports" >> beam.Flatten()
+                 | "GroupByUnit" >> beam.GroupByKey()
+                 | "Reconcile" >> beam.Map(_reconcile))
+        totals = units | "Totals" >> beam.CombineGlobally(_SumCounts())
+        return units | "Commit" >> beam.ParDo(
+            _CommitUnit(self._dir, self._fmt, self._limit), totals=beam.pvalue.AsSingleton(totals))
 
 
-class _Pending:
-    """What one source has written so far: temporary files, their final names, and counts."""
-
-    def __init__(self, columns: list[str] | None):
-        self.rows = ShardBuffer(columns)  # not yet written (tables or dict rows)
-        self.failed: list[dict] = []  # dead letters, from the marker
-        self.temps: list[tuple[str, str]] = []  # (temporary, final)
-        self.rows_out = 0
+def _token() -> str:
+    return uuid.uuid4().hex[:12]
 
 
-class _CommitDoFn(beam.DoFn):
-    def __init__(self, *, directory, fmt, columns, rows_per_file):
+def _in_global_window(value) -> WindowedValue:
+    return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
+
+
+class _WriteUnitParts(beam.DoFn):
+    """Buffers a bundle's predictions per unit and writes them as temporaries; emits (unit, ("part", temp, n))."""
+
+    def __init__(self, directory, fmt, columns, rows_per_file):
         self._dir, self._fmt, self._columns, self._rows_per_file = directory, fmt, columns, rows_per_file
-        self._rows_written = Metrics.counter(NAMESPACE, "part_rows_written")
-        self._failed_written = Metrics.counter(NAMESPACE, "failed_rows_written")
-        self._sources = Metrics.counter(NAMESPACE, "sources_committed")
+        self._written = Metrics.counter(NAMESPACE, "part_rows_written")
+
+    def setup(self):
+        ensure_dir(self._dir)
+
+    def start_bundle(self):
+        self._buffers: dict[str, ShardBuffer] = {}
+
+    def process(self, batch):
+        if not isinstance(batch, Batch) or batch.unit is None:
+            raise TypeError(f"the unit writer takes Batches read by ReadUnits (with their unit), got {batch!r}; "
+                            "a row-level step between read and write must keep the Batches")
+        buf = self._buffers.setdefault(batch.unit, ShardBuffer(self._columns))
+        buf.add(batch)
+        if len(buf) >= self._rows_per_file:
+            yield self._write(batch.unit, buf)
+
+    def finish_bundle(self):
+        for unit, buf in self._buffers.items():
+            if len(buf):
+                yield _in_global_window(self._write(unit, buf))
+
+    def _write(self, unit: str, buf: ShardBuffer):
+        n = len(buf)
+        temp = buf.write_temp(FileSystems.join(self._dir, f"part-{unit}-{_token()}.{self._fmt}"), self._fmt)
+        self._written.inc(n)
+        return unit, ("part", temp, n)
+
+
+class _WriteUnitLetters(beam.DoFn):
+    """Writes a bundle's dead letters per unit as temporary JSONL files; emits (unit, ("failed", temp, n))."""
+
+    def __init__(self, directory):
+        self._dir = directory
+        self._written = Metrics.counter(NAMESPACE, "failed_rows_written")
+
+    def setup(self):
+        ensure_dir(self._dir)
+
+    def start_bundle(self):
+        self._letters: dict[str, list[dict]] = {}
+
+    def process(self, letter: dict):
+        unit = letter.get("unit") if isinstance(letter, dict) else None
+        if unit is None:
+            raise TypeError(f"the unit writer takes dead letters with their unit, got {letter!r}")
+        pending = self._letters.setdefault(unit, [])
+        pending.append({k: v for k, v in letter.items() if k != "unit"})
+        if len(pending) >= LETTERS_PER_FILE:
+            yield self._write(unit)
+
+    def finish_bundle(self):
+        for unit in [u for u, pending in self._letters.items() if pending]:
+            yield _in_global_window(self._write(unit))
+
+    def _write(self, unit: str):
+        letters, self._letters[unit] = self._letters[unit], []
+        temp = write_temp(FileSystems.join(self._dir, f"failed-{unit}-{_token()}.jsonl"), letters, "jsonl")
+        self._written.inc(len(letters))
+        return unit, ("failed", temp, len(letters))
+
+
+def _reconcile(keyed) -> dict:
+    """A unit's summary from everything reported for it; raises UnitNotReconciled if counts do not match."""
+    key, reports = keyed
+    reads = [r for r in reports if r[0] == "read"]
+    parts = sorted((r[1], r[2]) for r in reports if r[0] == "part")
+    failed = sorted((r[1], r[2]) for r in reports if r[0] == "failed")
+    if len(reads) != 1:
+        raise UnitNotReconciled(f"unit {key}: {len(reads)} reader counts arrived, expected 1; nothing committed")
+    _, rows, read_failed, unit = reads[0]
+    rows_in, rows_out, rows_failed = rows + read_failed, sum(n for _, n in parts), sum(n for _, n in failed)
+    if rows_in != rows_out + rows_failed:
+        raise UnitNotReconciled(
+            f"unit {key} ({unit.describe()}): rows_in {rows_in} != rows_out {rows_out} + rows_failed {rows_failed}; "
+            "rows were lost or duplicated between read and write (a step that drops or repeats rows?), so this "
+            "unit is not committed")
+    return {"unit": unit, "rows_in": rows_in, "rows_out": rows_out, "rows_failed": rows_failed,
+            "parts": [t for t, _ in parts], "failed": [t for t, _ in failed]}
+
+
+class _SumCounts(beam.CombineFn):
+    """(rows_in, rows_failed) over units' summaries."""
+
+    def create_accumulator(self):
+        return 0, 0
+
+    def add_input(self, acc, summary):
+        return acc[0] + summary["rows_in"], acc[1] + summary["rows_failed"]
+
+    def merge_accumulators(self, accs):
+        accs = list(accs)
+        return sum(a[0] for a in accs), sum(a[1] for a in accs)
+
+    def extract_output(self, acc):
+        return acc
+
+
+class _CommitUnit(beam.DoFn):
+    def __init__(self, directory, fmt, limit: FailureLimit):
+        self._dir, self._fmt, self._limit = directory, fmt, limit
+        self._units = Metrics.counter(NAMESPACE, "units_committed")
 
     def setup(self):
         ensure_dir(FileSystems.join(self._dir, COMMITTED))
 
-    def start_bundle(self):
-        self._pending: dict[str, _Pending] = {}
-
-    def process(self, element):
-        if isinstance(element, SourceDone):
-            yield from self._commit(element)
-        elif isinstance(element, Batch):
-            p = self._of(element.source)
-            p.rows.add(element)
-            if len(p.rows) >= self._rows_per_file:
-                self._spill(element.source, p)
-        else:
-            raise TypeError(f"CommitShards takes Batches and SourceDone markers, got {type(element).__name__}")
-
-    def finish_bundle(self):
-        leftover = [s for s, p in self._pending.items() if len(p.rows) or p.temps]
-        if leftover:  # a source whose marker never came: nothing of it is committed, nothing claimed done
-            raise RuntimeError(f"outputs of {leftover[:3]} arrived without their end-of-file marker")
-
-    def _of(self, source: str | None) -> _Pending:
-        if source is None:
-            raise ValueError("CommitShards needs rows that carry their source file (ReadDataset(markers=True))")
-        return self._pending.setdefault(source, _Pending(self._columns))
-
-    def _spill(self, source: str, p: _Pending):
-        final = FileSystems.join(self._dir, f"part-{source_key(source)}-{len(p.temps):05d}.{self._fmt}")
-        p.rows_out += len(p.rows)
-        p.temps.append((p.rows.write_temp(final, self._fmt), final))
-
-    def _commit(self, done: SourceDone):
-        p = self._pending.pop(done.source, _Pending(self._columns))
-        p.failed = list(done.letters)
-        key = source_key(done.source)
+    def process(self, summary: dict, totals):
+        self._limit.check(*totals)
+        unit = summary["unit"]
+        key = unit.key
         record_path = FileSystems.join(self._dir, COMMITTED, f"{key}.json")
-        if FileSystems.exists(record_path):  # a retried bundle: the first commit stands
-            FileSystems.delete([t for t, _ in p.temps])
+        temps = summary["parts"] + summary["failed"]
+        if FileSystems.exists(record_path):  # a retried commit: the first one stands
+            leftover = [t for t in temps if FileSystems.exists(t)]
+            if leftover:
+                FileSystems.delete(leftover)
             return
-        if len(p.rows):
-            self._spill(done.source, p)
-        if p.failed:
-            final = FileSystems.join(self._dir, f"failed-{key}.jsonl")
-            p.temps.append((write_temp(final, p.failed, "jsonl"), final))
-        for temp, final in p.temps:
-            commit(temp, final)
-        record = {
-            "source": done.source,
-            "rows_in": done.rows + done.failed,
-            "rows_out": p.rows_out,
-            "rows_failed": len(p.failed),
-            "files": [final.rsplit("/", 1)[1] for _, final in p.temps],
-        }
+        finals = [FileSystems.join(self._dir, f"part-{key}-{i:05d}.{self._fmt}") for i in range(len(summary["parts"]))]
+        finals += [FileSystems.join(self._dir, f"failed-{key}-{i:05d}.jsonl") for i in range(len(summary["failed"]))]
+        for temp, final in zip(temps, finals):
+            if FileSystems.exists(temp):
+                commit(temp, final)
+            elif not FileSystems.exists(final):  # neither: a file was lost
+                raise UnitNotReconciled(f"unit {key} ({unit.describe()}): written file {temp} is gone; not committed")
+        self._remove_orphans(key, set(temps))
+        record = {"key": key, "source": unit.source, "fingerprint": unit.fingerprint, "start": unit.start,
+                  "stop": unit.stop, "rows_in": summary["rows_in"], "rows_out": summary["rows_out"],
+                  "rows_failed": summary["rows_failed"], "files": [f.rsplit("/", 1)[1] for f in finals]}
         with FileSystems.create(temp_name(record_path)) as f:
             f.write(json.dumps(record).encode("utf-8"))
         commit(temp_name(record_path), record_path)
-        self._rows_written.inc(p.rows_out)
-        self._failed_written.inc(len(p.failed))
-        self._sources.inc()
+        self._units.inc()
         yield record
+
+    def _remove_orphans(self, key: str, reported: set[str]) -> None:
+        """Temporaries of this unit that no successful bundle reported: left by attempts the runner retried."""
+        orphans = [m.path for kind in ("part", "failed")
+                   for m in FileSystems.match([FileSystems.join(self._dir, f".tmp-{kind}-{key}-*")])[0].metadata_list
+                   if m.path not in reported]
+        if orphans:
+            FileSystems.delete(orphans)
+
+
+def count_duplicate_ids(paths: list[str], id_field: str, *, buckets: int = 256, runner=None, options=None) -> int:
+    """Ids that occur more than once (each extra occurrence counts 1) in output and dead-letter files.
+
+    A keyed count: each file's id hashes (64 bits of BLAKE2b of the id's JSON) go to one of `buckets`
+    keys, and each key's duplicates are counted apart, so no worker holds all ids.  Null ids are not
+    counted.  paths: part-*.parquet / part-*.jsonl / failed-*.jsonl files.
+    """
+    if not paths:
+        return 0
+    if runner is None:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        runner = FnApiRunner()
+    p = beam.Pipeline(runner=runner, options=options)
+    _ = (p | "Files" >> beam.Create(sorted(paths))
+         | "Hash" >> beam.FlatMap(_bucketed_id_hashes, id_field, buckets)
+         | "Group" >> beam.GroupByKey()
+         | "Count" >> beam.Map(_count_duplicates))
+    result = p.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(beam.metrics.MetricsFilter().with_name("duplicate_ids"))["counters"]
+    return int(sum((c.committed if c.committed is not None else c.attempted) or 0 for c in counters))
+
+
+def _ids_of(path: str, id_field: str) -> list:
+    name = path.rsplit("/", 1)[1]
+    if name.endswith(".parquet"):
+        with FileSystems.open(path) as f:
+            return pq.read_table(f, columns=[id_field]).column(id_field).to_pylist()
+    field = "id" if name.startswith("failed-") else id_field  # dead letters keep the id as "id"
+    with FileSystems.open(path) as f:
+        return [json.loads(line).get(field) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+
+
+def _bucketed_id_hashes(path: str, id_field: str, buckets: int):
+    ids = [i for i in _ids_of(path, id_field) if i is not None]
+    if not ids:
+        return
+    hashes = np.array([int.from_bytes(hashlib.blake2b(to_json(i).encode("utf-8", "surrogatepass"), digest_size=8)
+                                      .digest(), "little") for i in ids], np.uint64)
+    keys = hashes % np.uint64(buckets)
+    for k in np.unique(keys):
+        yield int(k), hashes[keys == k]
+
+
+_duplicates = Metrics.counter(NAMESPACE, "duplicate_ids")
+
+
+def _count_duplicates(keyed):
+    _, arrays = keyed
+    hashes = np.concatenate(list(arrays))
+    n = len(hashes) - len(np.unique(hashes))
+    _duplicates.inc(n)
+    return n

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bulkinfer.beam import shards
+from bulkinfer.beam import commit
 from bulkinfer.tasks import run as job
 from bulkinfer.testing import CountingModel, cosine
 
@@ -143,7 +143,7 @@ def test_uncommitted_outputs_are_removed_and_committed_ones_kept(tmp_path):
     committed_files = sorted(p.name for p in out.glob("part-*"))
     (out / "part-0123456789abcdef-00000.parquet").write_bytes(b"left by a killed run")
     (out / ".tmp-part-0123456789abcdef-00001.parquet").write_bytes(b"half")
-    removed = shards.remove_uncommitted(str(out))
+    removed = commit.remove_uncommitted(str(out))
     assert sorted(Path(p).name for p in removed) == [".tmp-part-0123456789abcdef-00001.parquet",
                                                      "part-0123456789abcdef-00000.parquet"]
     assert sorted(p.name for p in out.glob("part-*")) == committed_files
@@ -177,7 +177,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_row_exactly_once(tmp_path, minil
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["files_resumed_from_earlier_runs"] == committed_at_kill
+    assert report["units_skipped"] == committed_at_kill
     assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (len(texts), len(texts), 0)
     table = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read().to_pydict()
     ids = table["id"]
