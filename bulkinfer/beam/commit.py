@@ -17,7 +17,7 @@ attempt's reports; the temporaries of failed attempts (orphans) are deleted at c
     DIR/part-<key>-<n>.parquet     predictions of one unit
     DIR/failed-<key>-<n>.jsonl     its dead letters
     DIR/_committed/<key>.json      {"key", "source", "fingerprint", "start", "stop", "rows_in",
-                                    "rows_out", "rows_failed", "files"}
+                                    "rows_out", "rows_failed", "files", "read_by": "host:pid"}
 
 A unit whose counts do not reconcile raises `UnitNotReconciled` (the job fails, nothing of that unit is
 committed).  When, over the job, at least `min_rows` rows were seen and more than `max_failed_fraction`
@@ -240,14 +240,14 @@ def _reconcile(keyed) -> dict:
     failed = sorted((r[1], r[2]) for r in reports if r[0] == "failed")
     if len(reads) != 1:
         raise UnitNotReconciled(f"unit {key}: {len(reads)} reader counts arrived, expected 1; nothing committed")
-    _, rows, read_failed, unit = reads[0]
+    _, rows, read_failed, unit, reader = reads[0]
     rows_in, rows_out, rows_failed = rows + read_failed, sum(n for _, n in parts), sum(n for _, n in failed)
     if rows_in != rows_out + rows_failed:
         raise UnitNotReconciled(
             f"unit {key} ({unit.describe()}): rows_in {rows_in} != rows_out {rows_out} + rows_failed {rows_failed}; "
             "rows were lost or duplicated between read and write (a step that drops or repeats rows?), so this "
             "unit is not committed")
-    return {"unit": unit, "rows_in": rows_in, "rows_out": rows_out, "rows_failed": rows_failed,
+    return {"unit": unit, "read_by": reader, "rows_in": rows_in, "rows_out": rows_out, "rows_failed": rows_failed,
             "parts": [t for t, _ in parts], "failed": [t for t, _ in failed]}
 
 
@@ -297,7 +297,8 @@ class _CommitUnit(beam.DoFn):
         self._remove_orphans(key, set(temps))
         record = {"key": key, "source": unit.source, "fingerprint": unit.fingerprint, "start": unit.start,
                   "stop": unit.stop, "rows_in": summary["rows_in"], "rows_out": summary["rows_out"],
-                  "rows_failed": summary["rows_failed"], "files": [f.rsplit("/", 1)[1] for f in finals]}
+                  "rows_failed": summary["rows_failed"], "files": [f.rsplit("/", 1)[1] for f in finals],
+                  "read_by": summary["read_by"]}
         with FileSystems.create(temp_name(record_path)) as f:
             f.write(json.dumps(record).encode("utf-8"))
         commit(temp_name(record_path), record_path)
@@ -316,9 +317,10 @@ class _CommitUnit(beam.DoFn):
 def count_duplicate_ids(paths: list[str], id_field: str, *, buckets: int = 256, runner=None, options=None) -> int:
     """Ids that occur more than once (each extra occurrence counts 1) in output and dead-letter files.
 
-    A keyed count: each file's id hashes (64 bits of BLAKE2b of the id's JSON) go to one of `buckets`
-    keys, and each key's duplicates are counted apart, so no worker holds all ids.  Null ids are not
-    counted.  paths: part-*.parquet / part-*.jsonl / failed-*.jsonl files.
+    A keyed count: each file's id hashes (64 bits of BLAKE2b of the id's text) go to one of `buckets`
+    keys, and each key's duplicates are counted apart, so no worker holds all ids.  Ids compare by
+    their text (7 and "7" are one id: a Parquet column of mixed types stores numbers as text).  Null
+    ids are not counted.  paths: part-*.parquet / part-*.jsonl / failed-*.jsonl files.
     """
     if not paths:
         return 0
@@ -351,8 +353,9 @@ def _bucketed_id_hashes(path: str, id_field: str, buckets: int):
     ids = [i for i in _ids_of(path, id_field) if i is not None]
     if not ids:
         return
-    hashes = np.array([int.from_bytes(hashlib.blake2b(to_json(i).encode("utf-8", "surrogatepass"), digest_size=8)
-                                      .digest(), "little") for i in ids], np.uint64)
+    texts = (i if isinstance(i, str) else to_json(i) for i in ids)  # as output files may store them
+    hashes = np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                      "little") for t in texts], np.uint64)
     keys = hashes % np.uint64(buckets)
     for k in np.unique(keys):
         yield int(k), hashes[keys == k]

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import sys
 import uuid
 
@@ -48,7 +49,7 @@ from bulkinfer.beam.batch import (
     to_json,
 )
 
-COUNTS = "counts"  # tag of the reader's per-unit counts: (unit key, ("read", rows, failed, Unit))
+COUNTS = "counts"  # tag of the reader's per-unit counts: (unit key, ("read", rows, failed, Unit, "host:pid"))
 UNIT_SIZE = 64 << 20  # bytes: files larger than this are split into units of about this size
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, as spreadsheet programs write it
 CSV_FIELD_LIMIT = 1 << 30  # characters: Python's csv module refuses fields over 128 KiB by default
@@ -247,7 +248,8 @@ class ReadDataset(beam.PTransform):
 
 class ReadUnits(beam.PTransform):
     """Reads units of work; returns Beam's tagged outputs: `rows` (Batches), FAILED (dead letters, each
-    with its "unit") and COUNTS (per unit, once: (unit key, ("read", rows read, records failed, Unit))).
+    with its "unit") and COUNTS (per unit, once: (unit key, ("read", rows read, records failed, Unit,
+    "host:pid" of the reader))).
     """
 
     def __init__(self, units: list[Unit], *, batch_rows: int = 1024):
@@ -260,6 +262,11 @@ class ReadUnits(beam.PTransform):
         return (pbegin
                 | "Units" >> beam.Create(self._units)
                 | "Read" >> beam.ParDo(_ReadUnit(self._batch_rows)).with_outputs(FAILED, COUNTS, main="rows"))
+
+
+def _worker() -> str:
+    """host:pid of this process, so a commit record tells which worker read its unit."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _fail(letter):
@@ -289,7 +296,7 @@ class _ReadUnit(beam.DoFn):
             yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
                 stage="read", error=f"{position_text(path, position)}: {error}", record=raw, source=path,
                 position=position, unit=key))
-        yield beam.pvalue.TaggedOutput(COUNTS, (key, ("read", n_rows, n_failed, unit)))
+        yield beam.pvalue.TaggedOutput(COUNTS, (key, ("read", n_rows, n_failed, unit, _worker())))
 
     def _dict_parts(self, unit: Unit, fmt: str):
         """Batches of dict rows, and (position, error, raw record) for each unreadable record."""

@@ -245,7 +245,7 @@ def _default_runner(options: PipelineOptions):
 
 def _cause(error: BaseException) -> str:
     """The line of a pipeline failure that names its cause (runners wrap it in tracebacks and context)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line.strip() for line in f"{type(error).__name__}: {error}".splitlines() if line.strip()]
     for marker in ("UnitNotReconciled", "TooManyFailures", "ModelUnavailable", "JaxRuntimeError"):
         hits = [line for line in lines if marker in line]
         if hits:
