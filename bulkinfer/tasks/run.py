@@ -133,11 +133,12 @@ def prepare_output(model, job: JobSpec, units: list[io.Unit]) -> Plan:
     elif FileSystems.exists(settings_path):
         with FileSystems.open(settings_path) as f:
             before = json.loads(f.read())
-        if before != _settings(model, job):
-            changed = sorted(k for k in set(before) | set(_settings(model, job))
-                             if before.get(k) != _settings(model, job).get(k))
-            raise FileExistsError(f"{out} holds a run with other settings ({', '.join(changed)} differ: {before}); "
-                                  "pass --overwrite to replace it")
+        now = _settings(model, job)
+        if before != now:
+            changed = "; ".join(f"{k} {before.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(before) | set(now))
+                                if before.get(k) != now.get(k))
+            raise FileExistsError(f"{out} holds a run with other settings: {changed}; pass --overwrite to replace "
+                                  "it, or choose another --output")
     elif FileSystems.match([FileSystems.join(out, "part-*")])[0].metadata_list:
         raise FileExistsError(f"{out} holds outputs that are not from a bulkinfer run; pass --overwrite")
     earlier = set(_read_json(FileSystems.join(out, PLAN_FILE), []))
