@@ -218,12 +218,12 @@ def test_bom_files_two_processes_with_a_hint_an_edited_input_and_changed_fields(
 def test_sigkill_mid_run_then_rerun_redoes_only_the_unfinished_ranges(tmp_path, minilm):
     from bulkinfer.testing import synthetic_texts
 
-    texts = synthetic_texts(2400, seed=3)
+    texts = synthetic_texts(1200, seed=3)
     with open(tmp_path / "in.jsonl", "w") as f:  # one file, cut into ranges of 8 KiB
         f.writelines(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "bulkinfer.cli", "run", "--model", "minilm", "--max-length", "64",
-           "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--unit-size", "8KiB", "--wave-units", "2"]
+           "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--unit-size", "8KiB", "--wave-units", "3"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
