@@ -327,8 +327,9 @@ def _jsonl_records(unit: Unit):
             if unit.stop is not None and offset >= unit.stop:
                 return
             if offset == 0 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            offset += len(raw)
+                offset, raw = len(raw), raw[len(BOM):]
+            else:
+                offset += len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -240,6 +240,15 @@ def test_a_byte_order_mark_is_skipped_in_jsonl_and_csv(tmp_path):
         assert [p for p, _ in rows] == ([1, 2] if name.endswith(".jsonl") else [2, 3])
 
 
+def test_a_split_jsonl_file_with_a_byte_order_mark_holds_every_line_once(tmp_path):
+    lines = [json.dumps({"id": i, "text": "x" * (i % 5)}) for i in range(40)]
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    units = io.plan_units([str(tmp_path / "a.jsonl")], unit_size=50)
+    assert len(units) > 10
+    rows = [pr for u in units for pr in _read_unit(u)[0]]
+    assert [(p, r["id"]) for p, r in sorted(rows, key=lambda pr: pr[0])] == [(i + 1, i) for i in range(40)]
+
+
 def test_csv_fields_over_128_kib_are_read(tmp_path):
     big = "é" * (300 << 10)
     (tmp_path / "a.csv").write_text(f'id,text\n1,"{big}"\n2,small\n', encoding="utf-8")
