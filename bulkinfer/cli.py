@@ -26,8 +26,8 @@ and report.json counts units_skipped, units_resumed and units_reprocessed.
 Bad rows vs outages: a row that cannot be read, lacks its text or id, or on which the model fails
 (isolated by bisection) is a dead letter in failed-*.jsonl.  A server down past --server-retry-budget-s
 or a failed device is not the rows' fault: the job stops with exit 1, those rows are not committed,
-and rerunning the same command later does them.  So does a job in which more than
---max-failed-fraction of the rows fail (checked once 1000 rows were seen).
+and rerunning the same command later does them.  The job also stops with exit 1 when more than
+--max-failed-fraction of its rows fail (checked once 1000 rows were seen): a systemic fault.
 
 Exit status: 0 done; 1 the job failed or is incomplete (rerun to resume); 2 bad flags or settings.
 

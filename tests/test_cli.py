@@ -247,3 +247,14 @@ def test_sigkill_mid_run_then_rerun_redoes_only_the_unfinished_ranges(tmp_path, 
     assert sorted(ids) == list(range(len(texts)))  # no loss, no duplicate
     assert report["duplicate_ids"] == 0
     assert not list(out.glob(".tmp-*")) and not list(out.glob("_committed/.tmp-*"))
+
+
+def test_sizes_are_read_in_bytes_or_binary_units():
+    import argparse
+
+    from bulkinfer.cli import _size
+
+    assert [_size(v) for v in ("65536", "512KiB", "64MiB", "1GB", "2k")] == [65536, 512 << 10, 64 << 20, 1 << 30, 2048]
+    for bad in ("lots", "0", "-5MiB"):
+        with pytest.raises(argparse.ArgumentTypeError, match="size"):
+            _size(bad)
