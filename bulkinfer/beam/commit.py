@@ -44,7 +44,7 @@ from bulkinfer.beam.batch import NAMESPACE, Batch, to_json
 from bulkinfer.beam.io import ShardBuffer, commit, ensure_dir, temp_name, write_temp
 
 COMMITTED = "_committed"
-LETTERS_PER_FILE = 10_000  # dead letters a bundle holds in memory before writing them out
+LETTERS_PER_FILE = 10_000  # dead letters a bundle holds in memory, over all units, before writing them out
 
 
 class UnitNotReconciled(RuntimeError):
@@ -177,20 +177,26 @@ class _WriteUnitParts(beam.DoFn):
 
     def start_bundle(self):
         self._buffers: dict[str, ShardBuffer] = {}
+        self._buffered = 0  # rows over all units: a bundle holds at most rows_per_file rows in memory
 
     def process(self, batch):
         if not isinstance(batch, Batch) or batch.unit is None:
             raise TypeError(f"the unit writer takes Batches read by ReadUnits (with their unit), got {batch!r}; "
                             "a row-level step between read and write must keep the Batches")
-        buf = self._buffers.setdefault(batch.unit, ShardBuffer(self._columns))
-        buf.add(batch)
-        if len(buf) >= self._rows_per_file:
-            yield self._write(batch.unit, buf)
+        self._buffers.setdefault(batch.unit, ShardBuffer(self._columns)).add(batch)
+        self._buffered += len(batch)
+        if self._buffered >= self._rows_per_file:
+            yield from self._write_all()
 
     def finish_bundle(self):
+        for report in self._write_all():
+            yield _in_global_window(report)
+
+    def _write_all(self):
         for unit, buf in self._buffers.items():
             if len(buf):
-                yield _in_global_window(self._write(unit, buf))
+                yield self._write(unit, buf)
+        self._buffers, self._buffered = {}, 0
 
     def _write(self, unit: str, buf: ShardBuffer):
         n = len(buf)
@@ -211,25 +217,27 @@ class _WriteUnitLetters(beam.DoFn):
 
     def start_bundle(self):
         self._letters: dict[str, list[dict]] = {}
+        self._buffered = 0  # over all units: a bundle holds at most LETTERS_PER_FILE letters in memory
 
     def process(self, letter: dict):
         unit = letter.get("unit") if isinstance(letter, dict) else None
         if unit is None:
             raise TypeError(f"the unit writer takes dead letters with their unit, got {letter!r}")
-        pending = self._letters.setdefault(unit, [])
-        pending.append({k: v for k, v in letter.items() if k != "unit"})
-        if len(pending) >= LETTERS_PER_FILE:
-            yield self._write(unit)
+        self._letters.setdefault(unit, []).append({k: v for k, v in letter.items() if k != "unit"})
+        self._buffered += 1
+        if self._buffered >= LETTERS_PER_FILE:
+            yield from self._write_all()
 
     def finish_bundle(self):
-        for unit in [u for u, pending in self._letters.items() if pending]:
-            yield _in_global_window(self._write(unit))
+        for report in self._write_all():
+            yield _in_global_window(report)
 
-    def _write(self, unit: str):
-        letters, self._letters[unit] = self._letters[unit], []
-        temp = write_temp(FileSystems.join(self._dir, f"failed-{unit}-{_token()}.jsonl"), letters, "jsonl")
-        self._written.inc(len(letters))
-        return unit, ("failed", temp, len(letters))
+    def _write_all(self):
+        for unit, letters in self._letters.items():
+            temp = write_temp(FileSystems.join(self._dir, f"failed-{unit}-{_token()}.jsonl"), letters, "jsonl")
+            self._written.inc(len(letters))
+            yield unit, ("failed", temp, len(letters))
+        self._letters, self._buffered = {}, 0
 
 
 def _reconcile(keyed) -> dict:
