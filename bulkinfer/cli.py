@@ -248,8 +248,10 @@ def _run(args, beam_args) -> int:
                 budget_s=args.server_retry_budget_s)
             model = RemoteModel.for_model(args.server, args.model, retry=retry,
                                           token=args.server_token or os.environ.get("BULKINFER_TOKEN"))
-        elif args.server_token or args.server_retry_budget_s is not None:
-            raise ValueError("--server-token and --server-retry-budget-s need --server URL")
+        elif args.server_token:
+            raise ValueError("--server-token needs --server URL")
+        elif args.server_retry_budget_s is not None:
+            raise ValueError("--server-retry-budget-s needs --server URL")
         else:
             model = _embedder(args)
         spec = job.JobSpec(input=args.input, output=args.output, format=args.format, id_field=args.id_field,
