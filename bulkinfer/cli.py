@@ -14,8 +14,22 @@ Any flag not listed above is a Beam pipeline option, passed through unchanged, e
   --direct_num_workers=2 --direct_running_mode=multi_processing
 Without --runner the job runs on Beam's embedded FnApiRunner in this process.
 
-Rerunning the same command after an interruption resumes: input files already committed
-(DIR/_committed/) are skipped.
+Units of work: each input file, or for files over --unit-size (JSONL byte ranges cut at newlines,
+Parquet row groups; CSV is never split) a range of one.  A unit is committed (DIR/_committed/) only
+when its rows_in = rows_out + rows_failed; otherwise the job fails and nothing of it is committed.
+Units run in waves of --wave-units, one Beam pipeline each.
+
+Rerunning the same command after an interruption resumes: committed units are skipped, units whose
+input file changed since (size or modification time) are redone with their old outputs replaced,
+and report.json counts units_skipped, units_resumed and units_reprocessed.
+
+Bad rows vs outages: a row that cannot be read, lacks its text or id, or on which the model fails
+(isolated by bisection) is a dead letter in failed-*.jsonl.  A server down past --server-retry-budget-s
+or a failed device is not the rows' fault: the job stops with exit 1, those rows are not committed,
+and rerunning the same command later does them.  The job also stops with exit 1 when more than
+--max-failed-fraction of its rows fail (checked once 1000 rows were seen): a systemic fault.
+
+Exit status: 0 done; 1 the job failed or is incomplete (rerun to resume); 2 bad flags or settings.
 
 Outputs in DIR:
   part-*.parquet (or .jsonl)  one row per input row that succeeded: the id field, --keep-fields and the
@@ -74,6 +88,22 @@ def _parser() -> argparse.ArgumentParser:
                           "(bulkinfer serve, Triton, ...) instead of in this job; the engine flags then do not apply")
     run.add_argument("--server-token", metavar="TOKEN", default=None,
                      help="bearer token for --server (default: $BULKINFER_TOKEN)")
+    run.add_argument("--server-retry-budget-s", type=float, default=None, metavar="S",
+                     help="seconds one request to --server may spend retrying before the job stops (default: 120)")
+    run.add_argument("--accelerator", default=None, metavar="HINT",
+                     help="Beam resource hint for the inference stage, e.g. 'type:nvidia-h200;count:1;"
+                          "install-nvidia-driver' (runners that honour hints place the stage on such workers)")
+    run.add_argument("--min-ram", default=None, metavar="SIZE", help="Beam resource hint for the inference stage, e.g. 16GB")
+    run.add_argument("--unit-size", type=_size, default=None, metavar="BYTES",
+                     help="split input files larger than this into units of work of about this size "
+                          "(e.g. 64MiB, the default; 512KiB); a resumed job redoes only unfinished units")
+    run.add_argument("--wave-units", type=int, default=64, metavar="N",
+                     help="units of work per pipeline run; a crash loses at most the wave in flight (default: 64)")
+    run.add_argument("--max-failed-fraction", type=float, default=0.5, metavar="F",
+                     help="stop the job (exit 1, nothing more committed) when more than this fraction of its rows "
+                          "fail, once 1000 rows were seen (default: 0.5; 1 never stops)")
+    run.add_argument("--allow-missing-ids", action="store_true",
+                     help="predict rows whose id field is missing or null (default: each is a dead letter)")
     run.add_argument("-v", "--verbose", action="store_true", help="log Beam's and bulkinfer's progress")
 
     serve = sub.add_parser(
@@ -100,6 +130,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
     parser.commands = {"run": run, "serve": serve}
     return parser
+
+
+def _size(value: str) -> int:
+    """'65536', '512KiB', '64MiB', '1GiB' (or KB/MB/GB, also powers of 1024) -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = value.strip().lower().removesuffix("b").removesuffix("i")
+    factor = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size; write e.g. 65536, 512KiB or 64MiB") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: the size must be at least 1 byte")
+    return size
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -217,18 +262,28 @@ def _run(args, beam_args) -> int:
             if local_only:
                 raise ValueError(f"{', '.join(local_only)} configure the local engine and do not apply with --server; "
                                  "pass them to `bulkinfer serve` instead")
-            from bulkinfer.serve.client import RemoteModel
+            from bulkinfer.serve.client import RemoteModel, RetryPolicy
 
-            model = RemoteModel.for_model(args.server, args.model,
+            retry = RetryPolicy() if args.server_retry_budget_s is None else RetryPolicy(
+                budget_s=args.server_retry_budget_s)
+            model = RemoteModel.for_model(args.server, args.model, retry=retry,
                                           token=args.server_token or os.environ.get("BULKINFER_TOKEN"))
         elif args.server_token:
             raise ValueError("--server-token needs --server URL")
+        elif args.server_retry_budget_s is not None:
+            raise ValueError("--server-retry-budget-s needs --server URL")
         else:
             model = _model(args)
         keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
         spec = job.JobSpec(input=args.input, output=args.output, format=args.format, id_field=args.id_field,
-                           input_field=args.input_field, keep_fields=keep, overwrite=args.overwrite)
+                           input_field=args.input_field, keep_fields=keep, overwrite=args.overwrite,
+                           wave_units=args.wave_units, max_failed_fraction=args.max_failed_fraction,
+                           allow_missing_ids=args.allow_missing_ids, accelerator=args.accelerator,
+                           min_ram=args.min_ram, **({} if args.unit_size is None else {"unit_size": args.unit_size}))
         report = job.run(model, spec, beam_args)
+    except job.JobFailed as e:
+        print(f"bulkinfer: error: {e}", file=sys.stderr)
+        return 1
     except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, TypeError) as e:
         print(f"bulkinfer: error: {e}", file=sys.stderr)
         return 2
@@ -237,8 +292,8 @@ def _run(args, beam_args) -> int:
         print(f"bulkinfer: error: rows_in {report['rows_in']} != rows_out {report['rows_out']} + rows_failed "
               f"{report['rows_failed']}; see {args.output}/report.json", file=sys.stderr)
         return 1
-    if report["files_done"] != report["files"]:
-        print(f"bulkinfer: error: only {report['files_done']} of {report['files']} input files were committed; "
+    if report["units_done"] != report["units"]:
+        print(f"bulkinfer: error: only {report['units_done']} of {report['units']} units of work were committed; "
               "rerun the same command to finish them", file=sys.stderr)
         return 1
     return 0

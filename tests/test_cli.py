@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,7 @@ def test_jsonl_output_rerun_resumes_and_other_settings_need_overwrite(tmp_path):
     again = bulkinfer(*args)  # everything is committed: nothing to redo
     assert again.returncode == 0, again.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["files_resumed_from_earlier_runs"] == 1 and report["rows_out"] == 2
+    assert report["units_skipped"] == 1 and report["rows_out"] == 2
     assert sorted(out.glob("part-*.jsonl")) == files
     other = bulkinfer(*args[:-6], "--id-field", "key", "--text-field", "body")  # parquet now
     assert other.returncode == 2 and "--overwrite" in other.stderr
@@ -166,7 +168,8 @@ def test_help_teaches_the_flags_and_beam_pass_through():
     proc = bulkinfer("run", "--help")
     assert proc.returncode == 0
     for flag in ("--model", "--input", "--output", "--id-field", "--text-field", "--format", "--runner",
-                 "failed-*.jsonl", "report.json"):
+                 "failed-*.jsonl", "report.json", "--accelerator", "--min-ram", "--unit-size", "--wave-units",
+                 "--max-failed-fraction", "--allow-missing-ids", "--server-retry-budget-s", "units_resumed"):
         assert flag in proc.stdout
 
 
@@ -189,3 +192,92 @@ def test_compilation_cache_defaults_to_the_user_cache_dir(monkeypatch, tmp_path)
     assert _compilation_cache("none") is None and _compilation_cache("/x") == "/x"
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")  # JAX's own setting wins
     assert _compilation_cache(None) is None
+
+
+@pytest.mark.slow
+def test_bom_files_two_processes_with_a_hint_an_edited_input_and_changed_fields(tmp_path, minilm):
+    """BOM files give every row with its id; 2 processes with --accelerator commit every unit reconciled;
+    an edited input is redone; another --text-field on the same output directory is refused."""
+    bom = "\ufeff"
+    (tmp_path / "a.jsonl").write_text(bom + "".join(json.dumps({"id": f"j{i}", "text": f"json row {i}"}) + "\n"
+                                                    for i in range(3)), encoding="utf-8")
+    (tmp_path / "b.csv").write_text(bom + "id,text\nc0,csv row 0\nc1,\"csv, row 1\"\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["run", "--model", "minilm", "--input", tmp_path / "*", "--output", out, "--format", "jsonl"]
+    first = bulkinfer(*args, "--accelerator", "type:nvidia-h200;count:1", "--min-ram", "1GB",
+                      "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+    assert first.returncode == 0, first.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"], report["units_done"]) == (5, 5, 0, 2)
+    records = [json.loads(f.read_text()) for f in out.glob("_committed/*.json")]
+    assert sorted((r["rows_in"], r["rows_out"], r["rows_failed"]) for r in records) == [(2, 2, 0), (3, 3, 0)]
+
+    def outputs():
+        rows = [json.loads(line) for f in out.glob("part-*.jsonl") for line in f.read_text().splitlines()]
+        return {r["id"]: np.array(r["embedding"], np.float32) for r in rows}, len(rows)
+
+    got, n = outputs()
+    texts = {"j0": "json row 0", "j1": "json row 1", "j2": "json row 2", "c0": "csv row 0", "c1": "csv, row 1"}
+    assert n == 5 and sorted(got) == sorted(texts)
+    ids = sorted(texts)
+    np.testing.assert_allclose(np.stack([got[i] for i in ids]), minilm.predict([texts[i] for i in ids]), atol=1e-5)
+
+    with open(tmp_path / "a.jsonl", "a", encoding="utf-8") as f:  # rows appended to one input
+        f.write(json.dumps({"id": "j3", "text": "json row 3"}) + "\n")
+    second = bulkinfer(*args)
+    assert second.returncode == 0, second.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["units_reprocessed"], report["units_skipped"], report["rows_out"]) == (1, 1, 6)
+    got, n = outputs()
+    assert n == 6 and sorted(got) == sorted([*texts, "j3"])  # j0..j2 once each, j3 new
+
+    other = bulkinfer(*args, "--text-field", "body")
+    assert other.returncode == 2
+    assert "holds a run with other settings: input_field 'text' (now 'body'); pass --overwrite" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_redoes_only_the_unfinished_ranges(tmp_path, minilm):
+    from bulkinfer.testing import synthetic_texts
+
+    texts = synthetic_texts(1200, seed=3)
+    with open(tmp_path / "in.jsonl", "w") as f:  # one file, cut into ranges of 8 KiB
+        f.writelines(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bulkinfer.cli", "run", "--model", "minilm", "--max-length", "64",
+           "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--unit-size", "8KiB", "--wave-units", "3"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while not list(out.glob("_committed/*.json")) and proc.poll() is None:  # wait for the first commit
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    committed_at_kill = len(list(out.glob("_committed/*.json")))
+    plan = json.loads((out / "_plan.json").read_text())
+    assert 1 <= committed_at_kill < len(plan), "the kill must land mid-run for this test to mean anything"
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["units"] == len(plan) and report["units_skipped"] == committed_at_kill
+    assert report["units_resumed"] == len(plan) - committed_at_kill and report["units_reprocessed"] == 0
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (len(texts), len(texts), 0)
+    table = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read().to_pydict()
+    ids = table["id"]
+    assert sorted(ids) == list(range(len(texts)))  # no loss, no duplicate
+    assert report["duplicate_ids"] == 0
+    assert not list(out.glob(".tmp-*")) and not list(out.glob("_committed/.tmp-*"))
+
+
+def test_sizes_are_read_in_bytes_or_binary_units():
+    import argparse
+
+    from bulkinfer.cli import _size
+
+    assert [_size(v) for v in ("65536", "512KiB", "64MiB", "1GB", "2k")] == [65536, 512 << 10, 64 << 20, 1 << 30, 2048]
+    for bad in ("lots", "0", "-5MiB"):
+        with pytest.raises(argparse.ArgumentTypeError, match="size"):
+            _size(bad)

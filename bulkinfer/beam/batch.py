@@ -7,7 +7,6 @@ and `WriteDataset` accept plain dict rows too (see `Rebatch`), and `Unbatch` tur
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -33,21 +32,24 @@ class Batch:
       lists of numbers, come back as 1-D numpy arrays, as a model's predictions do in dict rows), and
       `table` is the table or None.
     source: the file they came from, if any.  positions: each row's 1-based line or row number in that
-      file (for error messages).  from_rows: built from single-row elements, so BulkInference hands
-      single rows back.
+      file (for error messages).  unit: the key of the unit of work (a file or a range of one, see
+      `bulkinfer.beam.io.Unit`) the rows were read in; stages keep it so that a job's writer can
+      commit each unit once its counts reconcile.  from_rows: built from single-row elements, so
+      BulkInference hands single rows back.
 
         >>> Batch([{"id": 1, "text": "a"}]).rows             # [{'id': 1, 'text': 'a'}]
         >>> Batch(pa.table({"id": [1], "text": ["a"]})).table
     """
 
     def __init__(self, rows: list[dict] | pa.Table | pa.RecordBatch, *, source: str | None = None,
-                 positions: Sequence[int] | None = None, from_rows: bool = False):
+                 positions: Sequence[int] | None = None, unit: str | None = None, from_rows: bool = False):
         if isinstance(rows, pa.RecordBatch):
             rows = pa.Table.from_batches([rows])
         self.table: pa.Table | None = rows if isinstance(rows, pa.Table) else None
         self._rows: list[dict] | None = None if self.table is not None else rows
         self.source = source
         self.positions = positions
+        self.unit = unit
         self.from_rows = from_rows
 
     @property
@@ -62,7 +64,7 @@ class Batch:
     def __eq__(self, other) -> bool:
         if not isinstance(other, Batch):
             return NotImplemented
-        if (self.source, self.from_rows) != (other.source, other.from_rows) or (
+        if (self.source, self.unit, self.from_rows) != (other.source, other.unit, other.from_rows) or (
                 _listed(self.positions) != _listed(other.positions)):
             return False
         if self.table is not None and other.table is not None:
@@ -71,7 +73,7 @@ class Batch:
 
     def __repr__(self) -> str:
         kind = f"table {self.table.schema.names}" if self.table is not None else "rows"
-        return f"Batch({len(self)} {kind}, source={self.source!r}, from_rows={self.from_rows})"
+        return f"Batch({len(self)} {kind}, source={self.source!r}, unit={self.unit!r}, from_rows={self.from_rows})"
 
     def __getstate__(self) -> dict:  # the cached dict rows of a table do not travel
         state = dict(self.__dict__)
@@ -108,7 +110,17 @@ class Batch:
                 rows = self.table if every else self.table.take(idx)
             else:
                 rows = [self._rows[i] for i in idx.tolist()]
-        return Batch(rows, source=self.source, positions=positions, from_rows=self.from_rows)
+        return Batch(rows, source=self.source, positions=positions, unit=self.unit, from_rows=self.from_rows)
+
+
+def missing_ids(batch: Batch, id_field: str) -> list[int]:
+    """Indices of the rows whose `id_field` is missing or null (from a table without per-row Python)."""
+    if batch.table is not None:
+        if id_field not in batch.table.column_names:
+            return list(range(len(batch)))
+        column = batch.table.column(id_field)
+        return np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)).tolist() if column.null_count else []
+    return [i for i, row in enumerate(batch.rows) if not isinstance(row, dict) or row.get(id_field) is None]
 
 
 def _listed(positions: Sequence[int] | None) -> list[int] | None:
@@ -151,35 +163,18 @@ def table_rows(table: pa.Table) -> list[dict]:
     return rows
 
 
-@dataclasses.dataclass(frozen=True)
-class SourceDone:
-    """Follows the last rows of one input file down the main output (only with ReadDataset(markers=True)).
-
-    Stages that buffer rows flush them before passing the marker on, and every stage adds the dead
-    letters it made for that file to `letters`; so when the marker reaches the writer, everything the
-    file produced has arrived and its outputs can be committed as one unit.  Rows and marker travel one
-    chain of ParDos (no Flatten, whose inputs a runner may deliver in any order).
-    rows: rows read; failed: records the reader could not parse.
-    """
-
-    source: str
-    rows: int
-    failed: int
-    letters: tuple = ()
-
-    def with_letters(self, letters) -> SourceDone:
-        return dataclasses.replace(self, letters=self.letters + tuple(letters))
-
-
 def dead_letter(*, stage: str, error: str, record: Any, row_id: Any = None, source: str | None = None,
-                position: int | None = None) -> dict:
+                position: int | None = None, unit: str | None = None) -> dict:
     """One failed row: where it failed, why, and the raw record as it arrived.
 
+    unit: the key of the unit of work the row was read in (see `Batch`), kept as field "unit" when given.
     Lone surrogates in its text (see `escape_surrogates`) are escaped, so that a dead letter can always
     be encoded: by Beam's coders between stages (UTF-8) and by every writer.
     """
-    return escape_surrogates(
-        {"id": row_id, "stage": stage, "error": error, "record": record, "source": source, "position": position})
+    letter = {"id": row_id, "stage": stage, "error": error, "record": record, "source": source, "position": position}
+    if unit is not None:
+        letter["unit"] = unit
+    return escape_surrogates(letter)
 
 
 # Lone surrogates: code points U+D800..U+DFFF, which a Python str can hold (JSON's "\ud800" escape decodes
@@ -243,10 +238,7 @@ class Rebatch(beam.DoFn):
         self._buf = []
 
     def process(self, element):
-        if isinstance(element, SourceDone) and self._buf:  # rows before their file's end marker
-            yield Batch(self._buf, from_rows=True)
-            self._buf = []
-        if isinstance(element, Batch | SourceDone):
+        if isinstance(element, Batch):
             yield element
             return
         self._buf.append(element)
@@ -270,4 +262,4 @@ class Unbatch(beam.PTransform):
 def _rows_of(element) -> list:
     if isinstance(element, Batch):
         return element.rows
-    return [] if isinstance(element, SourceDone) else [element]
+    return [element]

@@ -16,25 +16,32 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from bulkinfer.beam.batch import Batch
+from bulkinfer.beam.batch import Batch, missing_ids
 from bulkinfer.models.signature import TensorSpec
 
 
-def model_inputs(batch: Batch, specs: Sequence[TensorSpec], fields: Mapping[str, str]
+def model_inputs(batch: Batch, specs: Sequence[TensorSpec], fields: Mapping[str, str], *,
+                 id_field: str | None = None,
                  ) -> tuple[list[int] | None, dict[str, np.ndarray | list], list[tuple[int, str]]]:
     """(valid row indices, None meaning all rows; {input name: the valid rows' values}; (row, error) for the rest).
 
     fields: input name -> the row field it is read from.
+    id_field: if given, a row whose id is missing or null is an error too.
     """
     n = len(batch)
     columns: dict[str, np.ndarray | list] = {}
     errors: dict[int, str] = {}
+    if id_field is not None:
+        error = (f"field {id_field!r} (the id) is missing or null; set id_field (--id-field), "
+                 "or allow_missing_ids (--allow-missing-ids)")
+        errors.update((i, error) for i in missing_ids(batch, id_field))
     if batch.table is not None:
         table = batch.table
         for spec in specs:
             field = fields[spec.name]
             if field not in table.column_names:
-                return [], {s.name: s.stack([]) for s in specs}, [(i, f"field {field!r} is missing") for i in range(n)]
+                bad = [(i, errors.get(i, f"field {field!r} is missing")) for i in range(n)]
+                return [], {s.name: s.stack([]) for s in specs}, bad
             converted = spec.column(table.column(field), field)
             if converted is None:  # no columnar form: row by row
                 values, bad = _check_each(spec, field, table.column(field).to_pylist())
@@ -48,7 +55,7 @@ def model_inputs(batch: Batch, specs: Sequence[TensorSpec], fields: Mapping[str,
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 errors[i] = f"expected a dict row, got {type(row).__name__}"
-            else:
+            elif i not in errors:
                 missing = next((fields[s.name] for s in specs if fields[s.name] not in row), None)
                 if missing is not None:
                     errors[i] = f"field {missing!r} is missing"

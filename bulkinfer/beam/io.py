@@ -8,14 +8,25 @@ invalid UTF-8, a CSV row with the wrong column count) is a dead letter naming th
 default it fails the job, after `.with_exception_handling()` it is returned as a second output.
 Files are written to a temporary name and renamed when complete, so a killed job never leaves a
 half-written file that looks finished.
+
+Input is read in units of work (`Unit`, planned by `plan_units`): a whole file, or, for a file larger
+than `unit_size` bytes, a range of it, so one large file spreads over workers and a resumed job redoes
+one range, not the file.  JSONL files split into byte ranges cut just after a newline (a range owns the
+lines that start inside it); Parquet files into runs of whole row groups.  CSV files are never split: a
+quoted field may hold a newline, so only a CSV parser reading from the start can tell where a row
+begins.  A UTF-8 byte-order mark at the start of a JSONL or CSV file is skipped.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
 import json
 import os
+import socket
+import sys
 import uuid
 
 import apache_beam as beam
@@ -32,7 +43,6 @@ from bulkinfer.beam.batch import (
     FAILED,
     NAMESPACE,
     Batch,
-    SourceDone,
     dead_letter,
     escape_surrogates,
     position_text,
@@ -40,6 +50,10 @@ from bulkinfer.beam.batch import (
     to_json,
 )
 
+COUNTS = "counts"  # tag of the reader's per-unit counts: (unit key, ("read", rows, failed, Unit, "host:pid"))
+UNIT_SIZE = 64 << 20  # bytes: files larger than this are split into units of about this size
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, as spreadsheet programs write it
+CSV_FIELD_LIMIT = 1 << 30  # characters: Python's csv module refuses fields over 128 KiB by default
 READ_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 WRITE_FORMATS = ("parquet", "jsonl")
 
@@ -88,24 +102,137 @@ def estimate_rows(files: list[str]) -> int | None:
     return total
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Unit:
+    """A unit of work: a whole input file or a range of one, read, committed and resumed as one.
+
+    source: the file.  fingerprint: its size and modification time (and checksum, where the filesystem
+      gives one) when planned; a commit record keeps it, so that a changed file is redone.
+    start, stop: the range.  JSONL: byte offsets, `start` at the beginning of a line; the unit owns the
+      lines that start in [start, stop).  Parquet: row-group indices [start, stop).  stop None: to the end.
+    first: the 1-based line (row) number of the unit's first line (row) in the file, for error messages.
+    """
+
+    source: str
+    fingerprint: str = ""
+    start: int = 0
+    stop: int | None = None
+    first: int = 1
+
+    @property
+    def key(self) -> str:
+        """16 hex digits naming the unit in output file names and commit records."""
+        return hashlib.sha1(f"{self.source}\0{self.start}\0{self.stop}".encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """'data/a.jsonl' for a whole file, 'data/a.jsonl bytes 0-65536' for a range."""
+        if self.start == 0 and self.stop is None:
+            return self.source
+        unit = "row groups" if input_format(self.source) == "parquet" else "bytes"
+        return f"{self.source} {unit} {self.start}-{'end' if self.stop is None else self.stop}"
+
+
+def fingerprint(metadata) -> str:
+    """'size:mtime[:checksum]' of a Beam FileMetadata: changes whenever the file's content does."""
+    parts = [str(metadata.size_in_bytes), repr(getattr(metadata, "last_updated_in_seconds", None))]
+    checksum = getattr(metadata, "checksum", None)
+    if checksum:
+        parts.append(str(checksum))
+    return ":".join(parts)
+
+
+def plan_units(files: list[str], unit_size: int = UNIT_SIZE) -> list[Unit]:
+    """The units of work of `files`: one per file, or ranges of about `unit_size` bytes for larger files.
+
+    Splitting a JSONL file reads it once here (to cut just after newlines and number the lines);
+    Parquet files are split from their footers.  CSV files are never split (see the module docstring).
+    Raises FileNotFoundError for a file that is gone, ValueError for unit_size < 1.
+    """
+    if unit_size < 1:
+        raise ValueError(f"unit_size must be >= 1 byte, got {unit_size}")
+    units = []
+    for path in files:
+        matched = FileSystems.match([path])[0].metadata_list
+        if not matched:
+            raise FileNotFoundError(f"input file {path} is gone")
+        meta = matched[0]
+        fp = fingerprint(meta)
+        fmt = input_format(path)
+        if meta.size_in_bytes <= unit_size or fmt == "csv":
+            units.append(Unit(source=path, fingerprint=fp))
+        elif fmt == "parquet":
+            units.extend(_parquet_units(path, fp, unit_size))
+        else:
+            cuts = _line_cuts(path, unit_size)
+            for (start, first), (stop, _) in zip(cuts, cuts[1:] + [(None, 0)]):
+                units.append(Unit(source=path, fingerprint=fp, start=start, stop=stop, first=first))
+    return units
+
+
+def _line_cuts(path: str, unit_size: int) -> list[tuple[int, int]]:
+    """(byte offset, line number) of the line starting there: 0 and, about every unit_size bytes, the
+    first line starting after that many bytes."""
+    cuts = [(0, 1)]
+    target, base, lines = unit_size, 0, 0  # next cut at or after `target`; newlines before `base`
+    with FileSystems.open(path) as f:
+        while chunk := f.read(1 << 20):
+            pos = 0
+            while target < base + len(chunk):
+                i = chunk.find(b"\n", max(target - base, pos))
+                if i < 0:
+                    break
+                cuts.append((base + i + 1, lines + chunk.count(b"\n", 0, i + 1) + 1))
+                target, pos = base + i + 1 + unit_size, i + 1
+            lines += chunk.count(b"\n")
+            base += len(chunk)
+    if cuts[-1][0] >= base and len(cuts) > 1:  # a cut at the very end owns nothing
+        cuts.pop()
+    return cuts
+
+
+def _parquet_units(path: str, fp: str, unit_size: int) -> list[Unit]:
+    with FileSystems.open(path) as f:
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError):  # the reader makes its dead letter
+            return [Unit(source=path, fingerprint=fp)]
+    units, start, first, size, rows = [], 0, 1, 0, 0
+    for g in range(meta.num_row_groups):
+        size += meta.row_group(g).total_byte_size
+        rows += meta.row_group(g).num_rows
+        if size >= unit_size or g == meta.num_row_groups - 1:
+            units.append(Unit(source=path, fingerprint=fp, start=start, stop=g + 1, first=first))
+            start, first, size, rows = g + 1, first + rows, 0, 0
+    if len(units) <= 1:
+        return [Unit(source=path, fingerprint=fp)]
+    units[-1] = dataclasses.replace(units[-1], stop=None)
+    return units
+
+
 class ReadDataset(beam.PTransform):
     """Rows of every file matching `pattern`, as `Batch`es of up to `batch_rows` rows.
 
-    files: read exactly these files instead of matching the pattern (e.g. those a resumed job has left).
-    markers: after each file's rows, emit a `SourceDone` (for per-file commits; see shards.py).
+    files: read exactly these files instead of matching the pattern.  units: read exactly these units
+    (from `plan_units`, e.g. those a resumed job has left) instead of files.  unit_size: bytes per unit
+    of work (see the module docstring); each Batch carries its unit's key.
     """
 
-    def __init__(self, pattern: str, *, batch_rows: int = 1024, files: list[str] | None = None,
-                 markers: bool = False):
+    def __init__(self, pattern: str | None = None, *, batch_rows: int = 1024, files: list[str] | None = None,
+                 units: list[Unit] | None = None, unit_size: int = UNIT_SIZE):
         super().__init__()
-        self._files = match_files(pattern) if files is None else list(files)
+        if units is None:
+            units = plan_units(match_files(pattern) if files is None else list(files), unit_size)
+        self._units = list(units)
         self._batch_rows = batch_rows
-        self._markers = markers
         self._dead_letters = False
 
     @property
     def files(self) -> list[str]:
-        return list(self._files)
+        return list(dict.fromkeys(u.source for u in self._units))
+
+    @property
+    def units(self) -> list[Unit]:
+        return list(self._units)
 
     def with_exception_handling(self) -> ReadDataset:
         """Return (batches, dead_letters) instead of failing on an unreadable record."""
@@ -113,35 +240,51 @@ class ReadDataset(beam.PTransform):
         return self
 
     def expand(self, pbegin):
-        result = (
-            pbegin
-            # Create reshuffles (reshuffle=True, its default) when there are two files or more, which
-            # spreads them over workers; a second Reshuffle here only added a stage to every job.
-            | "Files" >> beam.Create(self._files)
-            | "Read" >> beam.ParDo(_ReadFile(self._batch_rows, self._markers)).with_outputs(FAILED, main="rows")
-        )
+        result = pbegin | "Units" >> ReadUnits(self._units, batch_rows=self._batch_rows)
         if self._dead_letters:
             return result.rows, result[FAILED]
         _ = result[FAILED] | "FailOnDeadLetter" >> beam.Map(_fail)
         return result.rows
 
 
+class ReadUnits(beam.PTransform):
+    """Reads units of work; returns Beam's tagged outputs: `rows` (Batches), FAILED (dead letters, each
+    with its "unit") and COUNTS (per unit, once: (unit key, ("read", rows read, records failed, Unit,
+    "host:pid" of the reader))).
+    """
+
+    def __init__(self, units: list[Unit], *, batch_rows: int = 1024):
+        super().__init__()
+        self._units, self._batch_rows = list(units), batch_rows
+
+    def expand(self, pbegin):
+        # Create reshuffles (reshuffle=True, its default) when there are two units or more, which
+        # spreads them over workers.
+        return (pbegin
+                | "Units" >> beam.Create(self._units)
+                | "Read" >> beam.ParDo(_ReadUnit(self._batch_rows)).with_outputs(FAILED, COUNTS, main="rows"))
+
+
+def _worker() -> str:
+    """host:pid of this process, so a commit record tells which worker read its unit."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _fail(letter):
     raise ValueError(f"{letter['error']}; use ReadDataset(...).with_exception_handling() to skip such records")
 
 
-class _ReadFile(beam.DoFn):
-    def __init__(self, batch_rows: int, markers: bool):
+class _ReadUnit(beam.DoFn):
+    def __init__(self, batch_rows: int):
         self._batch_rows = batch_rows
-        self._markers = markers
         self._rows = Metrics.counter(NAMESPACE, "read_rows")
         self._failed = Metrics.counter(NAMESPACE, "read_rows_failed")
 
-    def process(self, path: str):
-        fmt = input_format(path)
-        parts = _parquet_parts(path, self._batch_rows) if fmt == "parquet" else self._dict_parts(path, fmt)
-        letters = []
-        n_rows = 0
+    def process(self, unit: Unit):
+        fmt = input_format(unit.source)
+        path, key = unit.source, unit.key
+        parts = _parquet_parts(unit, self._batch_rows) if fmt == "parquet" else self._dict_parts(unit, fmt)
+        n_rows = n_failed = 0
         for part in parts:
             if isinstance(part, Batch):
                 n_rows += len(part)
@@ -149,36 +292,45 @@ class _ReadFile(beam.DoFn):
                 yield part
                 continue
             position, error, raw = part
+            n_failed += 1
             self._failed.inc()
-            letters.append(dead_letter(
-                stage="read", error=f"{position_text(path, position)}: {error}", record=raw, source=path, position=position))
-            yield beam.pvalue.TaggedOutput(FAILED, letters[-1])
-        if self._markers:
-            yield SourceDone(path, rows=n_rows, failed=len(letters), letters=tuple(letters))
+            yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
+                stage="read", error=f"{position_text(path, position)}: {error}", record=raw, source=path,
+                position=position, unit=key))
+        yield beam.pvalue.TaggedOutput(COUNTS, (key, ("read", n_rows, n_failed, unit, _worker())))
 
-    def _dict_parts(self, path: str, fmt: str):
+    def _dict_parts(self, unit: Unit, fmt: str):
         """Batches of dict rows, and (position, error, raw record) for each unreadable record."""
-        reader = {"jsonl": _jsonl_records, "csv": _csv_records}[fmt]
+        records = _jsonl_records(unit) if fmt == "jsonl" else _csv_records(unit.source)
         rows, positions = [], []
-        for position, row, error, raw in reader(path):
+        for position, row, error, raw in records:
             if error is not None:
                 yield position, error, raw
                 continue
             rows.append(row)
             positions.append(position)
             if len(rows) >= self._batch_rows:
-                yield Batch(rows, source=path, positions=positions)
+                yield Batch(rows, source=unit.source, positions=positions, unit=unit.key)
                 rows, positions = [], []
         if rows:
-            yield Batch(rows, source=path, positions=positions)
+            yield Batch(rows, source=unit.source, positions=positions, unit=unit.key)
 
 
 # Each dict-row reader yields (1-based line/row number, row or None, error or None, raw record).
 
 
-def _jsonl_records(path: str):
-    with FileSystems.open(path) as f:
-        for n, raw in enumerate(f, 1):
+def _jsonl_records(unit: Unit):
+    with FileSystems.open(unit.source) as f:
+        offset = unit.start
+        if offset:
+            f.seek(offset)
+        for n, raw in enumerate(f, unit.first):
+            if unit.stop is not None and offset >= unit.stop:
+                return
+            if offset == 0 and raw.startswith(BOM):
+                offset, raw = len(raw), raw[len(BOM):]
+            else:
+                offset += len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -200,8 +352,10 @@ def _jsonl_records(path: str):
 def _csv_records(path: str):
     # Bytes that are not UTF-8 decode to lone surrogates (surrogateescape), so one bad byte costs only
     # the row it is in; a strict decoder would fail on a read-ahead block and lose the rows around it.
+    # utf-8-sig skips a byte-order mark (else it would become part of the first column's name).
+    csv.field_size_limit(min(CSV_FIELD_LIMIT, sys.maxsize))
     with FileSystems.open(path) as f:
-        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
         reader = csv.reader(text)
         try:
             header = next(reader)
@@ -240,24 +394,28 @@ def _has_surrogate(value: str) -> bool:
     return False
 
 
-def _parquet_parts(path: str, batch_rows: int):
+def _parquet_parts(unit: Unit, batch_rows: int):
     """Batches holding Arrow tables (no Python object per row), and (row, error, None) where unreadable."""
+    path = unit.source
     with FileSystems.open(path) as f:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowInvalid, OSError) as e:
             yield 1, f"not a readable Parquet file ({e})", None
             return
-        n = 0
+        groups = range(unit.start, pf.metadata.num_row_groups if unit.stop is None else unit.stop)
+        expected = sum(pf.metadata.row_group(g).num_rows for g in groups)
+        first, n = unit.first, 0
         try:
-            for record_batch in pf.iter_batches(batch_size=batch_rows):
+            for record_batch in pf.iter_batches(batch_size=batch_rows, row_groups=list(groups)):
                 if record_batch.num_rows:
-                    yield Batch(record_batch, source=path, positions=range(n + 1, n + 1 + record_batch.num_rows))
+                    yield Batch(record_batch, source=path, unit=unit.key,
+                                positions=range(first + n, first + n + record_batch.num_rows))
                     n += record_batch.num_rows
         except (pa.ArrowException, OSError) as e:
-            # Every row the file says it holds but could not give is a dead letter of its own.
-            for row in range(n + 1, max(pf.metadata.num_rows, n + 1) + 1):
-                yield row, f"unreadable: the file fails from row {n + 1} on ({e})", None
+            # Every row the unit should hold but could not give is a dead letter of its own.
+            for row in range(first + n, first + max(expected, n + 1)):
+                yield row, f"unreadable: the file fails from row {first + n} on ({e})", None
 
 
 class WriteDataset(beam.PTransform):
@@ -266,8 +424,8 @@ class WriteDataset(beam.PTransform):
     columns: write only these fields (default: all).  prefix: file name prefix ("part").
     Each bundle writes its own shards `prefix-<uuid>.<ext>`, committed by rename, so no file is ever
     seen half-written.  Delivery is at least once: if a runner retries a bundle after it committed a
-    file, that file's rows are written again.  `bulkinfer run` uses per-input-file commits instead
-    (shards.py), which a retry cannot duplicate.  Returns a PCollection of the committed file paths.
+    file, that file's rows are written again.  `bulkinfer run` commits per unit of work instead
+    (commit.py), which a retry cannot duplicate.  Returns a PCollection of the committed file paths.
     """
 
     def __init__(self, directory: str, *, format: str = "parquet", columns: list[str] | None = None,
@@ -295,8 +453,6 @@ class _WriteShards(beam.DoFn):
         self._buf = ShardBuffer(self._columns)
 
     def process(self, element):
-        if isinstance(element, SourceDone):
-            return
         self._buf.add(element if isinstance(element, Batch) else Batch([element]))
         if len(self._buf) >= self._rows_per_file:
             yield self._commit()

@@ -26,7 +26,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from bulkinfer.beam import progress
-from bulkinfer.beam.batch import FAILED, NAMESPACE, Batch, Rebatch, SourceDone, dead_letter
+from bulkinfer.beam.batch import FAILED, NAMESPACE, Batch, Rebatch, dead_letter
 from bulkinfer.beam.inputs import model_inputs
 from bulkinfer.beam.isolate import predict_isolating
 from bulkinfer.beam.loading import load_shared, report_engine_stats, report_load
@@ -55,6 +55,8 @@ class BulkInference(beam.PTransform):
       accelerator="type:nvidia-h200;count:1;install-nvidia-driver", min_ram="16GB".
     flush_rows: rows gathered (per bundle) before the engine runs them; more rows -> less padding.
     server, server_token: run `model` (by its name) on this v2 server instead of loading it here.
+    allow_missing_ids: predict rows whose `id_field` is missing or null too (by default each is a dead
+      letter: its prediction could not be joined back to its input).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class BulkInference(beam.PTransform):
         flush_rows: int = 8192,
         server: str | None = None,
         server_token: str | None = None,
+        allow_missing_ids: bool = False,
     ):
         super().__init__()
         if flush_rows < 1:
@@ -87,7 +90,7 @@ class BulkInference(beam.PTransform):
         self._model = model
         self._hints = {k: v for k, v in (("accelerator", accelerator), ("min_ram", min_ram)) if v}
         self._fields = dict(input_field=input_field, id_field=id_field, output_field=output_field,
-                            keep_fields=keep_fields)
+                            keep_fields=keep_fields, allow_missing_ids=allow_missing_ids)
         self._flush_rows = flush_rows
         self._dead_letters = False
 
@@ -123,8 +126,9 @@ class _InferDoFn(beam.DoFn):
     """Gathers rows until `flush_rows` are pending, runs the model once over all of them, and emits the
     predicted batches and, on FAILED, a dead letter per row that was bad or that the model failed on."""
 
-    def __init__(self, model, *, input_field, id_field, output_field, keep_fields, flush_rows):
+    def __init__(self, model, *, input_field, id_field, output_field, keep_fields, flush_rows, allow_missing_ids):
         self._model = model
+        self._check_ids = id_field is not None and not allow_missing_ids
         self._input_field, self._id_field = input_field, id_field
         self._output_field, self._keep = output_field, keep_fields
         self._flush_rows = flush_rows
@@ -142,15 +146,11 @@ class _InferDoFn(beam.DoFn):
         # (batch, valid row indices or None for all rows, {input: their values}, how many)
         self._pending: list[tuple[Batch, list[int] | None, dict, int]] = []
         self._pending_rows = 0
-        self._letters: dict[str, list] = {}  # source -> dead letters made here, for its SourceDone
 
-    def process(self, batch: Batch | SourceDone):
-        if isinstance(batch, SourceDone):  # all rows of that file must leave before the marker
-            yield from self._flush()
-            yield batch.with_letters(self._letters.pop(batch.source, ()))
-            return
+    def process(self, batch: Batch):
         self._rows_in.inc(len(batch))
-        valid, inputs, bad = model_inputs(batch, self._loaded.inputs, self._in_fields)
+        valid, inputs, bad = model_inputs(batch, self._loaded.inputs, self._in_fields,
+                                          id_field=self._id_field if self._check_ids else None)
         for i, error in bad:
             yield self._letter(batch, i, error)
         n = len(batch) if valid is None else len(valid)
@@ -172,10 +172,8 @@ class _InferDoFn(beam.DoFn):
         row_id = row.get(self._id_field) if isinstance(row, dict) and self._id_field else None
         where = batch.where(i) + (f" (id {row_id!r})" if row_id is not None else "")
         pos = batch.positions[i] if batch.positions is not None else None
-        letter = dead_letter(
-            stage=stage, error=f"{where}: {error}", record=row, row_id=row_id, source=batch.source, position=pos)
-        if batch.source is not None:
-            self._letters.setdefault(batch.source, []).append(letter)
+        letter = dead_letter(stage=stage, error=f"{where}: {error}", record=row, row_id=row_id, source=batch.source,
+                             position=pos, unit=batch.unit)
         return beam.pvalue.TaggedOutput(FAILED, letter)
 
     def _flush(self):

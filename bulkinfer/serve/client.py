@@ -11,7 +11,8 @@
 rows into chunks of `chunk_rows` and keeps up to `max_in_flight` requests in flight per process.
 Each request is retried with jittered exponential backoff on connection errors, timeouts, 429 and
 5xx, within a retry budget of `retry.budget_s` seconds; past the budget `predict` raises
-`ModelUnavailable`, and BulkInference sends that call's rows to the dead-letter output with the reason.
+`ModelUnavailable`, which fails BulkInference's bundle (an outage is not the rows' fault; the runner
+retries the bundle, and a job exits non-zero without committing those rows).
 A request the server rejects as malformed (400, 413) raises `RemoteError`, which BulkInference
 bisects to isolate the rows at fault.  Works with any v2 server that takes a BYTES input (Triton,
 MLServer, KServe runtimes, `bulkinfer serve`); uses the binary tensor data extension both ways.

@@ -2,10 +2,14 @@
 
     DIR/part-*.parquet     predictions (id + model output)
     DIR/failed-*.jsonl     dead letters: id, stage, error, raw record, source file and line
-    DIR/_committed/*.json  one commit record per finished input file (see shards.py)
-    DIR/report.json        rows_in = rows_out + rows_failed, throughput and engine metrics
+    DIR/_committed/*.json  one commit record per finished unit of work (see beam/commit.py)
+    DIR/report.json        rows_in = rows_out + rows_failed, units done/skipped/resumed/reprocessed, speed
 
-Rerunning the same command after a crash resumes: input files already committed are skipped.
+The input is cut into units of work (whole files, or ranges of large files: see `io.plan_units`), run
+in waves of `wave_units` units, one Beam pipeline per wave; each unit is committed when its counts
+reconcile.  Rerunning the same command after a crash resumes: committed units are skipped, a unit
+whose input file changed since its commit (size, modification time) is redone, and only the units
+a crash left unfinished run again.
 """
 
 from __future__ import annotations
@@ -21,16 +25,35 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from bulkinfer.beam import io, progress, shards
-from bulkinfer.beam.batch import NAMESPACE
+from bulkinfer.beam import commit, io, progress
+from bulkinfer.beam.batch import FAILED, NAMESPACE
 from bulkinfer.beam.transform import BulkInference
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
+PLAN_FILE = "_plan.json"  # the unit keys of the latest run, to tell resumed units from new ones
+
+
+class JobFailed(RuntimeError):
+    """A wave's pipeline failed (an outage, counts that do not reconcile, too many failed rows).
+
+    Units committed before the failure stay committed; rerunning the same command resumes.
+    """
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class JobSpec:
+    """What `run` does.
+
+    unit_size: bytes per unit of work (larger files are split; see `io.plan_units`).
+    wave_units: units per pipeline run; a crash loses at most the wave in flight.  On runners that
+      start slowly (Dataflow) make it large.
+    max_failed_fraction, min_rows_for_failed_fraction: stop (exit non-zero, nothing more committed) once
+      at least that many rows were seen and more than that fraction of them failed; 1.0 never stops.
+    allow_missing_ids: predict rows without an id too (default: each is a dead letter).
+    accelerator, min_ram: Beam resource hints on the inference stage.
+    """
+
     input: str
     output: str
     format: str = "parquet"
@@ -39,59 +62,120 @@ class JobSpec:
     keep_fields: tuple[str, ...] = ()  # input fields copied to the output beside id and predictions
     overwrite: bool = False
     batch_rows: int = 1024
+    unit_size: int = io.UNIT_SIZE
+    wave_units: int = 64
+    max_failed_fraction: float = 0.5
+    min_rows_for_failed_fraction: int = 1000
+    allow_missing_ids: bool = False
+    accelerator: str | None = None
+    min_ram: str | None = None
 
     def __post_init__(self):
         if self.format not in io.WRITE_FORMATS:
             raise ValueError(f"unknown output format {self.format!r}; expected one of {io.WRITE_FORMATS}")
+        if self.unit_size < 1 or self.wave_units < 1:
+            raise ValueError(f"unit_size and wave_units must be >= 1, got {self.unit_size} and {self.wave_units}")
+        commit.FailureLimit(max_fraction=self.max_failed_fraction, min_rows=self.min_rows_for_failed_fraction)
 
     @property
     def out(self) -> str:
         return self.output.rstrip("/")
 
 
-def build(p: beam.Pipeline, model, job: JobSpec, files: list[str]):
-    """Adds the job's transforms for `files` to pipeline `p`."""
-    # Dead letters reach the writer inside each file's SourceDone marker, on the same chain as its rows;
-    # the separate dead-letter outputs are not needed here.
-    rows, _ = p | "ReadDataset" >> io.ReadDataset(
-        job.input, files=files, batch_rows=job.batch_rows, markers=True).with_exception_handling()
-    infer = BulkInference(model, input_field=job.input_field, id_field=job.id_field, keep_fields=job.keep_fields)
-    predictions, _ = rows | "BulkInference" >> infer.with_exception_handling()
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """The units of this run: all of the input's, those still to do, and why each is to do or not."""
+
+    units: list[io.Unit]
+    todo: list[io.Unit]
+    skipped: int  # committed by an earlier run, input unchanged
+    resumed: int  # left unfinished by an earlier run
+    reprocessed: int  # committed earlier, but their input file changed since
+
+
+def build(p: beam.Pipeline, model, job: JobSpec, units: list[io.Unit], *,
+          limit: commit.FailureLimit | None = None, transform: beam.PTransform | None = None):
+    """Adds the job's transforms for `units` to pipeline `p`; returns the commit records' PCollection.
+
+    transform: applied to the predictions (Batches) before they are written, e.g. a postprocessing step.
+    """
+    read = p | "ReadDataset" >> io.ReadUnits(units, batch_rows=job.batch_rows)
+    infer = BulkInference(model, input_field=job.input_field, id_field=job.id_field, keep_fields=job.keep_fields,
+                          allow_missing_ids=job.allow_missing_ids, accelerator=job.accelerator, min_ram=job.min_ram)
+    predictions, letters = read.rows | "BulkInference" >> infer.with_exception_handling()
+    if transform is not None:
+        predictions = predictions | "Transform" >> transform
+    limit = limit or commit.FailureLimit(max_fraction=job.max_failed_fraction,
+                                         min_rows=job.min_rows_for_failed_fraction)
+    letters = (read[FAILED], letters) | "DeadLetters" >> beam.Flatten()
     # Output rows hold the id, the kept fields and the predictions (BulkInference's keep_fields).
-    return predictions | "CommitShards" >> shards.CommitShards(job.out, format=job.format, columns=None)
+    return (predictions, letters, read[io.COUNTS]) | "CommitUnits" >> commit.CommitUnits(
+        job.out, format=job.format, columns=None, limit=limit)
 
 
 def _settings(model, job: JobSpec) -> dict:
     """What must not change between a run and its resumption (tuning knobs such as the token budget may)."""
-    model_settings = {k: getattr(model, k, None) for k in ("name", "digest" if getattr(model, "digest", None) else "path", "url", "dtype", "max_length")}
+    identity = "digest" if getattr(model, "digest", None) else "path"  # content, not the launcher's path
+    model_settings = {k: getattr(model, k, None) for k in ("name", identity, "url", "dtype", "max_length")}
     return {"input": io.absolute(job.input), "model": model_settings, "format": job.format,
-            "id_field": job.id_field, "input_field": job.input_field, "keep_fields": list(job.keep_fields)}
+            "id_field": job.id_field, "input_field": job.input_field, "keep_fields": list(job.keep_fields),
+            "unit_size": job.unit_size}
 
 
-def prepare_output(model, job: JobSpec, files: list[str]) -> list[str]:
-    """Makes DIR ready and returns the input files still to process (all, or those a crash left)."""
+def prepare_output(model, job: JobSpec, units: list[io.Unit]) -> Plan:
+    """Makes DIR ready and returns the plan: the units still to process (all, or those not committed)."""
     out = job.out
     _check_writable(out)
     settings_path = FileSystems.join(out, JOB_FILE)
     if job.overwrite:
-        ours = [m.path for pattern in ("part-*", "failed-*", ".tmp-*", "report.json", JOB_FILE, "_committed/*")
+        ours = [m.path for pattern in ("part-*", "failed-*", ".tmp-*", "report.json", JOB_FILE, PLAN_FILE,
+                                       "_committed/*")
                 for m in FileSystems.match([FileSystems.join(out, pattern)])[0].metadata_list]
         if ours:
             FileSystems.delete(ours)
     elif FileSystems.exists(settings_path):
         with FileSystems.open(settings_path) as f:
             before = json.loads(f.read())
-        if before != _settings(model, job):
-            raise FileExistsError(f"{out} holds a run with other settings ({before}); pass --overwrite to replace it")
+        now = _settings(model, job)
+        if before != now:
+            changed = "; ".join(f"{k} {before.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(before) | set(now))
+                                if before.get(k) != now.get(k))
+            raise FileExistsError(f"{out} holds a run with other settings: {changed}; pass --overwrite to replace "
+                                  "it, or choose another --output")
     elif FileSystems.match([FileSystems.join(out, "part-*")])[0].metadata_list:
         raise FileExistsError(f"{out} holds outputs that are not from a bulkinfer run; pass --overwrite")
-    with FileSystems.create(settings_path) as f:
-        f.write(json.dumps(_settings(model, job)).encode())
-    removed = shards.remove_uncommitted(out)
+    earlier = set(_read_json(FileSystems.join(out, PLAN_FILE), []))
+    _write_json(settings_path, _settings(model, job))
+    # Units whose input changed since their commit: forget them (records first, then files).
+    current = {u.source: u.fingerprint for u in units}
+    stale = [r for r in commit.committed(out).values()
+             if r.get("source") in current and r.get("fingerprint") != current[r["source"]]]
+    changed = {r["source"] for r in stale}
+    if stale:
+        log.warning("%d input files changed since their units were committed; redoing them", len(changed))
+        commit.forget(out, stale)
+    removed = commit.remove_uncommitted(out)
     if removed:
         log.warning("removed %d files that an interrupted run left uncommitted", len(removed))
-    done = shards.committed(out)
-    return [f for f in files if f not in done]
+    done = commit.committed(out)
+    todo = [u for u in units if u.key not in done]
+    reprocessed = sum(u.source in changed for u in todo)
+    resumed = sum(u.source not in changed and u.key in earlier for u in todo)
+    _write_json(FileSystems.join(out, PLAN_FILE), [u.key for u in units])
+    return Plan(units=units, todo=todo, skipped=len(units) - len(todo), resumed=resumed, reprocessed=reprocessed)
+
+
+def _read_json(path: str, default):
+    if not FileSystems.exists(path):
+        return default
+    with FileSystems.open(path) as f:
+        return json.loads(f.read())
+
+
+def _write_json(path: str, value) -> None:
+    with FileSystems.create(io.temp_name(path)) as f:
+        f.write(json.dumps(value, indent=2).encode())
+    io.commit(io.temp_name(path), path)
 
 
 def _check_writable(out: str) -> None:
@@ -105,35 +189,72 @@ def _check_writable(out: str) -> None:
         raise PermissionError(f"the output directory {out} is not writable ({e})") from None
 
 
-def run(model, job: JobSpec, pipeline_args: list[str] | None = None) -> dict:
-    """Runs the job to completion (resuming an interrupted one) and returns and writes its report."""
-    options = PipelineOptions(pipeline_args or [])
-    runner_name = options.view_as(StandardOptions).runner
-    runner = None
-    if not runner_name:
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
+        transform: beam.PTransform | None = None) -> dict:
+    """Runs the job to completion (resuming an interrupted one) and returns and writes its report.
 
-        runner, runner_name = FnApiRunner(), "FnApiRunner"
+    transform: see `build`.  Raises JobFailed when a wave's pipeline fails (the units committed before
+    stay committed), and the errors of `prepare_output` (FileExistsError, PermissionError).
+    """
+    options = PipelineOptions(pipeline_args or [])
+    runner_name = options.view_as(StandardOptions).runner or "FnApiRunner"
     files = io.match_files(job.input)
-    todo = prepare_output(model, job, files)
+    units = io.plan_units(files, job.unit_size)
+    plan = prepare_output(model, job, units)
+    keys = {u.key for u in units}
     t0 = time.perf_counter()
     counters: dict[str, float] = {}
-    if todo:
-        # Counting rows reads the files once more: only worth it for a person watching the ETA.
-        with progress.Progress(io.estimate_rows(todo) if sys.stderr.isatty() else None):
-            p = beam.Pipeline(runner=runner, options=options)
-            build(p, model, job, todo)
-            result = p.run()
-            result.wait_until_finish()
-        counters = _counters(result)
+    waves = [plan.todo[i:i + job.wave_units] for i in range(0, len(plan.todo), job.wave_units)]
+    # Counting rows reads the files once more: only worth it for a person watching the ETA.
+    todo_files = list(dict.fromkeys(u.source for u in plan.todo))
+    with progress.Progress(io.estimate_rows(todo_files) if plan.todo and sys.stderr.isatty() else None):
+        before = [r for key, r in commit.committed(job.out).items() if key in keys]
+        seen, failed = sum(r["rows_in"] for r in before), sum(r["rows_failed"] for r in before)
+        for k, wave in enumerate(waves):
+            limit = commit.FailureLimit(max_fraction=job.max_failed_fraction,
+                                        min_rows=job.min_rows_for_failed_fraction, prior_rows=seen,
+                                        prior_failed=failed)
+            p = beam.Pipeline(runner=_default_runner(options), options=options)
+            build(p, model, job, wave, limit=limit, transform=transform)
+            try:
+                result = p.run()
+                result.wait_until_finish()
+            except Exception as e:  # noqa: BLE001 -- any pipeline failure: say what failed, keep what committed
+                raise JobFailed(
+                    f"wave {k + 1} of {len(waves)} failed: {_cause(e)}; units committed so far are kept "
+                    f"({len(commit.committed(job.out))}); rerun the same command to resume") from e
+            for record in commit.records_of(job.out, [u.key for u in wave]):
+                seen, failed = seen + record["rows_in"], failed + record["rows_failed"]
+            for name, value in _counters(result).items():
+                counters[name] = max(counters.get(name, 0), value) if name.endswith("_max") else (
+                    counters.get(name, 0) + value)
     elapsed = time.perf_counter() - t0
-    report = make_report(shards.committed(job.out), files, counters, elapsed=elapsed,
-                         model=getattr(model, "name", str(model)), runner=runner_name)
-    path = FileSystems.join(job.out, "report.json")
-    with FileSystems.create(io.temp_name(path)) as f:
-        f.write(json.dumps(report, indent=2).encode())
-    io.commit(io.temp_name(path), path)
+    records = {key: r for key, r in commit.committed(job.out).items() if key in keys}
+    outputs = [FileSystems.join(job.out, f) for r in records.values() for f in r["files"]]
+    duplicates = commit.count_duplicate_ids(outputs, job.id_field, runner=_default_runner(options), options=options)
+    report = make_report(records, plan, counters, elapsed=elapsed, model=getattr(model, "name", str(model)),
+                         runner=runner_name, duplicate_ids=duplicates)
+    _write_json(FileSystems.join(job.out, "report.json"), report)
     return report
+
+
+def _default_runner(options: PipelineOptions):
+    """Beam's embedded FnApiRunner unless --runner names another (never the DirectRunner, which downloads Prism)."""
+    if options.view_as(StandardOptions).runner:
+        return None
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    return FnApiRunner()
+
+
+def _cause(error: BaseException) -> str:
+    """The line of a pipeline failure that names its cause (runners wrap it in tracebacks and context)."""
+    lines = [line.strip() for line in f"{type(error).__name__}: {error}".splitlines() if line.strip()]
+    for marker in ("UnitNotReconciled", "TooManyFailures", "ModelUnavailable", "JaxRuntimeError"):
+        hits = [line for line in lines if marker in line]
+        if hits:
+            return hits[-1].split(" [while running", 1)[0]
+    return (lines[-1] if lines else type(error).__name__).split(" [while running", 1)[0]
 
 
 def _counters(result) -> dict[str, float]:
@@ -150,9 +271,9 @@ def _counters(result) -> dict[str, float]:
     return totals
 
 
-def make_report(records: dict[str, dict], files: list[str], c: dict[str, float], *, elapsed: float,
-                model: str, runner: str) -> dict:
-    """Totals over every committed input file (this run's and earlier ones'), this run's speed and engine figures."""
+def make_report(records: dict[str, dict], plan: Plan, c: dict[str, float], *, elapsed: float,
+                model: str, runner: str, duplicate_ids: int = 0) -> dict:
+    """Totals over every committed unit of the input (this run's and earlier ones'), this run's speed and engine figures."""
     rows_in = sum(r["rows_in"] for r in records.values())
     rows_out = sum(r["rows_out"] for r in records.values())
     rows_failed = sum(r["rows_failed"] for r in records.values())
@@ -160,15 +281,25 @@ def make_report(records: dict[str, dict], files: list[str], c: dict[str, float],
     this_run_out = int(c.get("part_rows_written", 0))
     padded = c.get("padded_tokens", 0)
     engines = max(1, int(c.get("model_load_ms_count", 0)))
+    files = {u.source for u in plan.units}
+    pending = {u.source for u in plan.units if u.key not in records}
     return {
         "rows_in": rows_in,
         "rows_out": rows_out,
         "rows_failed": rows_failed,
         "reconciled": rows_in == rows_out + rows_failed and all(
             r["rows_in"] == r["rows_out"] + r["rows_failed"] for r in records.values()),
+        "duplicate_ids": duplicate_ids,
         "files": len(files),
-        "files_done": sum(f in records for f in files),
-        "files_resumed_from_earlier_runs": int(len(records) - c.get("sources_committed", 0)),
+        "files_done": len(files - pending),
+        "units": len(plan.units),
+        "units_done": len(records),
+        # Committed by earlier runs (input unchanged): not redone.
+        "units_skipped": plan.skipped,
+        # Left unfinished by an interrupted earlier run, done now.
+        "units_resumed": plan.resumed,
+        # Committed earlier, but their input file changed since: redone, old outputs replaced.
+        "units_reprocessed": plan.reprocessed,
         "elapsed_s": round(elapsed, 3),
         "rows_per_s": round(this_run_out / elapsed, 1) if elapsed > 0 else None,
         "this_run_rows_in": this_run_in,

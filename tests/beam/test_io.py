@@ -162,3 +162,106 @@ def test_one_bad_byte_in_a_csv_costs_only_its_row(tmp_path):
                     equal_to([(1502, "invalid UTF-8")]), label="failed")
 
     _run(build)
+
+
+def _read_unit(unit, batch_rows=7):
+    """(rows as (position, row), dead letters, counts) of one unit, read without a pipeline."""
+    rows, letters, counts = [], [], []
+    for out in io._ReadUnit(batch_rows).process(unit):
+        if isinstance(out, Batch):
+            assert out.unit == unit.key and out.source == unit.source
+            rows.extend(zip(out.positions, out.rows))
+        elif out.tag == io.FAILED:
+            letters.append(out.value)
+        else:
+            counts.append(out.value)
+    return rows, letters, counts
+
+
+@pytest.mark.parametrize("unit_size", [1, 10, 37, 100, 10_000])
+def test_jsonl_ranges_hold_every_line_once_with_its_line_number(tmp_path, unit_size):
+    lines = [json.dumps({"id": i, "text": "x" * (i % 13)}) for i in range(60)]
+    lines[7], lines[31] = "", "not json"  # a blank line and a bad one, to check numbering around them
+    (tmp_path / "a.jsonl").write_text("\n".join(lines))  # no newline after the last line
+    units = io.plan_units([str(tmp_path / "a.jsonl")], unit_size)
+    size = (tmp_path / "a.jsonl").stat().st_size
+    assert (len(units) == 1) == (unit_size >= size)
+    data = (tmp_path / "a.jsonl").read_bytes()
+    for unit in units[1:]:
+        assert data[unit.start - 1:unit.start] == b"\n"  # each range starts at the beginning of a line
+        assert unit.first == data[:unit.start].count(b"\n") + 1
+    assert len({u.key for u in units}) == len(units)
+    rows, letters, counts = [], [], []
+    for unit in units:
+        r, d, c = _read_unit(unit)
+        assert [(k, v[:4]) for k, v in c] == [(unit.key, ("read", len(r), len(d), unit))]  # once per unit
+        rows += r
+        letters += d
+        counts += c
+    expected = [(n, json.loads(line)) for n, line in enumerate(lines, 1) if line and line != "not json"]
+    assert sorted(rows, key=lambda pr: pr[0]) == expected
+    assert [(d["position"], d["unit"] in {u.key for u in units}) for d in letters] == [(32, True)]
+
+
+def test_parquet_splits_into_runs_of_row_groups_with_row_numbers(tmp_path):
+    table = pa.table({"id": list(range(100)), "text": [f"t{i}" for i in range(100)]})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=10)
+    group_bytes = pq.read_metadata(tmp_path / "a.parquet").row_group(0).total_byte_size
+    units = io.plan_units([str(tmp_path / "a.parquet")], unit_size=2 * group_bytes)
+    assert [(u.start, u.stop, u.first) for u in units] == [(0, 2, 1), (2, 4, 21), (4, 6, 41), (6, 8, 61),
+                                                            (8, None, 81)]
+    rows = [pr for u in units for pr in _read_unit(u)[0]]
+    assert sorted((pos, r["id"]) for pos, r in rows) == [(i + 1, i) for i in range(100)]
+    assert len(io.plan_units([str(tmp_path / "a.parquet")])) == 1  # the default unit size: one unit
+
+
+def test_csv_is_never_split_and_quoted_newlines_stay_in_their_row(tmp_path):
+    rows = [(i, f"line one of {i}\nline two, quoted") for i in range(50)]
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        import csv
+
+        writer = csv.writer(f)
+        writer.writerow(["id", "text"])
+        writer.writerows(rows)
+    units = io.plan_units([str(tmp_path / "a.csv")], unit_size=64)
+    assert len(units) == 1
+    got, letters, _ = _read_unit(units[0])
+    assert not letters and [(int(r["id"]), r["text"]) for _, r in got] == rows
+
+
+def test_a_byte_order_mark_is_skipped_in_jsonl_and_csv(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"id": "j1", "text": "one"}\n{"id": "j2", "text": "two"}\n')
+    (tmp_path / "b.csv").write_bytes(bom + b"id,text\nc1,one\nc2,two\n")
+    for name, ids in (("a.jsonl", ["j1", "j2"]), ("b.csv", ["c1", "c2"])):
+        (unit,) = io.plan_units([str(tmp_path / name)])
+        rows, letters, _ = _read_unit(unit)
+        assert not letters and [r["id"] for _, r in rows] == ids and [r["text"] for _, r in rows] == ["one", "two"]
+        assert [p for p, _ in rows] == ([1, 2] if name.endswith(".jsonl") else [2, 3])
+
+
+def test_a_split_jsonl_file_with_a_byte_order_mark_holds_every_line_once(tmp_path):
+    lines = [json.dumps({"id": i, "text": "x" * (i % 5)}) for i in range(40)]
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    units = io.plan_units([str(tmp_path / "a.jsonl")], unit_size=50)
+    assert len(units) > 10
+    rows = [pr for u in units for pr in _read_unit(u)[0]]
+    assert [(p, r["id"]) for p, r in sorted(rows, key=lambda pr: pr[0])] == [(i + 1, i) for i in range(40)]
+
+
+def test_csv_fields_over_128_kib_are_read(tmp_path):
+    big = "é" * (300 << 10)
+    (tmp_path / "a.csv").write_text(f'id,text\n1,"{big}"\n2,small\n', encoding="utf-8")
+    (unit,) = io.plan_units([str(tmp_path / "a.csv")])
+    rows, letters, _ = _read_unit(unit)
+    assert not letters and [len(r["text"]) for _, r in rows] == [300 << 10, 5]
+
+
+def test_a_changed_file_changes_its_fingerprint(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"id": 1, "text": "x"}\n')
+    (before,) = io.plan_units([str(path)])
+    with open(path, "a") as f:
+        f.write('{"id": 2, "text": "y"}\n')
+    (after,) = io.plan_units([str(path)])
+    assert before.key == after.key and before.fingerprint != after.fingerprint

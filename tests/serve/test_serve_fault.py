@@ -1,5 +1,6 @@
 """End to end, in processes: a remote `bulkinfer run` survives a SIGKILLed and restarted server with every
-row exactly once and its own embedding; SIGTERM lets the request in flight finish and exits 0."""
+row exactly once; a server down past the retry budget stops the job (exit 1, no row committed as failed)
+and the rerun finishes it; SIGTERM lets the request in flight finish and exits 0."""
 
 from __future__ import annotations
 
@@ -108,3 +109,48 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(server_process, embe
     assert "finishing requests in flight (1 now)" in log_text  # SIGTERM came while it ran
     assert "closing anyway" not in log_text
     assert not client.ready()  # nothing listens any more
+
+
+def test_server_down_past_the_retry_budget_fails_the_job_and_a_rerun_finishes(tmp_path, server_process):
+    """An outage is not the rows' fault: exit 1, nothing committed as failed; once the server is back the
+    same command does the rest, every id once, embeddings as a local `predict`."""
+    from bulkinfer.models.text import TextEmbedder
+
+    cache = str(tmp_path / "xla-cache")
+    srv = server_process("--max-length", "32", "--compilation-cache", cache)
+    texts = synthetic_texts(600, seed=4)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bulkinfer.cli", "run", "--model", "minilm", "--server", srv.url,
+           "--server-retry-budget-s", "1", "--input", str(data), "--output", str(out), "--format", "jsonl",
+           "--unit-size", "4KiB", "--wave-units", "1"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not list(out.glob("_committed/*.json")) and job.poll() is None:  # one unit done, then the outage
+            time.sleep(0.02)
+        srv.kill()
+        _, stderr = job.communicate(timeout=150)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    plan = json.loads((out / "_plan.json").read_text())
+    committed = [json.loads(f.read_text()) for f in out.glob("_committed/*.json")]
+    assert job.returncode == 1, stderr[-3000:]
+    assert "ModelUnavailable" in stderr and "rerun the same command" in stderr
+    assert 1 <= len(committed) < len(plan), "the outage must land mid-run for this test to mean anything"
+    assert not list(out.glob("failed-*")) and all(r["rows_failed"] == 0 for r in committed)
+
+    srv.start()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (600, 600, 0)
+    assert report["units_skipped"] == len(committed) and report["units_resumed"] == len(plan) - len(committed)
+    rows = [json.loads(line) for f in out.glob("part-*.jsonl") for line in f.read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert sorted(ids) == list(range(600)) and not list(out.glob("failed-*"))
+    local = TextEmbedder.from_name("minilm", max_length=32).load()
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows], np.float32),
+                               local.predict([texts[i] for i in ids]), atol=1e-6)

@@ -49,7 +49,7 @@ def test_bulk_inference_with_server_equals_local_rows(server, embedder):
         assert_that(failed, only_the_null_row, label="failed")
 
 
-def test_server_down_dead_letters_the_whole_call_without_bisecting(embedder):
+def test_server_down_fails_the_bundle_without_bisecting_or_dead_letters(embedder):
     srv = start(embedder, ServeConfig(port=0))
     spec = RemoteModel(url=srv.url, name="minilm", chunk_rows=8, retry=RetryPolicy(budget_s=0.4, base_s=0.05))
     loaded = load_shared(spec)  # the job's worker connected while the server was up ...
@@ -57,22 +57,15 @@ def test_server_down_dead_letters_the_whole_call_without_bisecting(embedder):
     calls = []  # rows of each predict call that the transform makes
     predict = loaded.predict
     loaded.predict = lambda inputs, stats=None: calls.append(len(inputs["text"])) or predict(inputs, stats)
-    url = srv.url
     rows = [{"id": i, "text": f"text {i}"} for i in range(64)]
-
-    def all_unavailable(letters):
-        assert sorted(f["id"] for f in letters) == list(range(64))
-        for f in letters:
-            assert "ModelUnavailable" in f["error"] and url in f["error"], f["error"]
-            assert "ConnectionRefusedError" in f["error"], f["error"]
-
     try:
-        with test_pipeline.TestPipeline() as p:
-            preds, failed = p | beam.Create(rows) | BulkInference(spec).with_exception_handling()
-            assert_that(preds, lambda got: got == [] or pytest.fail(f"{len(got)} predictions"), label="none")
-            assert_that(failed, all_unavailable, label="failed")
+        with pytest.raises(ModelUnavailable) as failure:  # an outage is not the rows' fault
+            with test_pipeline.TestPipeline() as p:
+                preds, failed = p | beam.Create(rows) | BulkInference(spec).with_exception_handling()
+                assert_that(failed, lambda got: pytest.fail(f"{len(got)} dead letters"), label="failed")
     finally:
         del loaded.predict
+    assert srv.url in str(failure.value) and "ConnectionRefusedError" in str(failure.value)
     # One call for all 64 rows, one retry budget; bisecting down to single rows would make 127 calls.
     assert calls == [64]
 

@@ -1,20 +1,18 @@
 """The file-to-file job: reconciled counts on messy data, per-file commits, resume after a crash."""
 
+import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bulkinfer.beam import shards
+from bulkinfer.beam import commit
+from bulkinfer.errors import ModelUnavailable
 from bulkinfer.tasks import run as job
 from bulkinfer.testing import CountingModel, cosine
 
@@ -143,49 +141,10 @@ def test_uncommitted_outputs_are_removed_and_committed_ones_kept(tmp_path):
     committed_files = sorted(p.name for p in out.glob("part-*"))
     (out / "part-0123456789abcdef-00000.parquet").write_bytes(b"left by a killed run")
     (out / ".tmp-part-0123456789abcdef-00001.parquet").write_bytes(b"half")
-    removed = shards.remove_uncommitted(str(out))
+    removed = commit.remove_uncommitted(str(out))
     assert sorted(Path(p).name for p in removed) == [".tmp-part-0123456789abcdef-00001.parquet",
                                                      "part-0123456789abcdef-00000.parquet"]
     assert sorted(p.name for p in out.glob("part-*")) == committed_files
-
-
-@pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_gives_every_row_exactly_once(tmp_path, minilm):
-    from bulkinfer.testing import synthetic_texts
-
-    texts = synthetic_texts(2400, seed=3)
-    n_files = 12
-    for k in range(n_files):
-        with open(tmp_path / f"in-{k:02d}.jsonl", "w") as f:
-            for i in range(k, len(texts), n_files):
-                f.write(json.dumps({"id": i, "text": texts[i]}) + "\n")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bulkinfer.cli", "run", "--model", "minilm", "--input", str(tmp_path / "in-*.jsonl"),
-           "--output", str(out)]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while len(list(out.glob("_committed/*.json"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    committed_at_kill = len(list(out.glob("_committed/*.json")))
-    assert 2 <= committed_at_kill < n_files, "the kill must land mid-run for this test to mean anything"
-    for f in out.glob("part-*.parquet"):  # whatever has a final name is a complete file
-        pq.read_metadata(f)
-
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    report = json.loads((out / "report.json").read_text())
-    assert report["files_resumed_from_earlier_runs"] == committed_at_kill
-    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (len(texts), len(texts), 0)
-    table = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read().to_pydict()
-    ids = table["id"]
-    assert sorted(ids) == list(range(len(texts)))  # no loss, no duplicate
-    got = np.array(table["embedding"], np.float32)
-    expected = minilm.embed([texts[i] for i in ids])
-    assert cosine(got, expected).min() >= 0.99999
-    assert not list(out.glob(".tmp-*")) and not list(out.glob("_committed/.tmp-*"))
 
 
 def test_multi_process_embedded_runner_commits_every_file(tmp_path):
@@ -200,3 +159,193 @@ def test_multi_process_embedded_runner_commits_every_file(tmp_path):
     assert report["reconciled"] and report["files_done"] == 4 and report["rows_out"] == 200
     table = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read().to_pydict()
     assert sorted(zip(table["id"], table["length"])) == sorted((f"{k}-{i}", i) for k in range(4) for i in range(50))
+
+
+# Units of work, reconciled commits, outages, changed inputs, hostile rows.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Failing:
+    """A length model that raises `error` on texts containing `marker`: "unavailable" (a server down past
+    its retry budget), "device" (a device that failed), "invalid" (XLA rejecting the rows' input)."""
+
+    name: str = "failing"
+    error: str = "unavailable"
+    marker: str = "down"
+    output_name = "length"
+
+    def load(self):
+        return _LoadedFailing(self.error, self.marker)
+
+
+class _LoadedFailing:
+    input_type = str
+    output_name = "length"
+    load_s = 0.0
+
+    def __init__(self, error, marker):
+        self._error, self._marker = error, marker
+
+    def predict(self, texts, stats=None):
+        if any(self._marker in t for t in texts):
+            import jax
+
+            raise {"unavailable": ModelUnavailable("server http://x:1: infer failed past the retry budget"),
+                   "device": jax.errors.JaxRuntimeError("INTERNAL: device lost"),
+                   "invalid": jax.errors.JaxRuntimeError("INVALID_ARGUMENT: the row's input")}[self._error]
+        return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+
+
+class DropOneRow(beam.DoFn):
+    """Loses the first row of every batch read from `name`: the kind of bug a commit must catch."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def process(self, batch):
+        yield batch.take(range(1, len(batch))) if batch.source.endswith(self._name) else batch
+
+
+def _jsonl(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _ids(out: Path) -> list:
+    return sorted(i for f in out.glob("part-*.parquet") for i in pq.read_table(f).column("id").to_pylist())
+
+
+def _records(out: Path) -> dict[str, dict]:
+    return {r["source"].rsplit("/", 1)[1]: r for r in commit.committed(str(out)).values()}
+
+
+def test_a_unit_whose_counts_do_not_reconcile_fails_the_job_and_is_not_committed(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", [{"id": i, "text": "x"} for i in range(3)])
+    _jsonl(tmp_path / "b.jsonl", [{"id": 10 + i, "text": "y"} for i in range(5)])
+    out = tmp_path / "out"
+    spec = job.JobSpec(input=str(tmp_path / "*.jsonl"), output=str(out), wave_units=1)
+    with pytest.raises(job.JobFailed, match=r"b\.jsonl\): rows_in 5 != rows_out 4 \+ rows_failed 0") as e:
+        job.run(CountingModel(), spec, transform=beam.ParDo(DropOneRow("b.jsonl")))
+    assert "wave 2 of 2" in str(e.value) and "rerun the same command" in str(e.value)
+    assert list(_records(out)) == ["a.jsonl"] and _ids(out) == [0, 1, 2]  # b: nothing committed
+    report = job.run(CountingModel(), spec)  # the bug fixed, the rerun does only b
+    assert (report["units_skipped"], report["units_resumed"], report["units_done"]) == (1, 1, 2)
+    assert report["reconciled"] and _ids(out) == [0, 1, 2, *range(10, 15)]
+
+
+def test_the_cli_exits_1_when_counts_do_not_reconcile(tmp_path, monkeypatch, capsys):
+    from bulkinfer import cli
+
+    _jsonl(tmp_path / "b.jsonl", [{"id": i, "text": "y"} for i in range(5)])
+    run = job.run
+    monkeypatch.setattr(cli, "_embedder", lambda args: CountingModel())
+    monkeypatch.setattr(job, "run", lambda *a, **k: run(*a, transform=beam.ParDo(DropOneRow("b.jsonl")), **k))
+    code = cli.main(["run", "--model", "minilm", "--input", str(tmp_path / "b.jsonl"), "--output", str(tmp_path / "o")])
+    assert code == 1
+    assert "rows_in 5 != rows_out 4 + rows_failed 0" in capsys.readouterr().err
+    assert not list((tmp_path / "o").glob("_committed/*.json")) and not list((tmp_path / "o").glob("part-*"))
+
+
+def test_an_outage_fails_the_job_commits_nothing_as_failed_and_a_rerun_finishes(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", [{"id": i, "text": "fine"} for i in range(4)])
+    _jsonl(tmp_path / "b.jsonl", [{"id": 10 + i, "text": "down" if i == 2 else "fine"} for i in range(4)])
+    out = tmp_path / "out"
+    spec = job.JobSpec(input=str(tmp_path / "*.jsonl"), output=str(out), wave_units=1)
+    with pytest.raises(job.JobFailed, match="ModelUnavailable: server http://x:1"):
+        job.run(Failing(error="unavailable"), spec)
+    assert list(_records(out)) == ["a.jsonl"] and not list(out.glob("failed-*"))
+    report = job.run(Failing(marker="no such text"), spec)  # the server is back
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (8, 8, 0)
+    assert (report["units_skipped"], report["units_resumed"]) == (1, 1)
+    assert _ids(out) == [0, 1, 2, 3, 10, 11, 12, 13] and not list(out.glob("failed-*"))
+
+
+def test_a_failed_device_fails_the_job_but_an_invalid_input_costs_only_its_row(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", [{"id": i, "text": "down" if i == 5 else "ok"} for i in range(9)])
+    with pytest.raises(job.JobFailed, match="INTERNAL: device lost"):
+        job.run(Failing(error="device"), job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(tmp_path / "o1")))
+    assert not list((tmp_path / "o1").glob("_committed/*.json"))
+    report = job.run(Failing(error="invalid"), job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(tmp_path / "o2")))
+    assert (report["rows_out"], report["rows_failed"]) == (8, 1)
+    (letter,) = [json.loads(line) for f in (tmp_path / "o2").glob("failed-*.jsonl") for line in f.read_text().splitlines()]
+    assert letter["id"] == 5 and "INVALID_ARGUMENT" in letter["error"]
+
+
+def test_a_job_whose_rows_fail_systemically_stops(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", [{"id": i, "body": "the text is under another field"} for i in range(1200)])
+    out = tmp_path / "out"
+    with pytest.raises(job.JobFailed, match="1200 of 1200 rows failed .* --max-failed-fraction 0.5"):
+        job.run(CountingModel(), job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(out)))
+    assert not list(out.glob("_committed/*.json")) and not list(out.glob("failed-*"))
+    small = job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(tmp_path / "o2"), min_rows_for_failed_fraction=1201)
+    assert job.run(CountingModel(), small)["rows_failed"] == 1200  # too few rows to judge: dead letters
+    never = job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(out), max_failed_fraction=1.0)
+    assert job.run(CountingModel(), never)["rows_failed"] == 1200
+
+
+def test_an_edited_input_is_reprocessed_and_its_old_outputs_replaced(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", [{"id": i, "text": "x" * i} for i in range(5)])
+    _jsonl(tmp_path / "b.jsonl", [{"id": 100, "text": "b"}])
+    out = tmp_path / "out"
+    spec = job.JobSpec(input=str(tmp_path / "*.jsonl"), output=str(out))
+    job.run(CountingModel(), spec)
+    before = _records(out)["a.jsonl"]
+    with open(tmp_path / "a.jsonl", "a") as f:  # rows appended
+        f.write("".join(json.dumps({"id": i, "text": "x" * i}) + "\n" for i in range(5, 8)))
+    report = job.run(CountingModel(), spec)
+    assert (report["units_reprocessed"], report["units_skipped"], report["units_resumed"]) == (1, 1, 0)
+    assert (report["rows_in"], report["rows_out"], report["duplicate_ids"]) == (9, 9, 0)
+    assert _ids(out) == [*range(8), 100]  # the old outputs of a are gone, not duplicated
+    after = _records(out)["a.jsonl"]
+    assert after["fingerprint"] != before["fingerprint"] and after["rows_in"] == 8
+    again = job.run(CountingModel(), spec)
+    assert (again["units_reprocessed"], again["units_skipped"]) == (0, 2)
+
+
+def test_rows_without_an_id_are_dead_letters_unless_allowed(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "a"}, {"id": None, "text": "b"}, {"text": "c"}])
+    report = job.run(CountingModel(), job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(tmp_path / "o1")))
+    assert (report["rows_out"], report["rows_failed"]) == (1, 2)
+    letters = [json.loads(line) for f in (tmp_path / "o1").glob("failed-*.jsonl") for line in f.read_text().splitlines()]
+    assert sorted(d["position"] for d in letters) == [2, 3]
+    assert all("field 'id' (the id) is missing or null" in d["error"] and "unit" not in d for d in letters)
+    allowed = job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(tmp_path / "o2"), allow_missing_ids=True)
+    assert job.run(CountingModel(), allowed)["rows_out"] == 3
+
+
+def test_duplicate_ids_are_counted(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", [{"id": i, "text": "a"} for i in range(300)])
+    _jsonl(tmp_path / "b.jsonl", [{"id": i, "text": "b"} for i in range(250, 310)] + [{"id": "7", "text": "c"}])
+    report = job.run(CountingModel(), job.JobSpec(input=str(tmp_path / "*.jsonl"), output=str(tmp_path / "o")))
+    assert report["duplicate_ids"] == 51  # 250..299 twice; "7" (text) and 7 (a number) are one id
+
+
+def test_two_processes_with_an_accelerator_hint_commit_every_unit_reconciled(tmp_path):
+    for k in range(3):
+        _jsonl(tmp_path / f"in-{k}.jsonl", [{"id": f"{k}-{i}", "text": "x" * (i % 17)} for i in range(400)])
+    out = tmp_path / "out"
+    spec = job.JobSpec(input=str(tmp_path / "*.jsonl"), output=str(out), unit_size=2048,
+                       accelerator="type:nvidia-h200;count:1", min_ram="1GB")
+    report = job.run(CountingModel(name="hinted"), spec,
+                     ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    records = list(commit.committed(str(out)).values())
+    assert report["units"] == len(records) > 3 and report["reconciled"] and report["rows_out"] == 1200
+    assert all(r["rows_in"] == r["rows_out"] + r["rows_failed"] for r in records)
+    table = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read().to_pydict()
+    assert sorted(zip(table["id"], table["length"])) == sorted(
+        (f"{k}-{i}", i % 17) for k in range(3) for i in range(400))
+
+
+@pytest.mark.slow
+def test_one_200k_row_file_is_split_across_workers(tmp_path):
+    rows = 200_000
+    with open(tmp_path / "big.jsonl", "w") as f:
+        f.writelines(f'{{"id": {i}, "text": "{"x" * (i % 7)}"}}\n' for i in range(rows))
+    out = tmp_path / "out"
+    spec = job.JobSpec(input=str(tmp_path / "big.jsonl"), output=str(out), unit_size=512 << 10, batch_rows=4096)
+    report = job.run(CountingModel(name="big"), spec, ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    records = list(commit.committed(str(out)).values())
+    assert report["units"] == len(records) >= 8 and report["reconciled"]
+    assert len({r["read_by"] for r in records}) == 2  # both worker processes read ranges of the one file
+    assert sorted((r["start"], r["stop"]) for r in records)[0][0] == 0
+    ids = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read(columns=["id"]).column("id")
+    assert len(ids) == rows and len(np.unique(ids.to_numpy())) == rows and report["duplicate_ids"] == 0
