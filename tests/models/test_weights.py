@@ -423,6 +423,9 @@ def test_text_spec_from_a_url_loads_where_the_launcher_path_is_gone(tiny_bert, m
     spec = TextEmbedder.from_name("mem://bucket/tiny")
     assert spec.source == "mem://bucket/tiny" and spec.name == "tiny" and spec == TextEmbedder.from_name(str(tiny_bert))
     assert Path(spec.path) == cache / spec.digest
+    from bulkinfer.models.resolve import model_spec
+
+    assert model_spec("mem://bucket/tiny") == spec  # what BulkInference and --model accept
     shutil.rmtree(cache)  # a fresh worker: nothing cached, the launcher's path absent
     on_worker = dataclasses.replace(spec, path="/launcher/only/path")
     assert on_worker.load().embed(["hello"]).shape == (1, 8)
