@@ -94,6 +94,34 @@ def test_a_lone_surrogate_row_is_one_dead_letter_and_the_job_succeeds(tmp_path, 
     assert bulkinfer(*args).returncode == 0  # a rerun finds it committed
 
 
+def test_digits_labels_held_out_images_with_their_targets_kept(tmp_path):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()  # the split documented in bulkinfer/models/digits.py: [N, 8, 8] 0..16, [N]
+    _, images, _, targets = train_test_split(digits.images, digits.target, test_size=0.25, random_state=0,
+                                             stratify=digits.target)
+    with open(tmp_path / "digits.jsonl", "w") as f:
+        for i, (image, target) in enumerate(zip(images, targets)):
+            pixels = image.reshape(-1).tolist() if i % 2 else image.tolist()  # 64 numbers, or 8 x 8
+            f.write(json.dumps({"id": i, "pixels": pixels, "target": int(target)}) + "\n")
+        f.write(json.dumps({"id": "short", "pixels": [1, 2, 3], "target": 0}) + "\n")
+    out = tmp_path / "out"
+    proc = bulkinfer("run", "--model", "digits", "--input", tmp_path / "digits.jsonl", "--output", out,
+                     "--keep-fields", "target")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (len(targets) + 1, len(targets), 1)
+    table = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read()
+    assert table.column_names == ["id", "target", "label", "probs"]
+    assert str(table.schema.field("label").type) == "int32"
+    assert str(table.schema.field("probs").type) == "fixed_size_list<element: float>[10]"
+    accuracy = float(np.mean(np.array(table["label"]) == np.array(table["target"])))
+    assert accuracy >= 0.95, accuracy
+    letter = json.loads(next(out.glob("failed-*.jsonl")).read_text().splitlines()[0])
+    assert "field 'pixels' has shape [3], expected [8, 8] (or 64 numbers, row-major)" in letter["error"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-model"], "neither a built-in name (minilm) nor a directory"),
     (["--model", "minilm", "--input", "/nonexistent/*.jsonl"], "no input file matches"),

@@ -140,6 +140,10 @@ class _InferDoFn(beam.DoFn):
         self._loaded = load_shared(self._model)
         self._in_fields = field_names(self._loaded.inputs, self._input_field, "input_field")
         self._out_fields = field_names(self._loaded.outputs, self._output_field, "output_field")
+        clash = sorted(set(self._keep or ()) & set(self._out_fields.values()))
+        if clash:
+            raise ValueError(f"keep_fields {clash} would be overwritten by the model's outputs of the same names; "
+                             "rename those input fields first")
 
     def start_bundle(self):
         report_load(self._model)
