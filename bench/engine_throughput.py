@@ -1,12 +1,13 @@
-"""MiniLM through the engine, warmed: rows/s of `predict` and of the engine alone, on one process.
+"""MiniLM through the engine, warmed: rows/s of `embed` and of the engine alone, on one process.
 
     JAX_PLATFORMS=cpu .venv/bin/python bench/engine_throughput.py [--rows 2000] [--repeats 3]
 
 Embeds `testing.synthetic_texts(rows, seed=1)` once to compile every shape the mix uses, then
-`repeats` more times, printing one JSON line: rows/s per repeat for `predict` (tokenize + engine) and
+`repeats` more times, printing one JSON line: rows/s per repeat for `embed` (tokenize + engine) and
 for the engine alone (`EngineStats.run_s`: padding, dispatch, waiting for results).  It uses only
-`TextEmbedder.predict` and `EngineStats`, so the same script measures two commits side by side
-(run it with PYTHONPATH set to each checkout, alternating).
+`LoadedTextEmbedder.embed` and `EngineStats`, so the same script measures two commits side by side
+(run it with PYTHONPATH set to each checkout, alternating; before the model contract, `embed` was
+called `predict`).
 """
 
 from __future__ import annotations
@@ -28,16 +29,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     loaded = TextEmbedder.from_name("minilm", compilation_cache_dir=args.cache).load()
     texts = synthetic_texts(args.rows, seed=1)
-    loaded.predict(texts)  # compiles every shape this mix uses
-    predict_rps, engine_rps = [], []
+    loaded.embed(texts)  # compiles every shape this mix uses
+    embed_rps, engine_rps = [], []
     for _ in range(args.repeats):
         stats = EngineStats()
         t0 = time.perf_counter()
-        loaded.predict(texts, stats=stats)
+        loaded.embed(texts, stats=stats)
         wall = time.perf_counter() - t0
-        predict_rps.append(args.rows / wall)
+        embed_rps.append(args.rows / wall)
         engine_rps.append(args.rows / stats.run_s)
-    print(json.dumps({"rows": args.rows, "predict_rows_per_s": [round(r, 1) for r in predict_rps],
+    print(json.dumps({"rows": args.rows, "embed_rows_per_s": [round(r, 1) for r in embed_rps],
                       "engine_rows_per_s": [round(r, 1) for r in engine_rps],
                       "compiles": loaded.engine.stats.compiles}))
 

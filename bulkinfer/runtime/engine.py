@@ -52,6 +52,7 @@ from bulkinfer.runtime.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for XLA's out-of-memory failures (a JaxRuntimeError whose status is RESOURCE_EXHAUSTED)."""
     return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
