@@ -237,7 +237,7 @@ def test_the_cli_exits_1_when_counts_do_not_reconcile(tmp_path, monkeypatch, cap
 
     _jsonl(tmp_path / "b.jsonl", [{"id": i, "text": "y"} for i in range(5)])
     run = job.run
-    monkeypatch.setattr(cli, "_embedder", lambda args: CountingModel())
+    monkeypatch.setattr(cli, "_model", lambda args: CountingModel())
     monkeypatch.setattr(job, "run", lambda *a, **k: run(*a, transform=beam.ParDo(DropOneRow("b.jsonl")), **k))
     code = cli.main(["run", "--model", "minilm", "--input", str(tmp_path / "b.jsonl"), "--output", str(tmp_path / "o")])
     assert code == 1
