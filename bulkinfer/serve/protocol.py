@@ -259,6 +259,8 @@ def decode_tensor(tensor: dict, part: memoryview | None, spec: TensorSpec) -> tu
     if not _fits(shape, spec):
         raise ProtocolError(f"input {name!r} has shape {show(shape)}; expected {expected_shape(spec)}")
     count, rows = numel(shape), shape[0]
+    if rows and not count:  # only a variable axis can be 0 long; a row needs at least one value (as in `check`)
+        raise ProtocolError(f"input {name!r} has shape {show(shape)}; its variable axis must be at least 1 long")
     if spec.dtype == TEXT:
         return _texts(tensor, part, count, name), rows
     if part is not None:
