@@ -81,9 +81,11 @@ def _check_rows(out, n: int) -> None:
     """RuntimeError unless `out` holds n rows: an array [n, ...] or a dict of them."""
     arrays = out.items() if isinstance(out, Mapping) else [(None, out)]
     for name, array in arrays:
+        which = f" of output {name!r}" if name is not None else ""
+        if not hasattr(array, "shape") and hasattr(array, "__len__") and len(array) == n:
+            raise RuntimeError(f"the model returned a {type(array).__name__}{which}; expected an array [{n}, ...]")
         if not hasattr(array, "shape") or len(array) != n:
             got = len(array) if hasattr(array, "__len__") else type(array).__name__
-            which = f" of output {name!r}" if name is not None else ""
             raise RuntimeError(f"the model returned {got} rows{which} for {n} inputs")
 
 

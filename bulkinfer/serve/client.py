@@ -11,7 +11,7 @@
 model's `inputs` and `outputs` are built from the server's metadata (v2 datatype -> dtype, BYTES ->
 text; -1 after the batch axis -> a variable axis), so `BulkInference` checks rows and writes every output
 as it does for a local model.  `predict` sends every input as binary data and reads every output (or
-those named in `outputs`).  It cuts its rows into chunks of `chunk_rows` (rows whose variable axes have
+those named in `output_names`).  It cuts its rows into chunks of `chunk_rows` (rows whose variable axes have
 different lengths go in different requests, since a v2 tensor is rectangular) and keeps up to
 `max_in_flight` requests in flight per process.
 Each request is retried with jittered exponential backoff on connection errors, timeouts, 429 and
@@ -195,7 +195,7 @@ class RemoteModel:
 
     url: the server, e.g. http://127.0.0.1:8000.   name: the model's name on the server.
     token: a bearer token, if the server needs one (kept out of repr).
-    outputs: the outputs to ask for and write (default: every output in the metadata).
+    output_names: the outputs to ask for and write, e.g. ("label",) (default: every output in the metadata).
     chunk_rows: rows per request, at most.   max_in_flight: concurrent requests per process.
     timeout_s: socket timeout per request.   retry: see `RetryPolicy`.
     """
@@ -203,7 +203,7 @@ class RemoteModel:
     url: str
     name: str
     token: str | None = dataclasses.field(default=None, repr=False)
-    outputs: tuple[str, ...] | None = None
+    output_names: tuple[str, ...] | None = None
     chunk_rows: int = 256
     max_in_flight: int = 4
     timeout_s: float = 60.0
@@ -213,11 +213,11 @@ class RemoteModel:
         V2Client(self.url)  # checks the URL's form now, not on a worker
         if self.chunk_rows < 1 or self.max_in_flight < 1 or self.timeout_s <= 0:
             raise ValueError("chunk_rows and max_in_flight must be >= 1 and timeout_s > 0")
-        if self.outputs is not None:
-            if isinstance(self.outputs, str) or not self.outputs:
-                raise ValueError(f"outputs must be a non-empty tuple of output names, e.g. ('label',), got "
-                                 f"{self.outputs!r}")
-            object.__setattr__(self, "outputs", tuple(self.outputs))
+        if self.output_names is not None:
+            if isinstance(self.output_names, str) or not self.output_names:
+                raise ValueError(f"output_names must be a non-empty tuple of output names, e.g. ('label',), got "
+                                 f"{self.output_names!r}")
+            object.__setattr__(self, "output_names", tuple(self.output_names))
 
     @classmethod
     def for_model(cls, url: str, model, **settings) -> RemoteModel:
@@ -257,13 +257,13 @@ class LoadedRemoteModel:
         where = f"model {spec.name!r} on {spec.url}"
         self.inputs, self._wire = signature_from_metadata(meta, "inputs", where)
         outputs, _ = signature_from_metadata(meta, "outputs", where)
-        if spec.outputs is not None:
+        if spec.output_names is not None:
             by_name = {o.name: o for o in outputs}
-            unknown = [o for o in spec.outputs if o not in by_name]
+            unknown = [o for o in spec.output_names if o not in by_name]
             if unknown:
                 raise ValueError(f"{where} has no output {unknown[0]!r}; its outputs are {sorted(by_name)}; "
-                                 "fix RemoteModel(outputs=...)")
-            outputs = tuple(by_name[o] for o in spec.outputs)
+                                 "fix RemoteModel(output_names=...)")
+            outputs = tuple(by_name[o] for o in spec.output_names)
         self.outputs = outputs
         self._pool = ThreadPoolExecutor(spec.max_in_flight, thread_name_prefix="bulkinfer-remote")
         self.load_s = time.perf_counter() - t0

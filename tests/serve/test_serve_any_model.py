@@ -192,10 +192,10 @@ def test_remote_model_builds_the_signature_from_metadata_and_predicts_like_local
     for name in ("count", "score"):
         assert got[name].dtype == expect[name].dtype
         np.testing.assert_array_equal(got[name], expect[name])  # rows back in input order
-    assert set(RemoteModel(url=pair_server.url, name="pair", outputs=("score",)).load().predict(
+    assert set(RemoteModel(url=pair_server.url, name="pair", output_names=("score",)).load().predict(
         {"x": x[:1], "tokens": tokens[:1]})) == {"score"}
     with pytest.raises(ValueError, match="has no output 'label'; its outputs are \\['count', 'score'\\]"):
-        RemoteModel(url=pair_server.url, name="pair", outputs=("label",)).load()
+        RemoteModel(url=pair_server.url, name="pair", output_names=("label",)).load()
     with pytest.raises(TypeError, match="one text input"):
         loaded.embed(["text"])
 
