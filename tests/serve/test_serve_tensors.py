@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bulkinfer.models.signature import TensorSpec
 from bulkinfer.serve import protocol
@@ -119,3 +121,62 @@ def test_encode_infer_request_asks_for_every_output_when_none_are_named():
     assert obj["parameters"] == {"binary_data_output": True} and "outputs" not in obj
     assert obj["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": 24}}]
     assert tail == np.ones((2, 3), "<f4").tobytes()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=12)
+_dims = st.integers(-2, 4) | st.sampled_from([2**31, 2**63, 10**20])
+PAIR = (TensorSpec("x", (3,), "float32"), TensorSpec("tokens", (None,), "int32"), TensorSpec("text", (), "string"))
+
+
+@st.composite
+def _numeric_request(draw) -> tuple[dict, bytes]:
+    """A near-valid request for PAIR's inputs: each tensor right, or wrong in a field or two, JSON or binary."""
+    tensors, tail, n = [], b"", draw(st.integers(0, 3))
+    for spec in PAIR:
+        if spec.dtype == "string":
+            values = draw(st.lists(st.text(max_size=5), min_size=n, max_size=n))
+            t = {"name": spec.name, "datatype": "BYTES", "shape": [n], "data": values}
+        else:
+            shape = [n, *(draw(st.integers(1, 3)) if d is None else d for d in spec.shape)]
+            array = np.arange(int(np.prod(shape)), dtype=spec.dtype).reshape(shape)
+            t = {"name": spec.name, "datatype": spec.v2_datatype, "shape": shape}
+            if draw(st.booleans()):
+                raw = array.tobytes()
+                t["parameters"] = {"binary_data_size": len(raw) + draw(st.sampled_from([0, 0, -1, 3]))}
+                tail += raw
+            else:
+                t["data"] = array.tolist()
+        for _ in range(draw(st.integers(0, 2))):
+            field = draw(st.sampled_from(["name", "datatype", "shape", "data", "parameters", "drop"]))
+            if field == "name":
+                t["name"] = draw(st.sampled_from(["x", "tokens", "text", "y"]) | _json)
+            elif field == "datatype":
+                t["datatype"] = draw(st.sampled_from(["FP32", "INT32", "INT64", "BF16", "BOOL", "BYTES"]) | _json)
+            elif field == "shape":
+                t["shape"] = draw(st.lists(_dims, max_size=3) | _json)
+            elif field == "data":
+                t["data"] = draw(st.lists(_json, max_size=6) | _json)
+            elif field == "parameters":
+                t["parameters"] = draw(st.fixed_dictionaries({"binary_data_size": _dims}) | _json)
+            else:
+                t.pop(draw(st.sampled_from(sorted(t))))
+        tensors.append(t)
+    return {"inputs": draw(st.permutations(tensors))}, tail
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(_numeric_request())
+def test_decode_inputs_returns_the_signature_or_a_protocol_error(request_tail):
+    request, tail = request_tail
+    try:
+        values, n = protocol.decode_inputs(request, memoryview(tail), PAIR)
+    except ProtocolError as e:
+        assert e.status == 400 and str(e) and len(str(e)) < 2000
+        return
+    assert set(values) == {"x", "tokens", "text"}
+    assert values["x"].dtype == np.float32 and values["x"].shape == (n, 3)
+    assert len(values["tokens"]) == n and all(v.dtype == np.int32 and v.ndim == 1 and v.size for v in values["tokens"])
+    assert len(values["text"]) == n and all(isinstance(v, str) for v in values["text"])
