@@ -107,6 +107,13 @@ class Server:
         return f"http://{self.config.host}:{self.port}"
 
     def set_model(self, loaded) -> None:
+        """Serves `loaded`, a loaded model with name, inputs, outputs and predict (`bulkinfer.models.signature`).
+
+        Raises TypeError for an object that lacks any of them."""
+        missing = [a for a in ("name", "inputs", "outputs", "predict") if not hasattr(loaded, a)]
+        if missing:
+            raise TypeError(f"{type(loaded).__name__} is not a loaded model: it has no {', '.join(missing)}; "
+                            "the server needs the contract in bulkinfer.models.signature")
         self.batcher = DynamicBatcher(
             loaded.predict, max_batch_rows=self.config.max_batch_rows,
             max_queue_delay_s=self.config.max_queue_delay_ms / 1000, max_queue_rows=self.config.max_queue_rows)
@@ -138,7 +145,11 @@ class Server:
 def start(loaded, config: ServeConfig) -> Server:
     """A ready server for an already loaded model, listening in background threads (for tests and benchmarks)."""
     server = Server(config)
-    server.set_model(loaded)
+    try:
+        server.set_model(loaded)
+    except TypeError:
+        server.stop()
+        raise
     return server
 
 

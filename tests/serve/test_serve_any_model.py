@@ -280,3 +280,14 @@ def test_concurrent_tritonclient_requests_share_model_calls(pair_server):
 def test_unknown_model_name_is_still_404_through_tritonclient(pair_server):
     with pytest.raises(InferenceServerException, match="not served here"):
         _client(pair_server).get_model_metadata("digits")
+
+
+def test_start_refuses_an_object_that_is_not_a_loaded_model():
+    class EmbedOnly:
+        name = "old"
+
+        def embed(self, texts):
+            return np.zeros((len(texts), 2), np.float32)
+
+    with pytest.raises(TypeError, match="EmbedOnly is not a loaded model: it has no inputs, outputs, predict"):
+        start(EmbedOnly(), ServeConfig(port=0))
