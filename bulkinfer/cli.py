@@ -45,7 +45,11 @@ Examples:
 EPILOG_SERVE = """\
 Routes (Open Inference Protocol / KServe v2 REST, JSON or binary tensors):
   GET  /v2/health/live, /v2/health/ready      (never need the token)
-  GET  /v2/models/NAME                        metadata: input text BYTES [-1] -> output embedding FP32 [-1, dim]
+  GET  /v2/models/NAME                        metadata: every input and output with its datatype and shape
+                                              (minilm: text BYTES [-1] -> embedding FP32 [-1, 384]; digits:
+                                              pixels FP32 [-1, 8, 8] -> label INT32 [-1], probs FP32 [-1, 10]);
+                                              an infer request sends every input as [N, ...], JSON or binary,
+                                              and gets every output back (or those it names in "outputs")
   GET  /v2/models/NAME/ready, /v2/models/NAME/stats
   POST /v2/models/NAME/infer
 NAME is the built-in model name (minilm) or the model directory's name; it may be percent-escaped.
@@ -59,6 +63,9 @@ Examples:
   BULKINFER_TOKEN=s3cret bulkinfer serve --model minilm --host 0.0.0.0
   curl -s localhost:8000/v2/models/minilm/infer \\
     -d '{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["hello"]}]}'
+  bulkinfer serve --model digits --port 8001
+  curl -s localhost:8001/v2/models/digits/infer \\
+    -d '{"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 8, 8], "data": [0, 0, 5, ...]}]}'
 """
 
 

@@ -1,7 +1,12 @@
 """Dynamic batching: concurrent requests merged into one model call by a single batcher thread.
 
     batcher = DynamicBatcher(loaded.predict, max_batch_rows=1024, max_queue_delay_s=0.005)
-    rows = batcher.submit(["a", "b"]).result()       # [2, dim], from a call shared with other requests
+    out = batcher.submit({"text": ["a", "b"]}).result()   # {"embedding": [2, dim]}, from a shared call
+
+A request is the model contract's input (`bulkinfer.models.signature`): {input name: N rows' values},
+arrays [N, ...] or lists; the merged call gets each input's arrays concatenated and lists joined, and
+each request gets its rows of every output back.  (A plain list of values, with an array [N, ...] as
+the result, works the same way.)
 
 The batcher waits up to `max_queue_delay_s` after the oldest queued request for more to arrive (or
 until `max_batch_rows` rows are queued), then runs them as one call.  While the model runs, new
@@ -17,7 +22,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 
 import numpy as np
@@ -43,9 +48,45 @@ class BatcherStats:
 
 @dataclasses.dataclass
 class _Item:
-    values: Sequence
+    values: Mapping[str, np.ndarray | list] | Sequence
+    rows: int
     future: Future
     arrived: float
+
+
+def rows_of(values: Mapping[str, np.ndarray | list] | Sequence) -> int:
+    """N: the rows of a request, {input: N values} or a list of N values."""
+    if isinstance(values, Mapping):
+        return len(next(iter(values.values()))) if values else 0
+    return len(values)
+
+
+def merge(parts: list) -> Mapping[str, np.ndarray | list] | list:
+    """Several requests' inputs as one: each input's arrays concatenated (lists joined), in order."""
+    if not isinstance(parts[0], Mapping):
+        return [v for part in parts for v in part]
+    if len(parts) == 1:
+        return parts[0]
+    merged = {}
+    for name in parts[0]:
+        values = [part[name] for part in parts]
+        if all(isinstance(v, np.ndarray) for v in values):
+            merged[name] = np.concatenate(values)
+        else:
+            merged[name] = [x for v in values for x in v]
+    return merged
+
+
+def _check_rows(out, n: int) -> None:
+    """RuntimeError unless `out` holds n rows: an array [n, ...] or a dict of them."""
+    arrays = out.items() if isinstance(out, Mapping) else [(None, out)]
+    for name, array in arrays:
+        which = f" of output {name!r}" if name is not None else ""
+        if not hasattr(array, "shape") and hasattr(array, "__len__") and len(array) == n:
+            raise RuntimeError(f"the model returned a {type(array).__name__}{which}; expected an array [{n}, ...]")
+        if not hasattr(array, "shape") or len(array) != n:
+            got = len(array) if hasattr(array, "__len__") else type(array).__name__
+            raise RuntimeError(f"the model returned {got} rows{which} for {n} inputs")
 
 
 class DynamicBatcher:
@@ -64,16 +105,21 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._loop, name="bulkinfer-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, values: Sequence) -> Future:
-        """A future of predict(values); raises Overloaded or Closed instead of queueing."""
+    def submit(self, values: Mapping[str, np.ndarray | list] | Sequence) -> Future:
+        """A future of predict(values): {output: [N, ...]} (or [N, ...] for a list of values).
+
+        values: {input name: N rows' values} (all inputs the same N), or a list of N values.
+        Raises Overloaded or Closed instead of queueing.
+        """
         future: Future = Future()
+        rows = rows_of(values)
         with self._cv:
             if self._closed:
                 raise Closed("the server is shutting down")
-            if self._queued_rows and self._queued_rows + len(values) > self._max_queued:
+            if self._queued_rows and self._queued_rows + rows > self._max_queued:
                 raise Overloaded(f"{self._queued_rows} rows are already queued (limit {self._max_queued}); retry later")
-            self._queue.append(_Item(values, future, self._clock()))
-            self._queued_rows += len(values)
+            self._queue.append(_Item(values, rows, future, self._clock()))
+            self._queued_rows += rows
             self._cv.notify()
         return future
 
@@ -98,10 +144,10 @@ class DynamicBatcher:
                     break
                 self._cv.wait(remaining)
             group, rows = [], 0
-            while self._queue and (not group or rows + len(self._queue[0].values) <= self._max_rows):
+            while self._queue and (not group or rows + self._queue[0].rows <= self._max_rows):
                 item = self._queue.popleft()
                 group.append(item)
-                rows += len(item.values)
+                rows += item.rows
             self._queued_rows -= rows
             return group
 
@@ -116,12 +162,10 @@ class DynamicBatcher:
                         item.future.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
 
     def _run(self, group: list[_Item]) -> None:
-        values = [v for item in group for v in item.values]
+        n = sum(item.rows for item in group)
         try:
-            out = self._predict(values)  # [N, ...]
-            if not hasattr(out, "shape") or len(out) != len(values):
-                got = len(out) if hasattr(out, "__len__") else type(out).__name__
-                raise RuntimeError(f"the model returned {got} rows for {len(values)} inputs")
+            out = self._predict(merge([item.values for item in group]))  # {output: [n, ...]} or [n, ...]
+            _check_rows(out, n)
         except Exception as e:  # noqa: BLE001 -- answered to the requests, never lost
             if len(group) > 1:
                 log.warning("a merged call of %d requests failed (%s); running them one by one", len(group), e)
@@ -134,8 +178,10 @@ class DynamicBatcher:
         self.stats.calls += 1
         start = 0
         for item in group:
-            n = len(item.values)
+            end = start + item.rows
             self.stats.requests += 1  # counted before the reply, so a client's own request shows in /stats
-            self.stats.rows += n
-            item.future.set_result(out[start : start + n])
-            start += n
+            self.stats.rows += item.rows
+            mine = ({name: array[start:end] for name, array in out.items()} if isinstance(out, Mapping)
+                    else out[start:end])
+            item.future.set_result(mine)
+            start = end

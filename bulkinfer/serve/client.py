@@ -1,21 +1,27 @@
 """A small Open Inference Protocol (v2 REST) client, and `RemoteModel`: a model that lives on a server.
 
-    model = RemoteModel(url="http://127.0.0.1:8000", name="minilm")
+    model = RemoteModel(url="http://127.0.0.1:8000", name="digits")
     loaded = model.load()                             # reads the model's metadata from the server
-    loaded.embed(["a sentence", "another"]).shape     # (2, 384)
+    [(s.name, s.dtype, s.shape) for s in loaded.outputs]     # [("label", "int32", ()), ("probs", "float32", (10,))]
+    loaded.predict({"pixels": np.zeros((2, 8, 8), np.float32)})["probs"].shape      # (2, 10)
 
-    p | bulkinfer.BulkInference(model)                # or BulkInference(TextEmbedder..., server=URL)
+    p | bulkinfer.BulkInference(model)                # or BulkInference("digits", server=URL)
 
-`RemoteModel` follows the same contract as `TextEmbedder` (`load()`, then `predict`, `input_type`,
-`output_name`, `name`, `load_s`), so `BulkInference` runs it like a local model.  `predict` cuts its
-rows into chunks of `chunk_rows` and keeps up to `max_in_flight` requests in flight per process.
+`RemoteModel` follows the model contract (`bulkinfer.models.signature`) for any signature: the loaded
+model's `inputs` and `outputs` are built from the server's metadata (v2 datatype -> dtype, BYTES ->
+text; -1 after the batch axis -> a variable axis), so `BulkInference` checks rows and writes every output
+as it does for a local model.  `predict` sends every input as binary data and reads every output (or
+those named in `output_names`).  It cuts its rows into chunks of `chunk_rows` (rows whose variable axes have
+different lengths go in different requests, since a v2 tensor is rectangular) and keeps up to
+`max_in_flight` requests in flight per process.
 Each request is retried with jittered exponential backoff on connection errors, timeouts, 429 and
 5xx, within a retry budget of `retry.budget_s` seconds; past the budget `predict` raises
 `ModelUnavailable`, which fails BulkInference's bundle (an outage is not the rows' fault; the runner
 retries the bundle, and a job exits non-zero without committing those rows).
 A request the server rejects as malformed (400, 413) raises `RemoteError`, which BulkInference
-bisects to isolate the rows at fault.  Works with any v2 server that takes a BYTES input (Triton,
-MLServer, KServe runtimes, `bulkinfer serve`); uses the binary tensor data extension both ways.
+bisects to isolate the rows at fault.  Works with any v2 server whose model metadata gives its batch
+axis as a leading -1 (Triton, MLServer, KServe runtimes, `bulkinfer serve`); uses the binary tensor data
+extension both ways.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -154,20 +160,27 @@ class V2Client:
     def model_stats(self, model: str) -> dict:
         return self._json("GET", f"/v2/models/{urllib.parse.quote(model, safe='')}/stats")
 
-    def infer(self, model: str, texts: Sequence[str], *, input_name: str = "text",
-              output_name: str = "embedding") -> np.ndarray:
-        """One request: BYTES input `input_name` (binary) -> output `output_name` as a numpy array."""
-        header, tail = protocol.encode_infer_request(input_name, texts, output=output_name)
+    def infer_tensors(self, model: str, inputs: Sequence[dict], tail: bytes, outputs: Sequence[str] | None
+                      ) -> dict[str, np.ndarray]:
+        """One request: input tensors from `protocol.encode_tensor` (their bytes joined in `tail`) ->
+        {output name: array} for each of `outputs` (None: every output the server sends), asked in binary."""
+        header, tail = protocol.encode_request(inputs, tail, outputs)
         status, headers, data = self.request(
             "POST", f"/v2/models/{urllib.parse.quote(model, safe='')}/infer", body=header + tail,
             headers={"Content-Type": "application/octet-stream", protocol.HEADER_LENGTH: str(len(header))})
         if status != 200:
             raise RemoteError(status, _error_text(data), retry_after_s=_retry_after(headers))
         try:
-            return protocol.decode_output(data, headers.get(protocol.HEADER_LENGTH), output_name)
+            return protocol.decode_outputs(data, headers.get(protocol.HEADER_LENGTH), outputs)
         except (protocol.ProtocolError, ValueError, TypeError, KeyError, AttributeError) as e:
             # Not the rows' fault: a server whose replies we cannot read gets no per-row bisection.
             raise ModelUnavailable(f"server {self._host}:{self._port}: its reply is not a v2 response ({e})") from None
+
+    def infer(self, model: str, texts: Sequence[str], *, input_name: str = "text",
+              output_name: str = "embedding") -> np.ndarray:
+        """One request of a text model: BYTES input `input_name` (binary) -> output `output_name` as an array."""
+        tensor, tail = protocol.encode_tensor(input_name, "BYTES", texts, binary=True)
+        return self.infer_tensors(model, [tensor], tail, [output_name])[output_name]
 
 
 def _error_text(data: bytes) -> str:
@@ -179,20 +192,19 @@ def _error_text(data: bytes) -> str:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RemoteModel:
-    """What to call: a model on a v2 server.  Picklable; `load()` connects.
+    """What to call: a model on a v2 server.  Picklable; `load()` connects and reads the model's signature.
 
     url: the server, e.g. http://127.0.0.1:8000.   name: the model's name on the server.
     token: a bearer token, if the server needs one (kept out of repr).
-    input_name, output_name: the model's BYTES input and numeric output.
-    chunk_rows: rows per request.   max_in_flight: concurrent requests per process.
+    output_names: the outputs to ask for and write, e.g. ("label",) (default: every output in the metadata).
+    chunk_rows: rows per request, at most.   max_in_flight: concurrent requests per process.
     timeout_s: socket timeout per request.   retry: see `RetryPolicy`.
     """
 
     url: str
     name: str
     token: str | None = dataclasses.field(default=None, repr=False)
-    input_name: str = "text"
-    output_name: str = "embedding"
+    output_names: tuple[str, ...] | None = None
     chunk_rows: int = 256
     max_in_flight: int = 4
     timeout_s: float = 60.0
@@ -202,6 +214,11 @@ class RemoteModel:
         V2Client(self.url)  # checks the URL's form now, not on a worker
         if self.chunk_rows < 1 or self.max_in_flight < 1 or self.timeout_s <= 0:
             raise ValueError("chunk_rows and max_in_flight must be >= 1 and timeout_s > 0")
+        if self.output_names is not None:
+            if isinstance(self.output_names, str) or not self.output_names:
+                raise ValueError(f"output_names must be a non-empty tuple of output names, e.g. ('label',), got "
+                                 f"{self.output_names!r}")
+            object.__setattr__(self, "output_names", tuple(self.output_names))
 
     @classmethod
     def for_model(cls, url: str, model, **settings) -> RemoteModel:
@@ -218,56 +235,68 @@ def model_name(name_or_path: str) -> str:
     """The name a server gives the model of a `--model` value: the built-in name, or the directory's name."""
     from pathlib import Path
 
-    from bulkinfer.models.registry import BUILTIN_MODELS
+    from bulkinfer.models.resolve import builtin_names
 
-    if name_or_path in BUILTIN_MODELS:
+    if name_or_path in builtin_names():
         return name_or_path
     return Path(name_or_path).expanduser().resolve().name
 
 
 class LoadedRemoteModel:
-    """A connected `RemoteModel`, following the model contract (`bulkinfer.models.signature`):
-    `predict({input_name: texts}) -> {output_name: [N, dim]}`.  Thread-safe; shared by a process's DoFn threads."""
+    """A connected `RemoteModel`, following the model contract (`bulkinfer.models.signature`) with the
+    server's signature: `predict({input: N values}) -> {output: [N, ...]}`.  Thread-safe; shared by a
+    process's DoFn threads."""
 
     def __init__(self, spec: RemoteModel, *, sleep=time.sleep, clock=time.monotonic):
         t0 = time.perf_counter()
         self.spec = spec
         self.name = spec.name
-        self.output_name = spec.output_name
         self.client = V2Client(spec.url, token=spec.token, timeout_s=spec.timeout_s)
         self._sleep, self._clock = sleep, clock
         self._rng = random.Random()
         meta = self._with_retries(lambda: self.client.model_metadata(spec.name), threading.Event(), "metadata")
-        self.dim = _check_metadata(meta, spec)
+        where = f"model {spec.name!r} on {spec.url}"
+        self.inputs, self._wire = signature_from_metadata(meta, "inputs", where)
+        outputs, _ = signature_from_metadata(meta, "outputs", where)
+        if spec.output_names is not None:
+            by_name = {o.name: o for o in outputs}
+            unknown = [o for o in spec.output_names if o not in by_name]
+            if unknown:
+                raise ValueError(f"{where} has no output {unknown[0]!r}; its outputs are {sorted(by_name)}; "
+                                 "fix RemoteModel(output_names=...)")
+            outputs = tuple(by_name[o] for o in spec.output_names)
+        self.outputs = outputs
         self._pool = ThreadPoolExecutor(spec.max_in_flight, thread_name_prefix="bulkinfer-remote")
         self.load_s = time.perf_counter() - t0
 
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        return (TensorSpec(self.spec.input_name, (), TEXT),)
+    def predict(self, inputs: Mapping[str, np.ndarray | list], stats=None) -> dict[str, np.ndarray]:
+        """The model contract: {input name: N rows' values} -> {output name: [N, ...] array}, in input order.
 
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        return (TensorSpec(self.spec.output_name, (self.dim,), "float32"),)
-
-    def predict(self, inputs, stats=None) -> dict[str, np.ndarray]:
-        """The model contract: {input_name: N texts} -> {output_name: [N, dim]}; see `embed`."""
-        return {self.spec.output_name: self.embed(inputs[self.spec.input_name], stats=stats)}
-
-    def embed(self, texts: Sequence[str], stats=None) -> np.ndarray:
-        """[N, dim] outputs in input order.  Raises ModelUnavailable past the retry budget, RemoteError on a 4xx."""
+        inputs: every input of `self.inputs`: an array [N, *shape] (or a list of N rows) for a fixed shape,
+          a list of N arrays for a variable axis, a list of N str for text.
+        Raises ModelUnavailable past the retry budget (or for an unreadable reply), RemoteError on a 4xx
+        (the rows' fault: BulkInference bisects), ValueError for inputs that miss a name or disagree on N.
+        """
+        missing = [s.name for s in self.inputs if s.name not in inputs]
+        if missing:
+            raise ValueError(f"predict needs every input of model {self.name!r}: {missing} missing from "
+                             f"{sorted(inputs)}")
+        sizes = {s.name: len(inputs[s.name]) for s in self.inputs}
+        n = next(iter(sizes.values()))
+        if any(k != n for k in sizes.values()):
+            raise ValueError(f"the inputs of one predict call must have the same rows; got {sizes}")
         t0 = time.perf_counter()
-        n, size = len(texts), self.spec.chunk_rows
         if n == 0:
-            return np.zeros((0, self.dim), np.float32)
-        chunks = [texts[i : i + size] for i in range(0, n, size)]
+            return {s.name: _empty(s) for s in self.outputs}
+        chunks = self._chunks(inputs, n)
         give_up = threading.Event()  # set when one chunk fails: the others stop retrying
+        names = [s.name for s in self.outputs]
 
-        def one(chunk):
+        def one(rows):
+            tensors, tail = self._encode(inputs, rows)
             try:
-                return self._with_retries(
-                    lambda: self.client.infer(self.name, chunk, input_name=self.spec.input_name,
-                                              output_name=self.spec.output_name), give_up, "infer")
+                return self._with_retries(lambda: self.client.infer_tensors(self.name, tensors, tail, names),
+                                          give_up, "infer")
             except BaseException:
                 give_up.set()
                 raise
@@ -281,14 +310,52 @@ class LoadedRemoteModel:
             if first is not None:
                 raise first
             parts = [f.result() for f in futures]
-        out = np.concatenate(parts) if len(parts) > 1 else parts[0]  # [N, dim]
-        if out.shape[0] != n:
-            raise RemoteError(200, f"the server returned {out.shape[0]} rows for {n} inputs")
+        out = _scatter(chunks, parts, names, n)
         if stats is not None:
             stats.rows += n
             stats.batches += len(chunks)
             stats.run_s += time.perf_counter() - t0
         return out
+
+    def embed(self, texts: Sequence[str], stats=None) -> np.ndarray:
+        """A text model's one output for `texts`, e.g. [N, dim] float32 embeddings, in input order."""
+        if len(self.inputs) != 1 or self.inputs[0].dtype != TEXT or len(self.outputs) != 1:
+            raise TypeError(f"embed is for a model with one text input and one output; model {self.name!r} has "
+                            f"inputs {[s.name for s in self.inputs]} and outputs {[s.name for s in self.outputs]}; "
+                            "use predict")
+        return self.predict({self.inputs[0].name: texts}, stats=stats)[self.outputs[0].name]
+
+    def _chunks(self, inputs, n: int) -> list[slice | np.ndarray]:
+        """Row selections of at most chunk_rows rows each: slices in order, or, with a variable axis, index
+        arrays of rows whose variable axes have the same lengths (one v2 tensor is rectangular)."""
+        size = self.spec.chunk_rows
+        variable = [s.name for s in self.inputs if s.variable]
+        if not variable:
+            return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        groups: dict[tuple, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(tuple(np.shape(inputs[name][i]) for name in variable), []).append(i)
+        return [np.asarray(rows[i : i + size], np.int64) for rows in groups.values() for i in range(0, len(rows), size)]
+
+    def _encode(self, inputs, rows: slice | np.ndarray) -> tuple[list[dict], bytes]:
+        """The request's input tensors (binary) for the selected rows, and their bytes."""
+        tensors, tails = [], []
+        for s in self.inputs:
+            values = inputs[s.name]
+            if s.dtype == TEXT:
+                chosen = values[rows] if isinstance(rows, slice) else [values[i] for i in rows]
+                tensor, raw = protocol.encode_tensor(s.name, "BYTES", chosen, binary=True,
+                                                     shape=[len(chosen), *self._wire[s.name]])
+            else:
+                if isinstance(values, np.ndarray):
+                    chosen = values[rows]
+                else:
+                    chosen = np.stack([np.asarray(values[i]) for i in range(len(values))[rows]]
+                                      if isinstance(rows, slice) else [np.asarray(values[i]) for i in rows])
+                tensor, raw = protocol.encode_tensor(s.name, s.v2_datatype, chosen, binary=True)
+            tensors.append(tensor)
+            tails.append(raw)
+        return tensors, b"".join(tails)
 
     def _with_retries(self, call, give_up: threading.Event, what: str):
         policy, start, attempt, failures_500 = self.spec.retry, self._clock(), 0, 0
@@ -324,18 +391,64 @@ class _GaveUp(ModelUnavailable):
     """A chunk abandoned because another chunk of the same call already failed."""
 
 
-def _check_metadata(meta: dict, spec: RemoteModel) -> int:
-    """The output's last dimension; loud errors if the model does not take a BYTES `input_name`."""
-    inputs = {t.get("name"): t for t in meta.get("inputs", [])}
-    outputs = {t.get("name"): t for t in meta.get("outputs", [])}
-    if spec.input_name not in inputs:
-        raise ValueError(f"model {spec.name!r} on {spec.url} has no input {spec.input_name!r}; its inputs are "
-                         f"{sorted(inputs)}; set input_name")
-    if inputs[spec.input_name].get("datatype") != "BYTES":
-        raise ValueError(f"model {spec.name!r} input {spec.input_name!r} is {inputs[spec.input_name].get('datatype')}, "
-                         "not BYTES; RemoteModel sends text")
-    if spec.output_name not in outputs:
-        raise ValueError(f"model {spec.name!r} on {spec.url} has no output {spec.output_name!r}; its outputs are "
-                         f"{sorted(outputs)}; set output_name")
-    shape = outputs[spec.output_name].get("shape") or [-1]
-    return int(shape[-1])
+def signature_from_metadata(meta: dict, key: str, where: str) -> tuple[tuple[TensorSpec, ...], dict[str, list[int]]]:
+    """TensorSpecs of the metadata's "inputs" or "outputs", and each BYTES tensor's axes after the batch
+    axis ([] or [1]: text is one string per row either way).
+
+    The first axis must be the batch axis (-1); a later -1 is a variable axis (None).  Raises ValueError
+    naming the tensor for a datatype or shape that a bulkinfer model cannot have.
+    """
+    tensors = meta.get(key)
+    if not isinstance(tensors, list) or (key == "inputs" and not tensors):
+        raise ValueError(f"{where}: its metadata has no {key!r} list: {str(meta)[:200]}")
+    specs, wire = [], {}
+    for t in tensors:
+        name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+        kind = key[:-1]
+        if datatype not in protocol.SPEC_DTYPES:
+            raise ValueError(f"{where}: {kind} {name!r} has datatype {datatype!r}; RemoteModel takes "
+                             f"{sorted(protocol.SPEC_DTYPES)}")
+        if not isinstance(shape, list) or not shape or shape[0] != -1:
+            raise ValueError(f"{where}: {kind} {name!r} has shape {shape!r}; RemoteModel needs a batch axis "
+                             "first, -1 (a Triton model with max_batch_size > 0)")
+        dims = shape[1:]
+        if datatype == "BYTES":
+            if dims not in ([], [1]):
+                raise ValueError(f"{where}: {kind} {name!r} has shape {shape!r}; a BYTES tensor must hold one "
+                                 "string per row ([-1] or [-1, 1])")
+            wire[name], dims = dims, []
+        try:
+            specs.append(TensorSpec(name, tuple(None if d == -1 else d for d in dims), protocol.SPEC_DTYPES[datatype]))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return tuple(specs), wire
+
+
+def _empty(spec: TensorSpec) -> np.ndarray:
+    """An output's value for zero rows: [0, *shape] (a variable axis 0 long)."""
+    dtype = {TEXT: object, "bfloat16": np.float32}.get(spec.dtype, spec.dtype)
+    return np.zeros((0, *(d or 0 for d in spec.shape)), dtype)
+
+
+def _scatter(chunks: list, parts: list[dict], names: list[str], n: int) -> dict[str, np.ndarray]:
+    """Each output's [n, ...] array from the chunks' replies, rows back in input order."""
+    sizes = [len(range(n)[rows]) if isinstance(rows, slice) else len(rows) for rows in chunks]
+    out = {}
+    for name in names:
+        for size, part in zip(sizes, parts):
+            got = part[name].shape[0] if part[name].ndim else 0
+            if got != size:
+                raise RemoteError(200, f"the server returned {got} rows of {name!r} for {size} inputs")
+        first = parts[0][name]
+        if len(parts) == 1 and isinstance(chunks[0], slice):
+            out[name] = first
+            continue
+        shapes = {p[name].shape[1:] for p in parts}
+        if len(shapes) > 1:
+            raise RemoteError(200, f"output {name!r} came back with per-row shapes {sorted(shapes)} from "
+                              "different requests; one predict call needs one shape")
+        array = np.empty((n, *first.shape[1:]), first.dtype)  # [n, ...]
+        for rows, part in zip(chunks, parts):
+            array[rows] = part[name]
+        out[name] = array
+    return out

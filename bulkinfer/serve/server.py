@@ -1,12 +1,19 @@
-"""`bulkinfer serve`: an Open Inference Protocol (KServe v2) REST server for one text embedder.
+"""`bulkinfer serve`: an Open Inference Protocol (KServe v2) REST server for any one model.
 
     config = ServeConfig(port=8000, token="s3cret")
-    serve(TextEmbedder.from_name("minilm"), config)    # blocks until SIGTERM/SIGINT, then drains
+    serve(model_spec("digits"), config)    # blocks until SIGTERM/SIGINT, then drains
+
+The model is any spec that follows the contract in `bulkinfer.models.signature` (a text embedder, the
+`digits` classifier, a `JaxModel`): its declared inputs and outputs are served as v2 tensors, each with
+the datatype of its dtype (BYTES for text, FP32, INT32, INT64, ...) and the shape [-1, *per-row shape]
+(-1 for the batch axis and a variable axis).  A request sends every input (JSON `data` or binary),
+each of shape [N, *per-row shape] (text: [N] or [N, 1]); the answer holds every output, or those the
+request names in `outputs`, each as JSON or binary by its own `binary_data` parameter.
 
 Routes (JSON errors are `{"error": "..."}`):
     GET  /v2/health/live, /v2/health/ready         no token needed
     GET  /v2                                       server metadata
-    GET  /v2/models/{name}[/versions/{v}]          model metadata: input `text` BYTES [-1] -> output FP32 [-1, dim]
+    GET  /v2/models/{name}[/versions/{v}]          model metadata: every input and output, datatype and shape
     GET  /v2/models/{name}/ready
     GET  /v2/models/{name}/stats                   requests, rows and model calls so far
     POST /v2/models/{name}/infer                   JSON tensors or the binary tensor data extension
@@ -46,8 +53,6 @@ from bulkinfer.serve.batcher import Closed, DynamicBatcher, Overloaded
 from bulkinfer.serve.protocol import HEADER_LENGTH, ProtocolError, show
 
 log = logging.getLogger(__name__)
-
-INPUT_NAME, OUTPUT_NAME = "text", "embedding"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,7 +110,7 @@ class Server:
         self.config = config
         self._http = _HTTPServer((config.host, config.port), _Handler, max_connections=config.max_connections)
         self._http.app = self
-        self.model = None  # a loaded model: predict(list[str]) -> [N, dim], name, dim
+        self.model = None  # a loaded model (`bulkinfer.models.signature`): inputs, outputs, predict
         self.name: str | None = None
         self.batcher: DynamicBatcher | None = None
         self.draining = False
@@ -133,8 +138,15 @@ class Server:
         return f"http://{self.config.host}:{self.port}"
 
     def set_model(self, loaded) -> None:
+        """Serves `loaded`, a loaded model with name, inputs, outputs and predict (`bulkinfer.models.signature`).
+
+        Raises TypeError for an object that lacks any of them."""
+        missing = [a for a in ("name", "inputs", "outputs", "predict") if not hasattr(loaded, a)]
+        if missing:
+            raise TypeError(f"{type(loaded).__name__} is not a loaded model: it has no {', '.join(missing)}; "
+                            "the server needs the contract in bulkinfer.models.signature")
         self.batcher = DynamicBatcher(
-            loaded.embed, max_batch_rows=self.config.max_batch_rows,
+            loaded.predict, max_batch_rows=self.config.max_batch_rows,
             max_queue_delay_s=self.config.max_queue_delay_ms / 1000, max_queue_rows=self.config.max_queue_rows)
         self.name = loaded.name
         self.model = loaded
@@ -164,7 +176,11 @@ class Server:
 def start(loaded, config: ServeConfig) -> Server:
     """A ready server for an already loaded model, listening in background threads (for tests and benchmarks)."""
     server = Server(config)
-    server.set_model(loaded)
+    try:
+        server.set_model(loaded)
+    except TypeError:
+        server.stop()
+        raise
     return server
 
 
@@ -180,7 +196,7 @@ def serve(model, config: ServeConfig) -> int:
     log.info("listening on %s; loading %s", server.url, getattr(model, "name", model))
     loaded = model.load()
     server.set_model(loaded)
-    log.info("serving model %r (dim %d) on %s; loaded in %.1f s%s", loaded.name, loaded.dim, server.url,
+    log.info("serving model %r (%s) on %s; loaded in %.1f s%s", loaded.name, describe(loaded), server.url,
              loaded.load_s, "; a bearer token is required" if config.token else "")
     while not stop.wait(0.5):
         pass
@@ -469,37 +485,40 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body(app)
         log.debug("%s: %d-byte infer request read", self.address_string(), len(body))
         request, tail = protocol.split_body(body, self.headers.get(HEADER_LENGTH))
-        texts = _texts(request, tail)
-        if len(texts) > app.config.max_queue_rows:  # its reply alone would be ~1.5 KB (binary) to 8 KB (JSON) a row
-            raise _Reply(413, f"the request has {len(texts)} rows; this server takes at most "
+        inputs, n = protocol.decode_inputs(request, tail, model.inputs)
+        if n > app.config.max_queue_rows:  # its reply alone may be ~1.5 KB (binary) to 8 KB (JSON) a row
+            raise _Reply(413, f"the request has {n} rows; this server takes at most "
                          f"{app.config.max_queue_rows} per request (send fewer rows per request)")
-        binary = _binary_outputs(request)
+        wanted = _requested_outputs(request, model.outputs)
         if "id" in request and not isinstance(request["id"], str):
             raise ProtocolError(f"'id' must be a string, got {show(request['id'])}")
-        if texts:
+        if n:
             try:
-                future = app.batcher.submit(texts)
+                future = app.batcher.submit(inputs)
             except Overloaded as e:
                 raise _Reply(429, str(e)) from None
             except Closed as e:
                 raise _Reply(503, str(e)) from None
             try:
-                emb = future.result()  # [N, dim] float32
+                predictions = future.result()  # {output: [n, ...]}
             except Exception as e:  # noqa: BLE001 -- reported to this request only
                 raise _Reply(500, f"the model failed on this request: {type(e).__name__}: {e}") from None
         else:
-            emb = np.zeros((0, model.dim), np.float32)
-        emb = np.ascontiguousarray(emb, dtype="<f4")
-        out = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(emb.shape)}
-        response = {"model_name": app.name, "model_version": "1", "outputs": [out]}
+            predictions = {s.name: _empty(s) for s in model.outputs}
+        outputs, tails = [], []
+        for spec, binary in wanted:
+            if spec.name not in predictions:
+                raise _Reply(500, f"the model returned no output {spec.name!r}; it returned {sorted(predictions)}")
+            tensor, raw = protocol.encode_tensor(spec.name, spec.v2_datatype, predictions[spec.name], binary=binary)
+            outputs.append(tensor)
+            tails.append(raw)
+        response = {"model_name": app.name, "model_version": "1", "outputs": outputs}
         if "id" in request:
             response["id"] = request["id"]
-        if binary:
-            raw = emb.tobytes()
-            out["parameters"] = {"binary_data_size": len(raw)}
-            header = json.dumps(response, separators=(",", ":")).encode()
-            return 200, header + raw, {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
-        out["data"] = emb.ravel().tolist()  # float32 -> Python float is exact; repr round-trips
+        if any(binary for _, binary in wanted):
+            header = protocol.join(response)
+            return 200, header + b"".join(tails), {HEADER_LENGTH: str(len(header)),
+                                                   "Content-Type": "application/octet-stream"}
         return 200, response, {}
 
     def _send(self, status: int, body, headers: dict) -> None:
@@ -536,80 +555,50 @@ def _unescape(segment: str) -> str:
 
 
 def _metadata(model) -> dict:
+    """Every input and output of the model's signature with its v2 datatype and batch shape."""
     return {
         "name": model.name, "versions": ["1"], "platform": "bulkinfer",
-        "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, model.dim]}],
+        "inputs": [{"name": s.name, "datatype": s.v2_datatype, "shape": s.v2_shape()} for s in model.inputs],
+        "outputs": [{"name": s.name, "datatype": s.v2_datatype, "shape": s.v2_shape()} for s in model.outputs],
     }
 
 
-def _texts(request: dict, tail: memoryview) -> list[str]:
-    """The `text` input of an infer request as str values; ProtocolError (400) naming the fault otherwise."""
-    inputs = request.get("inputs")
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
-        raise ProtocolError(f"'inputs' must be a non-empty list of tensors, e.g. "
-                            f'[{{"name": "{INPUT_NAME}", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}}]')
-    parts = protocol.binary_parts(inputs, tail, kind="input")
-    names = [t.get("name") for t in inputs]
-    unknown = [n for n in names if n != INPUT_NAME]
-    if unknown:
-        raise ProtocolError(f"unknown input {show(unknown[0])}; this model takes one input, {INPUT_NAME!r}")
-    if len(names) > 1:
-        raise ProtocolError(f"input {INPUT_NAME!r} is given {len(names)} times")
-    tensor, part = inputs[0], parts[0]
-    if tensor.get("datatype") != "BYTES":
-        raise ProtocolError(f"input {INPUT_NAME!r} has datatype {show(tensor.get('datatype'))}; expected 'BYTES'")
-    shape = protocol.check_shape(tensor.get("shape"), name=INPUT_NAME)
-    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-        raise ProtocolError(f"input {INPUT_NAME!r} has shape {show(shape)}; expected [N] (or [N, 1]), one text per row")
-    count = protocol.numel(shape)
-    if part is not None:
-        raw = protocol.decode_bytes(part, count, name=INPUT_NAME)
-    else:
-        if "data" not in tensor:
-            raise ProtocolError(f"input {INPUT_NAME!r} has neither 'data' nor parameters.binary_data_size")
-        raw = protocol.flatten(tensor["data"], name=INPUT_NAME)
-        if len(raw) != count:
-            raise ProtocolError(f"input {INPUT_NAME!r}: shape {show(shape)} needs {count} elements, data has {len(raw)}")
-    texts = []
-    for i, v in enumerate(raw):
-        if isinstance(v, bytes):
-            try:
-                v = v.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ProtocolError(f"input {INPUT_NAME!r} element {i} is not valid UTF-8 ({e})") from None
-        elif not isinstance(v, str):
-            raise ProtocolError(f"input {INPUT_NAME!r} element {i} is {type(v).__name__}; BYTES elements "
-                                "in JSON must be strings")
-        elif not _is_unicode(v):
-            raise ProtocolError(f"input {INPUT_NAME!r} element {i} has a lone surrogate escape (like \\ud800), "
-                                "which is not Unicode text")
-        texts.append(v)
-    return texts
+def describe(model) -> str:
+    """'text BYTES [-1] -> embedding FP32 [-1, 384]', for the log."""
+    def tensors(specs):
+        return ", ".join(f"{s.name} {s.v2_datatype} {s.v2_shape()}" for s in specs)
+    return f"{tensors(model.inputs)} -> {tensors(model.outputs)}"
 
 
-def _binary_outputs(request: dict) -> bool:
-    """Whether the `embedding` output goes back as binary data (else JSON)."""
+def _empty(spec) -> np.ndarray:
+    """An output's value for zero rows: [0, *shape] (a variable axis 0 long)."""
+    dtype = {"string": object, "bfloat16": np.float32}.get(spec.dtype, spec.dtype)
+    return np.zeros((0, *(d or 0 for d in spec.shape)), dtype)
+
+
+def _requested_outputs(request: dict, specs) -> list:
+    """(output spec, binary?) for each output to answer: those the request names in `outputs`, in its
+    order, each binary by its own parameters.binary_data; else every output.  The default for either is
+    the request's parameters.binary_data_output (JSON if unset)."""
     params = request.get("parameters") or {}
     if not isinstance(params, dict):
         raise ProtocolError("'parameters' must be a JSON object")
-    binary = params.get("binary_data_output", False)
+    binary = bool(params.get("binary_data_output", False))
     outputs = request.get("outputs")
     if outputs is None:
-        return bool(binary)
+        return [(s, binary) for s in specs]
+    by_name = {s.name: s for s in specs}
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-        raise ProtocolError("'outputs' must be a list of objects like {\"name\": \"embedding\"}")
+        raise ProtocolError(f"'outputs' must be a list of objects like {{\"name\": \"{specs[0].name}\"}}")
+    wanted, seen = [], set()
     for o in outputs:
-        if o.get("name") != OUTPUT_NAME:
-            raise ProtocolError(f"unknown output {show(o.get('name'))}; this model has one output, {OUTPUT_NAME!r}")
-        binary = protocol.parameters(o, kind="output").get("binary_data", binary)
-    return bool(binary)
-
-
-def _is_unicode(text: str) -> bool:
-    """False for a str holding a lone surrogate (JSON allows "\\ud800"; UTF-8 and the tokenizer do not)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+        name = o.get("name")
+        if not isinstance(name, str) or name not in by_name:
+            has = (f"this model has one output, {specs[0].name!r}" if len(specs) == 1
+                   else f"this model's outputs are {sorted(by_name)}")
+            raise ProtocolError(f"unknown output {show(name)}; {has}")
+        if name in seen:
+            raise ProtocolError(f"output {name!r} is requested twice")
+        seen.add(name)
+        wanted.append((by_name[name], bool(protocol.parameters(o, kind="output").get("binary_data", binary))))
+    return wanted

@@ -42,10 +42,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`bulkinfer serve --model minilm` in its own process; `start()` can be called again after a kill."""
+    """`bulkinfer serve --model MODEL` (minilm by default) in its own process; `start()` can be called again
+    after a kill."""
 
-    def __init__(self, port: int, args: list[str], log_dir):
-        self.port, self.args, self.log_dir = port, args, log_dir
+    def __init__(self, port: int, args: list[str], log_dir, model: str = "minilm"):
+        self.port, self.args, self.log_dir, self.model = port, args, log_dir, model
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -56,7 +57,7 @@ class ServerProcess:
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bulkinfer.cli", "serve", "--model", "minilm", "--port", str(self.port),
+                [sys.executable, "-m", "bulkinfer.cli", "serve", "--model", self.model, "--port", str(self.port),
                  *self.args], env=env, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -80,8 +81,8 @@ class ServerProcess:
 def _process_factory(port: int, log_dir):
     started: list[ServerProcess] = []
 
-    def make(*args: str) -> ServerProcess:
-        sp = ServerProcess(port, list(args), log_dir)
+    def make(*args: str, model: str = "minilm") -> ServerProcess:
+        sp = ServerProcess(port, list(args), log_dir, model)
         started.append(sp)
         return sp.start()
 
@@ -90,7 +91,8 @@ def _process_factory(port: int, log_dir):
 
 @pytest.fixture
 def server_process(tmp_path, free_port):
-    """A factory: server_process(*serve_args) -> a started ServerProcess on a free port; killed at teardown."""
+    """A factory: server_process(*serve_args, model="minilm") -> a started ServerProcess on a free port; killed
+    at teardown."""
     make, started = _process_factory(free_port, tmp_path)
     yield make
     for sp in started:

@@ -14,23 +14,25 @@ import time
 import numpy as np
 import pytest
 
+from bulkinfer.models.signature import TEXT, TensorSpec
 from bulkinfer.serve import RemoteModel, ServeConfig, V2Client, server, start
 
 DEADLINE_S = 30.0  # generous: only a broken server takes this long
 
 
 class FakeEmbedder:
-    """A loaded model for the server: row i of embed(texts) is [len(text), number of spaces] (dim 2)."""
+    """A loaded model for the server (the model contract): text -> embedding [len(text), number of spaces]."""
 
-    output_name = "embedding"
     load_s = 0.0
-    dim = 2
+    inputs = (TensorSpec("text", (), TEXT),)
+    outputs = (TensorSpec("embedding", (2,), "float32"),)
 
     def __init__(self, name: str = "my-model"):
         self.name = name
 
-    def embed(self, texts, stats=None):
-        return np.array([[len(t), t.count(" ")] for t in texts], np.float32).reshape(len(texts), 2)
+    def predict(self, inputs, stats=None):
+        texts = inputs["text"]
+        return {"embedding": np.array([[len(t), t.count(" ")] for t in texts], np.float32).reshape(len(texts), 2)}
 
 
 @pytest.fixture
