@@ -4,7 +4,6 @@ predictions as the model run locally."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -12,15 +11,8 @@ import pytest
 import tritonclient.http as triton
 
 from bulkinfer.cli import main
-from bulkinfer.models.resolve import JAX_BUILTINS
 
-
-def _digits_in_checkout() -> bool:
-    return importlib.util.find_spec(JAX_BUILTINS["digits"]) is not None
-
-
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not _digits_in_checkout(), reason="the digits model is not in this checkout")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
