@@ -15,6 +15,7 @@ _EXPORTS = {
     "Batch": "bulkinfer.beam.batch",
     "BulkInference": "bulkinfer.beam.transform",
     "Guarded": "bulkinfer.beam.guard",
+    "decode_image": "bulkinfer.models.images",
     "JaxModel": "bulkinfer.models.jax_model",
     "JaxModelHandler": "bulkinfer.beam.handler",
     "Rebatch": "bulkinfer.beam.batch",
