@@ -123,7 +123,7 @@ def test_digits_labels_held_out_images_with_their_targets_kept(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "no-such-model"], "neither a built-in name (minilm) nor a directory"),
+    (["--model", "no-such-model"], "neither a built-in name (digits, minilm) nor a directory"),
     (["--model", "minilm", "--input", "/nonexistent/*.jsonl"], "no input file matches"),
 ])
 def test_bad_configuration_is_one_clear_line(tmp_path, args, message):
@@ -248,7 +248,7 @@ def test_bom_files_two_processes_with_a_hint_an_edited_input_and_changed_fields(
     texts = {"j0": "json row 0", "j1": "json row 1", "j2": "json row 2", "c0": "csv row 0", "c1": "csv, row 1"}
     assert n == 5 and sorted(got) == sorted(texts)
     ids = sorted(texts)
-    np.testing.assert_allclose(np.stack([got[i] for i in ids]), minilm.predict([texts[i] for i in ids]), atol=1e-5)
+    np.testing.assert_allclose(np.stack([got[i] for i in ids]), minilm.embed([texts[i] for i in ids]), atol=1e-5)
 
     with open(tmp_path / "a.jsonl", "a", encoding="utf-8") as f:  # rows appended to one input
         f.write(json.dumps({"id": "j3", "text": "json row 3"}) + "\n")

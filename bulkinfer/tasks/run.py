@@ -118,8 +118,15 @@ def _settings(model, job: JobSpec) -> dict:
     identity = "digest" if getattr(model, "digest", None) else "path"  # content, not the launcher's path
     model_settings = {k: getattr(model, k, None) for k in ("name", identity, "url", "dtype", "max_length")}
     return {"input": io.absolute(job.input), "model": model_settings, "format": job.format,
-            "id_field": job.id_field, "input_field": job.input_field, "keep_fields": list(job.keep_fields),
+            "id_field": job.id_field, "input_field": job.input_field or _input_name(model),
+            "keep_fields": list(job.keep_fields),
             "unit_size": job.unit_size}
+
+
+def _input_name(model) -> str | None:
+    """The row field a one-input model reads by default (its input's name), if the spec says before loading."""
+    inputs = getattr(model, "input_signature", None) or ()
+    return inputs[0].name if len(inputs) == 1 else None
 
 
 def prepare_output(model, job: JobSpec, units: list[io.Unit]) -> Plan:

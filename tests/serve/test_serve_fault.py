@@ -153,4 +153,4 @@ def test_server_down_past_the_retry_budget_fails_the_job_and_a_rerun_finishes(tm
     assert sorted(ids) == list(range(600)) and not list(out.glob("failed-*"))
     local = TextEmbedder.from_name("minilm", max_length=32).load()
     np.testing.assert_allclose(np.array([r["embedding"] for r in rows], np.float32),
-                               local.predict([texts[i] for i in ids]), atol=1e-6)
+                               local.embed([texts[i] for i in ids]), atol=1e-6)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from bulkinfer.beam import commit
 from bulkinfer.errors import ModelUnavailable
+from bulkinfer.models.signature import TEXT, TensorSpec
 from bulkinfer.tasks import run as job
 from bulkinfer.testing import CountingModel, cosine
 
@@ -179,21 +180,22 @@ class Failing:
 
 
 class _LoadedFailing:
-    input_type = str
-    output_name = "length"
+    inputs = (TensorSpec("text", (), TEXT),)
+    outputs = (TensorSpec("length", (), "int64"),)
     load_s = 0.0
 
     def __init__(self, error, marker):
         self._error, self._marker = error, marker
 
-    def predict(self, texts, stats=None):
+    def predict(self, inputs, stats=None):
+        texts = inputs["text"]
         if any(self._marker in t for t in texts):
             import jax
 
             raise {"unavailable": ModelUnavailable("server http://x:1: infer failed past the retry budget"),
                    "device": jax.errors.JaxRuntimeError("INTERNAL: device lost"),
                    "invalid": jax.errors.JaxRuntimeError("INVALID_ARGUMENT: the row's input")}[self._error]
-        return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+        return {"length": np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))}
 
 
 class DropOneRow(beam.DoFn):
