@@ -21,7 +21,7 @@ _EXPORTS = {
     "Rebatch": "bulkinfer.beam.batch",
     "TextEmbedder": "bulkinfer.models.text",
     "Unbatch": "bulkinfer.beam.batch",
-    "io": "bulkinfer.beam.io",
+    "io": "bulkinfer.io",
 }
 __all__ = sorted(_EXPORTS)
 

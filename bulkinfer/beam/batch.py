@@ -227,6 +227,11 @@ def _json_default(o):
     return str(o)
 
 
+def in_global_window(value) -> WindowedValue:
+    """`value` as an element for `finish_bundle` to emit (it has no input element to take a window from)."""
+    return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
+
+
 class Rebatch(beam.DoFn):
     """Passes `Batch`es through; gathers single dict rows into batches of up to `rows` rows per bundle."""
 
@@ -248,7 +253,7 @@ class Rebatch(beam.DoFn):
 
     def finish_bundle(self):
         if self._buf:
-            yield WindowedValue(Batch(self._buf, from_rows=True), MIN_TIMESTAMP, [GlobalWindow()])
+            yield in_global_window(Batch(self._buf, from_rows=True))
             self._buf = []
 
 

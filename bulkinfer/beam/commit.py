@@ -3,7 +3,7 @@
 A unit of work (`io.Unit`: a file or a range of one) is committed only when what reached the writers
 reconciles with what the reader read for that unit:
 
-    reader counts  (unit, ("read", rows, failed, Unit))  ─┐
+    reader counts  (unit, ("read", rows, failed, Unit, host:pid))  ─┐
     predictions    -> WriteUnitParts   -> (unit, ("part", temporary file, rows))   ─┼─ GroupByKey(unit)
     dead letters   -> WriteUnitLetters -> (unit, ("failed", temporary file, rows)) ─┘        │
                                                       reconcile: rows_in == rows_out + rows_failed
@@ -36,12 +36,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
-from bulkinfer.beam.batch import NAMESPACE, Batch, to_json
-from bulkinfer.beam.io import ShardBuffer, commit, ensure_dir, temp_name, write_temp
+from bulkinfer.beam.batch import NAMESPACE, Batch, in_global_window, to_json
+from bulkinfer.beam.io import ShardBuffer, commit, delete, ensure_dir, escape_glob, temp_name, write_temp
 
 COMMITTED = "_committed"
 LETTERS_PER_FILE = 10_000  # dead letters a bundle holds in memory, over all units, before writing them out
@@ -55,9 +52,14 @@ class TooManyFailures(RuntimeError):
     """More than the allowed fraction of the job's rows failed: a systemic fault, not a few bad rows."""
 
 
+# A job smaller than min_rows still stops when this many rows or more were seen and every one failed.
+ALL_FAILED_ROWS = 100
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FailureLimit:
-    """Stop the job when more than `max_fraction` of its rows failed, once at least `min_rows` were seen.
+    """Stop the job when more than `max_fraction` of its rows failed, once at least `min_rows` were seen,
+    or when every one of at least `ALL_FAILED_ROWS` rows failed (a small job is judged too).
 
     max_fraction 1.0 never stops.  prior_rows, prior_failed: rows of units committed before this
     pipeline (earlier waves and runs), counted with this pipeline's.
@@ -76,7 +78,8 @@ class FailureLimit:
 
     def check(self, rows: int, failed: int) -> None:
         rows, failed = rows + self.prior_rows, failed + self.prior_failed
-        if rows >= self.min_rows and failed > self.max_fraction * rows:
+        judged = rows >= self.min_rows or (failed == rows >= min(self.min_rows, ALL_FAILED_ROWS))
+        if self.max_fraction < 1.0 and judged and failed > self.max_fraction * rows:
             raise TooManyFailures(
                 f"{failed} of {rows} rows failed ({failed / rows:.0%}), more than --max-failed-fraction "
                 f"{self.max_fraction:g}: a systemic fault (wrong --text-field? a broken model?), so nothing "
@@ -86,7 +89,7 @@ class FailureLimit:
 def committed(directory: str) -> dict[str, dict]:
     """unit key -> its commit record, for every committed unit in `directory`."""
     records = {}
-    pattern = FileSystems.join(directory, COMMITTED, "*.json")
+    pattern = FileSystems.join(escape_glob(directory), COMMITTED, "*.json")
     for m in FileSystems.match([pattern])[0].metadata_list:
         with FileSystems.open(m.path) as f:
             record = json.loads(f.read())
@@ -109,11 +112,11 @@ def forget(directory: str, records: list[dict]) -> None:
     """Deletes committed units: their commit records first (then they no longer count), then their files."""
     if not records:
         return
-    FileSystems.delete([FileSystems.join(directory, COMMITTED, f"{r['key']}.json") for r in records])
+    delete([FileSystems.join(directory, COMMITTED, f"{r['key']}.json") for r in records])
     doomed = [FileSystems.join(directory, f) for r in records for f in r["files"]]
     doomed = [f for f in doomed if FileSystems.exists(f)]
     if doomed:
-        FileSystems.delete(doomed)
+        delete(doomed)
 
 
 def remove_uncommitted(directory: str) -> list[str]:
@@ -121,11 +124,11 @@ def remove_uncommitted(directory: str) -> list[str]:
     keep = {f for r in committed(directory).values() for f in r["files"]}
     doomed = []
     for pattern in ("part-*", "failed-*", ".tmp-*", f"{COMMITTED}/.tmp-*"):
-        for m in FileSystems.match([FileSystems.join(directory, pattern)])[0].metadata_list:
+        for m in FileSystems.match([FileSystems.join(escape_glob(directory), pattern)])[0].metadata_list:
             if m.path.rsplit("/", 1)[1] not in keep:
                 doomed.append(m.path)
     if doomed:
-        FileSystems.delete(doomed)
+        delete(doomed)
     return doomed
 
 
@@ -161,10 +164,6 @@ def _token() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def _in_global_window(value) -> WindowedValue:
-    return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
-
-
 class _WriteUnitParts(beam.DoFn):
     """Buffers a bundle's predictions per unit and writes them as temporaries; emits (unit, ("part", temp, n))."""
 
@@ -190,7 +189,7 @@ class _WriteUnitParts(beam.DoFn):
 
     def finish_bundle(self):
         for report in self._write_all():
-            yield _in_global_window(report)
+            yield in_global_window(report)
 
     def _write_all(self):
         for unit, buf in self._buffers.items():
@@ -230,7 +229,7 @@ class _WriteUnitLetters(beam.DoFn):
 
     def finish_bundle(self):
         for report in self._write_all():
-            yield _in_global_window(report)
+            yield in_global_window(report)
 
     def _write_all(self):
         for unit, letters in self._letters.items():
@@ -293,7 +292,7 @@ class _CommitUnit(beam.DoFn):
         if FileSystems.exists(record_path):  # a retried commit: the first one stands
             leftover = [t for t in temps if FileSystems.exists(t)]
             if leftover:
-                FileSystems.delete(leftover)
+                delete(leftover)
             return
         finals = [FileSystems.join(self._dir, f"part-{key}-{i:05d}.{self._fmt}") for i in range(len(summary["parts"]))]
         finals += [FileSystems.join(self._dir, f"failed-{key}-{i:05d}.jsonl") for i in range(len(summary["failed"]))]
@@ -316,10 +315,10 @@ class _CommitUnit(beam.DoFn):
     def _remove_orphans(self, key: str, reported: set[str]) -> None:
         """Temporaries of this unit that no successful bundle reported: left by attempts the runner retried."""
         orphans = [m.path for kind in ("part", "failed")
-                   for m in FileSystems.match([FileSystems.join(self._dir, f".tmp-{kind}-{key}-*")])[0].metadata_list
+                   for m in FileSystems.match([FileSystems.join(escape_glob(self._dir), f".tmp-{kind}-{key}-*")])[0].metadata_list
                    if m.path not in reported]
         if orphans:
-            FileSystems.delete(orphans)
+            delete(orphans)
 
 
 def count_duplicate_ids(paths: list[str], id_field: str, *, buckets: int = 256, runner=None, options=None) -> int:

@@ -43,7 +43,7 @@ class JaxModelHandler(ModelHandler[Any, PredictionResult, Any]):
     with several outputs.
 
     Bad elements fail alone, not with their batch: each element is checked against the model's inputs in
-    a preprocessing step (where the spec declares `inputs`), and a batch the model fails on is bisected
+    a preprocessing step (where the spec declares `input_signature`), and a batch the model fails on is bisected
     until the failing elements are isolated; those fail in a postprocessing step.  Inside
     `RunInference(handler).with_exception_handling()` each reaches the failed output
     (`failed_preprocessing` / `failed_postprocessing`) on its own; without it, the first fails the job.

@@ -25,9 +25,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import sys
 import uuid
+import warnings
 
 import apache_beam as beam
 import numpy as np
@@ -35,9 +37,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
 from bulkinfer.beam.batch import (
     FAILED,
@@ -45,6 +44,7 @@ from bulkinfer.beam.batch import (
     Batch,
     dead_letter,
     escape_surrogates,
+    in_global_window,
     position_text,
     table_rows,
     to_json,
@@ -132,6 +132,24 @@ class Unit:
         return f"{self.source} {unit} {self.start}-{'end' if self.stop is None else self.stop}"
 
 
+# Beam compiles "[[]" (an escaped "[") into a regular expression that Python flags as a possible nested
+# set; it means what it says here.
+warnings.filterwarnings("ignore", message="Possible nested set", category=FutureWarning,
+                        module="apache_beam.io.filesystem")
+
+
+def escape_glob(path: str) -> str:
+    """`path` as a Beam match pattern that matches only itself: each of [ * ? in a file or directory name
+    becomes a one-character class ("data[1].jsonl" -> "data[[]1].jsonl")."""
+    return re.sub(r"([\[*?])", r"[\1]", path)
+
+
+def delete(paths: list[str]) -> None:
+    """Deletes these files (on any Beam filesystem), taking each path literally: Beam's delete matches
+    its arguments as patterns, so a name with [ * ? would otherwise miss its file."""
+    FileSystems.delete([escape_glob(p) for p in paths])
+
+
 def fingerprint(metadata) -> str:
     """'size:mtime[:checksum]' of a Beam FileMetadata: changes whenever the file's content does."""
     parts = [str(metadata.size_in_bytes), repr(getattr(metadata, "last_updated_in_seconds", None))]
@@ -152,7 +170,7 @@ def plan_units(files: list[str], unit_size: int = UNIT_SIZE) -> list[Unit]:
         raise ValueError(f"unit_size must be >= 1 byte, got {unit_size}")
     units = []
     for path in files:
-        matched = FileSystems.match([path])[0].metadata_list
+        matched = FileSystems.match([escape_glob(path)])[0].metadata_list
         if not matched:
             raise FileNotFoundError(f"input file {path} is gone")
         meta = matched[0]
@@ -459,7 +477,7 @@ class _WriteShards(beam.DoFn):
 
     def finish_bundle(self):
         if len(self._buf):
-            yield WindowedValue(self._commit(), MIN_TIMESTAMP, [GlobalWindow()])
+            yield in_global_window(self._commit())
 
     def _commit(self) -> str:
         final = FileSystems.join(self._dir, f"{self._prefix}-{uuid.uuid4().hex[:16]}.{self._fmt}")

@@ -7,30 +7,12 @@ it propagates, the bundle fails and the runner retries it, and nothing is commit
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 
 import numpy as np
 
-from bulkinfer.errors import ModelUnavailable
+from bulkinfer.errors import is_infrastructure_failure
 from bulkinfer.runtime import EngineStats
-
-# XLA statuses that a batch's own rows can cause: out of memory on a too-large batch (the engine backs
-# off and retries smaller ones first) and an invalid input.  Any other device error (INTERNAL,
-# UNAVAILABLE, DATA_LOSS, ...) means the device or its runtime failed.
-ROW_STATUSES = ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT")
-
-
-def is_infrastructure_failure(error: BaseException) -> bool:
-    """True when `error` is not the rows' fault: the model could not be reached (`ModelUnavailable`, e.g.
-    a server down past the retry budget) or the device failed (a `jax.errors.JaxRuntimeError` whose status
-    is not one of ROW_STATUSES)."""
-    if isinstance(error, ModelUnavailable):
-        return True
-    jax = sys.modules.get("jax")  # a device error can only come from an imported JAX
-    if jax is not None and isinstance(error, jax.errors.JaxRuntimeError):
-        return not any(status in str(error) for status in ROW_STATUSES)
-    return False
 
 
 def predict_isolating(loaded, inputs: Mapping[str, np.ndarray | list], n: int, stats: EngineStats

@@ -21,12 +21,9 @@ from collections.abc import Sequence
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
 from bulkinfer.beam import progress
-from bulkinfer.beam.batch import FAILED, NAMESPACE, Batch, Rebatch, dead_letter
+from bulkinfer.beam.batch import FAILED, NAMESPACE, Batch, Rebatch, dead_letter, in_global_window
 from bulkinfer.beam.inputs import model_inputs
 from bulkinfer.beam.isolate import predict_isolating
 from bulkinfer.beam.loading import load_shared, report_engine_stats, report_load
@@ -111,10 +108,6 @@ class BulkInference(beam.PTransform):
         return result.predictions
 
 
-def _in_global_window(value) -> WindowedValue:
-    return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
-
-
 def _fail(letter: dict):
     raise ValueError(
         f"{letter['error']} (stage {letter['stage']}); use BulkInference(...).with_exception_handling() "
@@ -166,9 +159,9 @@ class _InferDoFn(beam.DoFn):
     def finish_bundle(self):
         for out in self._flush():
             if isinstance(out, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(out.tag, _in_global_window(out.value))
+                yield beam.pvalue.TaggedOutput(out.tag, in_global_window(out.value))
             else:
-                yield _in_global_window(out)
+                yield in_global_window(out)
 
     def _letter(self, batch: Batch, i: int, error: str, stage: str = "inference"):
         self._failed.inc()

@@ -20,6 +20,8 @@ share its batches.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import marshal
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -47,8 +49,10 @@ class JaxModel:
     max_length, token_budget: for a variable axis, the last bucket and rows x length per batch.
     max_in_flight, warmup, compilation_cache_dir: as for `TextEmbedder`.
 
-    The model is identified by its content: equal specs have equal functions, parameter digests (sha256 of
-    the arrays or of the checkpoint's bytes, not its path) and settings.
+    The model is identified by its content: equal specs have the same function (its pickled form and
+    compiled code, so two lambdas or two closures over different values differ, and an edited function
+    body too), the same parameter digest (sha256 of the arrays or of the checkpoint's bytes, not its
+    path) and the same settings.
     Raises ValueError for a malformed signature or setting, CheckpointError for unreadable parameters.
     """
 
@@ -81,19 +85,21 @@ class JaxModel:
         if self.name is None:
             object.__setattr__(self, "name", getattr(self.fn, "__name__", "jax-model"))
         object.__setattr__(self, "_signature", specs)
-        object.__setattr__(self, "_digest", _digest(self.params))
+        object.__setattr__(self, "params_digest", _params_digest(self.params))
+        object.__setattr__(self, "_fn_digest", _fn_digest(self.fn))
+        self.bucketing()  # a setting the engine cannot use fails here, not on a worker
 
     @property
     def digest(self) -> str:
-        """sha256 of the parameters' content."""
-        return self._digest
+        """sha256 of what the model computes: the function's code (and captured values), the parameters'
+        content and the signature; what resumed jobs compare."""
+        parts = (self._fn_digest, self.params_digest, repr(self._signature))
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
     def _key(self) -> tuple:
-        fn = self.fn
-        fn_id = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)) if hasattr(fn, "__qualname__") else fn
         settings = tuple(getattr(self, f.name) for f in dataclasses.fields(self)
                          if f.name not in ("fn", "params", "inputs"))
-        return (fn_id, self._digest, self._signature, settings)
+        return (self._fn_digest, self.params_digest, self._signature, settings)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, JaxModel) and self._key() == other._key()
@@ -102,7 +108,7 @@ class JaxModel:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        params = repr(os.fspath(self.params)) if isinstance(self.params, str | os.PathLike) else f"<pytree {self._digest[:12]}>"
+        params = repr(os.fspath(self.params)) if isinstance(self.params, str | os.PathLike) else f"<pytree {self.params_digest[:12]}>"
         return f"JaxModel(name={self.name!r}, inputs={self.inputs}, params={params})"
 
     @property
@@ -122,7 +128,19 @@ class JaxModel:
         return LoadedJaxModel(self)
 
 
-def _digest(params) -> str:
+def _fn_digest(fn) -> str:
+    """sha256 of a function: its cloudpickle form (a module-level function by reference, a lambda or
+    closure by value, captured values included) and, for plain and partial functions, its code object."""
+    import cloudpickle
+
+    h = hashlib.sha256(cloudpickle.dumps(fn))
+    code = getattr(getattr(fn, "func", fn), "__code__", None)
+    if code is not None:
+        h.update(marshal.dumps(code))
+    return h.hexdigest()
+
+
+def _params_digest(params) -> str:
     from bulkinfer.models import weights
 
     if isinstance(params, str | os.PathLike):
@@ -148,7 +166,7 @@ class LoadedJaxModel:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         source = spec.params
         if isinstance(source, str | os.PathLike):
-            source = weights.fetch(source, spec.digest)
+            source = weights.fetch(source, spec.params_digest)
         params = weights.load_params(source)
         self.name = spec.name
         self.inputs = spec.input_signature
@@ -162,8 +180,10 @@ class LoadedJaxModel:
     def predict(self, inputs: Mapping[str, np.ndarray | list], stats=None) -> dict[str, np.ndarray]:
         n = len(next(iter(inputs.values())))
         if n == 0:
-            return {o.name: np.zeros((0, *o.shape), o.dtype) for o in self.outputs}
-        return self.engine.run(inputs, stats=stats)
+            return {o.name: o.empty() for o in self.outputs}
+        out = self.engine.run(inputs, stats=stats)
+        # bfloat16 has no numpy or Arrow form that writers take: outputs leave the model as float32.
+        return {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in out.items()}
 
 
 def _outputs(spec: JaxModel, params) -> tuple[TensorSpec, ...]:
@@ -191,5 +211,6 @@ def _outputs(spec: JaxModel, params) -> tuple[TensorSpec, ...]:
             raise ValueError(f"model {spec.name!r}: output {name!r} must be [B, ...] with a per-row shape that does "
                              f"not depend on the batch size or the variable axis (got {x.shape} and "
                              f"{None if y is None else y.shape} for batches of 2x8 and 3x16)")
-        specs.append(TensorSpec(name, tuple(x.shape[1:]), str(np.dtype(x.dtype)) if x.dtype != "bfloat16" else "bfloat16"))
+        dtype = np.dtype(x.dtype).name
+        specs.append(TensorSpec(name, tuple(x.shape[1:]), "float32" if dtype == "bfloat16" else dtype))
     return tuple(specs)

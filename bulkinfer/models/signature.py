@@ -112,12 +112,21 @@ class TensorSpec:
             return None, f"field {field!r} is empty, expected {self.describe()}"
         if not np.can_cast(array.dtype, target, casting="same_kind"):
             return None, f"field {field!r} holds {array.dtype} values, expected {self.dtype}"
+        if not _fits(array, target):
+            return None, (f"field {field!r} holds values from {array.min()} to {array.max()}, outside what "
+                          f"{self.dtype} holds")
         shaped = self._shaped(array)
         if shaped is None:
             hint = f" (or {self.size} numbers, row-major)" if not self.variable and len(self.shape) > 1 else ""
             return None, (f"field {field!r} has shape {list(array.shape)}, expected "
                           f"{self.describe()[len(self.dtype):]}{hint}")
         return shaped.astype(target, copy=False), None
+
+    def empty(self) -> np.ndarray | list:
+        """Zero rows of this tensor: an array [0, *shape] (a variable axis 0 long); bfloat16 as float32,
+        text as an object array."""
+        dtype = {TEXT: object, "bfloat16": np.float32}.get(self.dtype, self.dtype)
+        return np.zeros((0, *(d or 0 for d in self.shape)), dtype)
 
     @property
     def size(self) -> int:
@@ -169,8 +178,9 @@ class TensorSpec:
         if dense is None:
             return None
         target = np.dtype(self.dtype) if self.dtype != "bfloat16" else np.dtype(np.float32)
-        if dense.shape[1] != self.size or not np.can_cast(dense.dtype, target, casting="same_kind"):
-            return None  # every row is wrong the same way: `check` names the shape or dtype per row
+        if (dense.shape[1] != self.size or not np.can_cast(dense.dtype, target, casting="same_kind")
+                or not _fits(dense, target)):
+            return None  # some rows are wrong: `check` names the shape, dtype or range row by row
         return dense.reshape((n, *self.shape)).astype(target, copy=False), errors  # [N, *shape]
 
 
@@ -186,6 +196,20 @@ def _dense(column: pa.Array) -> np.ndarray | None:
     if inner is storage or inner.null_count or not (pa.types.is_integer(inner.type) or pa.types.is_floating(inner.type)):
         return None
     return inner.to_numpy(zero_copy_only=False).reshape(len(storage), size)
+
+
+def _fits(array: np.ndarray, target: np.dtype) -> bool:
+    """True if casting `array` to `target` keeps every value: no integer wraps around, no finite float
+    becomes infinite (a narrower float only rounds)."""
+    if np.can_cast(array.dtype, target, casting="safe") or array.size == 0:
+        return True
+    if target.kind in "iu":
+        info = np.iinfo(target)
+        return bool(array.min() >= info.min and array.max() <= info.max)
+    if target.kind == "f":
+        finite = np.isfinite(array)
+        return bool(np.isfinite(array.astype(target)[finite]).all())
+    return True
 
 
 def _kind(value) -> str:

@@ -287,7 +287,7 @@ class LoadedRemoteModel:
             raise ValueError(f"the inputs of one predict call must have the same rows; got {sizes}")
         t0 = time.perf_counter()
         if n == 0:
-            return {s.name: _empty(s) for s in self.outputs}
+            return {s.name: s.empty() for s in self.outputs}
         chunks = self._chunks(inputs, n)
         give_up = threading.Event()  # set when one chunk fails: the others stop retrying
         names = [s.name for s in self.outputs]
@@ -422,12 +422,6 @@ def signature_from_metadata(meta: dict, key: str, where: str) -> tuple[tuple[Ten
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
     return tuple(specs), wire
-
-
-def _empty(spec: TensorSpec) -> np.ndarray:
-    """An output's value for zero rows: [0, *shape] (a variable axis 0 long)."""
-    dtype = {TEXT: object, "bfloat16": np.float32}.get(spec.dtype, spec.dtype)
-    return np.zeros((0, *(d or 0 for d in spec.shape)), dtype)
 
 
 def _scatter(chunks: list, parts: list[dict], names: list[str], n: int) -> dict[str, np.ndarray]:

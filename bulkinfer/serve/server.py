@@ -45,9 +45,8 @@ import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
-
 from bulkinfer import __version__
+from bulkinfer.errors import is_infrastructure_failure
 from bulkinfer.serve import protocol
 from bulkinfer.serve.batcher import Closed, DynamicBatcher, Overloaded
 from bulkinfer.serve.protocol import HEADER_LENGTH, ProtocolError, show
@@ -502,9 +501,11 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 predictions = future.result()  # {output: [n, ...]}
             except Exception as e:  # noqa: BLE001 -- reported to this request only
+                if is_infrastructure_failure(e):  # a lost device: not the rows' fault; clients retry, then give up
+                    raise _Reply(503, f"the model is unavailable: {type(e).__name__}: {e}") from None
                 raise _Reply(500, f"the model failed on this request: {type(e).__name__}: {e}") from None
         else:
-            predictions = {s.name: _empty(s) for s in model.outputs}
+            predictions = {s.name: s.empty() for s in model.outputs}
         outputs, tails = [], []
         for spec, binary in wanted:
             if spec.name not in predictions:
@@ -568,12 +569,6 @@ def describe(model) -> str:
     def tensors(specs):
         return ", ".join(f"{s.name} {s.v2_datatype} {s.v2_shape()}" for s in specs)
     return f"{tensors(model.inputs)} -> {tensors(model.outputs)}"
-
-
-def _empty(spec) -> np.ndarray:
-    """An output's value for zero rows: [0, *shape] (a variable axis 0 long)."""
-    dtype = {"string": object, "bfloat16": np.float32}.get(spec.dtype, spec.dtype)
-    return np.zeros((0, *(d or 0 for d in spec.shape)), dtype)
 
 
 def _requested_outputs(request: dict, specs) -> list:

@@ -137,9 +137,9 @@ def prepare_output(model, job: JobSpec, units: list[io.Unit]) -> Plan:
     if job.overwrite:
         ours = [m.path for pattern in ("part-*", "failed-*", ".tmp-*", "report.json", JOB_FILE, PLAN_FILE,
                                        "_committed/*")
-                for m in FileSystems.match([FileSystems.join(out, pattern)])[0].metadata_list]
+                for m in FileSystems.match([FileSystems.join(io.escape_glob(out), pattern)])[0].metadata_list]
         if ours:
-            FileSystems.delete(ours)
+            io.delete(ours)
     elif FileSystems.exists(settings_path):
         with FileSystems.open(settings_path) as f:
             before = json.loads(f.read())
@@ -149,7 +149,7 @@ def prepare_output(model, job: JobSpec, units: list[io.Unit]) -> Plan:
                                 if before.get(k) != now.get(k))
             raise FileExistsError(f"{out} holds a run with other settings: {changed}; pass --overwrite to replace "
                                   "it, or choose another --output")
-    elif FileSystems.match([FileSystems.join(out, "part-*")])[0].metadata_list:
+    elif FileSystems.match([FileSystems.join(io.escape_glob(out), "part-*")])[0].metadata_list:
         raise FileExistsError(f"{out} holds outputs that are not from a bulkinfer run; pass --overwrite")
     earlier = set(_read_json(FileSystems.join(out, PLAN_FILE), []))
     _write_json(settings_path, _settings(model, job))
@@ -191,7 +191,7 @@ def _check_writable(out: str) -> None:
         probe = FileSystems.join(out, ".tmp-write-check")
         with FileSystems.create(probe) as f:
             f.write(b"ok")
-        FileSystems.delete([probe])
+        io.delete([probe])
     except OSError as e:
         raise PermissionError(f"the output directory {out} is not writable ({e})") from None
 

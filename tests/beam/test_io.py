@@ -265,3 +265,12 @@ def test_a_changed_file_changes_its_fingerprint(tmp_path):
         f.write('{"id": 2, "text": "y"}\n')
     (after,) = io.plan_units([str(path)])
     assert before.key == after.key and before.fingerprint != after.fingerprint
+
+
+def test_public_import_paths_stay_the_same():
+    import bulkinfer
+    from bulkinfer.beam import io as beam_io
+    from bulkinfer.io import ReadDataset, WriteDataset
+
+    assert ReadDataset is bulkinfer.io.ReadDataset is beam_io.ReadDataset
+    assert WriteDataset is bulkinfer.io.WriteDataset is beam_io.WriteDataset

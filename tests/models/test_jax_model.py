@@ -91,3 +91,37 @@ def test_bad_declarations_fail_when_the_spec_is_made():
     spec = bulkinfer.JaxModel(per_token, params={"w": np.ones(5, np.float32)}, inputs={"ids": ((None,), "int32")})
     with pytest.raises(ValueError, match="output 'output' must be \\[B, ...\\] with a per-row shape"):
         spec.load()
+
+
+def test_a_model_is_its_function_and_parameters_not_its_name():
+    params = {"w": np.ones((12, 2), np.float32)}
+
+    def scaled(k):
+        return lambda p, batch: batch["pixels"].reshape(-1, 12) @ p["w"] * k
+
+    same = [bulkinfer.JaxModel(scaled(2.0), params=params, inputs=INPUTS) for _ in range(2)]
+    assert same[0] == same[1] and hash(same[0]) == hash(same[1]) and same[0].digest == same[1].digest
+    other_closure = bulkinfer.JaxModel(scaled(3.0), params=params, inputs=INPUTS)
+    other_body = bulkinfer.JaxModel(lambda p, batch: -(batch["pixels"].reshape(-1, 12) @ p["w"]), params=params,
+                                    inputs=INPUTS)
+    for other in (other_closure, other_body):
+        assert other != same[0] and other.digest != same[0].digest
+    pixels = np.ones((2, 4, 3), np.float32)
+    assert other_closure.load().predict({"pixels": pixels})["output"][0, 0] == 36.0
+    assert same[0].load().predict({"pixels": pixels})["output"][0, 0] == 24.0
+
+
+def bf16_scores(params, batch):
+    return (batch["pixels"].reshape(-1, 12) @ params["w"]).astype(jnp.bfloat16)  # [B, 2] bfloat16
+
+
+def test_bfloat16_outputs_leave_the_model_as_float32():
+    loaded = bulkinfer.JaxModel(bf16_scores, params={"w": np.ones((12, 2), np.float32)}, inputs=INPUTS).load()
+    out = loaded.predict({"pixels": np.ones((3, 4, 3), np.float32)})["output"]
+    assert out.dtype == np.float32 and loaded.outputs[0].dtype == "float32"
+    np.testing.assert_array_equal(out, np.full((3, 2), 12.0, np.float32))
+
+
+def test_a_batch_size_the_engine_cannot_use_fails_when_the_spec_is_made():
+    with pytest.raises(ValueError, match="power of two"):
+        bulkinfer.JaxModel(tiny_classifier, params={}, inputs=INPUTS, batch_size=100)

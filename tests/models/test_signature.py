@@ -83,3 +83,16 @@ def test_signature_from_the_short_form_and_its_errors():
         TensorSpec("x", (None, None))
     with pytest.raises(ValueError, match="dtype 'complex64' is not supported"):
         TensorSpec("x", (2,), "complex64")
+
+
+def test_values_a_narrower_dtype_cannot_hold_are_refused_not_wrapped():
+    ids = TensorSpec("ids", (2,), "int32")
+    assert ids.check([1, 2**31 - 1])[1] is None
+    assert ids.check([1, 2**40])[1] == "field 'ids' holds values from 1 to 1099511627776, outside what int32 holds"
+    half = TensorSpec("x", (2,), "float16")
+    assert half.check([1.5, 1e6])[1] == "field 'x' holds values from 1.5 to 1000000.0, outside what float16 holds"
+    assert half.check([1.5, float("inf")])[1] is None  # already infinite: nothing lost
+    big = pa.FixedSizeListArray.from_arrays(pa.array([1, 2, 3, 2**40], pa.int64()), 2)
+    assert ids.column(big) is None  # row by row, so that only the bad row fails
+    values, errors = ids.column(pa.FixedSizeListArray.from_arrays(pa.array([1, 2, 3, 4], pa.int64()), 2))
+    assert errors == {} and values.dtype == np.int32 and values.tolist() == [[1, 2], [3, 4]]

@@ -50,6 +50,10 @@ class LoadedPair:
         assert isinstance(x, np.ndarray) and isinstance(tokens, list)  # the contract's forms, not a test input
         if any((t < 0).any() for t in tokens):
             raise ValueError("token ids must be >= 0")
+        if any((t == 999).any() for t in tokens):  # stands for a device lost while the batch ran
+            import jax
+
+            raise jax.errors.JaxRuntimeError("INTERNAL: device lost")
         self.calls.append(len(x))
         count = np.array([len(t) for t in tokens], np.int64)  # [N]
         total = np.array([t.sum() for t in tokens], np.float32)  # [N]
@@ -155,6 +159,13 @@ def test_a_request_the_model_fails_on_is_500_and_the_server_goes_on(pair_server)
     assert status == 500 and "token ids must be >= 0" in reply["error"]
     status, reply = _raw(pair_server, json.dumps({"inputs": [X, TOKENS]}).encode())
     assert status == 200 and [o["data"] for o in reply["outputs"]] == [[2], [15.0, 2.0]]
+
+
+def test_a_lost_device_is_503_not_the_rows_fault(pair_server):
+    status, reply = _raw(pair_server, json.dumps({"inputs": [X, {**TOKENS, "data": [4, 999]}]}).encode())
+    assert status == 503 and "the model is unavailable: JaxRuntimeError: INTERNAL: device lost" in reply["error"]
+    status, reply = _raw(pair_server, json.dumps({"inputs": [X, TOKENS]}).encode())
+    assert status == 200
 
 
 def test_zero_rows_get_empty_outputs_of_the_declared_shapes(pair_server):

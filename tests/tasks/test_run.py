@@ -279,6 +279,11 @@ def test_a_job_whose_rows_fail_systemically_stops(tmp_path):
         job.run(CountingModel(), job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(out)))
     assert not list(out.glob("_committed/*.json")) and not list(out.glob("failed-*"))
     small = job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(tmp_path / "o2"), min_rows_for_failed_fraction=1201)
+    with pytest.raises(job.JobFailed, match="1200 of 1200 rows failed"):  # a small job all of whose rows fail
+        job.run(CountingModel(), small)
+    with open(tmp_path / "a.jsonl", "a") as f:
+        f.write(json.dumps({"id": "ok", "text": "one good row"}) + "\n")
+    small = dataclasses.replace(small, output=str(tmp_path / "o3"), min_rows_for_failed_fraction=1202)
     assert job.run(CountingModel(), small)["rows_failed"] == 1200  # too few rows to judge: dead letters
     never = job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(out), max_failed_fraction=1.0)
     assert job.run(CountingModel(), never)["rows_failed"] == 1200
@@ -351,3 +356,16 @@ def test_one_200k_row_file_is_split_across_workers(tmp_path):
     assert sorted((r["start"], r["stop"]) for r in records)[0][0] == 0
     ids = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read(columns=["id"]).column("id")
     assert len(ids) == rows and len(np.unique(ids.to_numpy())) == rows and report["duplicate_ids"] == 0
+
+
+def test_glob_characters_in_input_and_output_names_are_plain_characters(tmp_path):
+    data = tmp_path / "in[1]"
+    data.mkdir()
+    (data / "a[x]*.jsonl").write_text("".join(f'{{"id": {i}, "text": "{"y" * i}"}}\n' for i in range(5)))
+    out = tmp_path / "out[2]"
+    spec = job.JobSpec(input=str(tmp_path / "in[[]1]" / "a[[]x]*.jsonl"), output=str(out))  # globs escaped
+    first = job.run(CountingModel(), spec)
+    assert (first["rows_in"], first["rows_out"], first["units_done"]) == (5, 5, 1)
+    again = job.run(CountingModel(), spec)  # the commit record is found: nothing is redone
+    assert (again["units_skipped"], again["rows_out"]) == (1, 5)
+    assert sorted(pq.read_table(next(out.glob("part-*.parquet"))).column("length").to_pylist()) == list(range(5))
