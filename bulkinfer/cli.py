@@ -23,11 +23,13 @@ Rerunning the same command after an interruption resumes: committed units are sk
 input file changed since (size or modification time) are redone with their old outputs replaced,
 and report.json counts units_skipped, units_resumed and units_reprocessed.
 
-Bad rows vs outages: a row that cannot be read, lacks its text or id, or on which the model fails
+Bad rows vs outages: a row that cannot be read, lacks its input or id (or has the wrong type, shape or
+dtype), or on which the model fails
 (isolated by bisection) is a dead letter in failed-*.jsonl.  A server down past --server-retry-budget-s
 or a failed device is not the rows' fault: the job stops with exit 1, those rows are not committed,
 and rerunning the same command later does them.  The job also stops with exit 1 when more than
---max-failed-fraction of its rows fail (checked once 1000 rows were seen): a systemic fault.
+--max-failed-fraction of its rows fail (checked once 1000 rows were seen, or when all of at least 100
+rows failed): a systemic fault.
 
 Exit status: 0 done; 1 the job failed or is incomplete (rerun to resume); 2 bad flags or settings.
 
@@ -40,6 +42,7 @@ Outputs in DIR:
 Examples:
   bulkinfer run --model minilm --input 'data/sample/*.jsonl' --output out/demo
   bulkinfer run --model minilm --server http://127.0.0.1:8000 --input 'data/sample/*.jsonl' --output out/remote
+  bulkinfer run --model digits --input 'digits/*.parquet' --output out/digits --keep-fields target
 """
 
 EPILOG_SERVE = """\

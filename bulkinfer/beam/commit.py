@@ -82,7 +82,7 @@ class FailureLimit:
         if self.max_fraction < 1.0 and judged and failed > self.max_fraction * rows:
             raise TooManyFailures(
                 f"{failed} of {rows} rows failed ({failed / rows:.0%}), more than --max-failed-fraction "
-                f"{self.max_fraction:g}: a systemic fault (wrong --text-field? a broken model?), so nothing "
+                f"{self.max_fraction:g}: a systemic fault (wrong --input-field? a broken model?), so nothing "
                 "more is committed; see the dead letters' errors, fix the cause and rerun, or raise the limit")
 
 
