@@ -358,6 +358,38 @@ def test_one_200k_row_file_is_split_across_workers(tmp_path):
     assert len(ids) == rows and len(np.unique(ids.to_numpy())) == rows and report["duplicate_ids"] == 0
 
 
+@pytest.mark.slow
+def test_a_kill_during_a_200k_row_file_resumes_only_its_unfinished_ranges(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = 200_000
+    with open(tmp_path / "big.jsonl", "w") as f:
+        f.writelines(f'{{"id": {i}, "text": "{"x" * (i % 7)}"}}\n' for i in range(rows))
+    out = tmp_path / "out"
+    settings = dict(input=str(tmp_path / "big.jsonl"), output=str(out), unit_size=512 << 10, wave_units=2)
+    code = ("import sys; from bulkinfer.tasks import run; from bulkinfer.testing import CountingModel; "
+            f"run.run(CountingModel(name='big'), run.JobSpec(**{settings!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not list(out.glob("_committed/*.json")) and proc.poll() is None:  # wait for the first commit
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_at_kill = {r["key"] for r in commit.committed(str(out)).values()}
+    report = job.run(CountingModel(name="big"), job.JobSpec(**settings))
+    assert 1 <= len(done_at_kill) < report["units"], "the kill must land mid-run for this test to mean anything"
+    assert (report["units_skipped"], report["units_resumed"]) == (len(done_at_kill), report["units"] - len(done_at_kill))
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (rows, rows, 0)
+    ids = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read(columns=["id"]).column("id")
+    assert len(ids) == rows and len(np.unique(ids.to_numpy())) == rows  # every id once
+
+
 def test_glob_characters_in_input_and_output_names_are_plain_characters(tmp_path):
     data = tmp_path / "in[1]"
     data.mkdir()
