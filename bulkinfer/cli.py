@@ -212,8 +212,13 @@ def main(argv: list[str] | None = None) -> int:
             ours = {o for a in _parser().commands["run"]._actions for o in a.option_strings}
             hints = [f"{u} (did you mean {u.replace('_', '-')}?)" if u.replace("_", "-") in ours else u
                      for u in unknown]
-            print(f"bulkinfer run: error: unrecognized arguments: {', '.join(hints)}; flags that are not "
-                  "bulkinfer's must be Beam pipeline options", file=sys.stderr)
+            stray = [u for u in unknown if not u.startswith("-")]
+            why = ("flags that are not bulkinfer's must be Beam pipeline options" if len(stray) < len(unknown) else
+                   "")
+            if stray:  # most often the shell expanded an unquoted --input glob into many file names
+                why = "; ".join(filter(None, [why, "quote the --input glob ('data/*.jsonl') so that the shell "
+                                                   "does not expand it into file names"]))
+            print(f"bulkinfer run: error: unrecognized arguments: {', '.join(hints)}; {why}", file=sys.stderr)
             return 2
         return _run(args, beam_args)
     if args.command == "serve":
@@ -242,7 +247,22 @@ def _unknown_beam_flags(beam_args: list[str]) -> list[str]:
                 except argparse.ArgumentError:
                     pass  # an option two classes both define
     _, unknown = parser.parse_known_args(beam_args)
-    return [u.split("=", 1)[0] for u in unknown if u.startswith("--")]
+    return [u.split("=", 1)[0] if u.startswith("--") else u for u in unknown]
+
+
+def _check_served(model) -> None:
+    """Raises ValueError when the server answers that it does not serve the model or refuses the token;
+    a server that cannot be reached now is left to the job's retry budget."""
+    from bulkinfer.serve.client import RemoteError, V2Client
+
+    try:
+        V2Client(model.url, token=model.token, timeout_s=30).model_metadata(model.name)
+    except RemoteError as e:
+        if e.status in (401, 403, 404):
+            raise ValueError(f"{model.url} refuses model {model.name!r} ({e}); check --model and --server-token "
+                             "against what `bulkinfer serve` was started with") from None
+    except OSError:
+        pass
 
 
 def _serve(args) -> int:
@@ -278,6 +298,7 @@ def _run(args, beam_args) -> int:
                 budget_s=args.server_retry_budget_s)
             model = RemoteModel.for_model(args.server, args.model, retry=retry,
                                           token=args.server_token or os.environ.get("BULKINFER_TOKEN"))
+            _check_served(model)
         elif args.server_token:
             raise ValueError("--server-token needs --server URL")
         elif args.server_retry_budget_s is not None:

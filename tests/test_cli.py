@@ -192,6 +192,15 @@ def test_a_mistyped_flag_is_an_error_not_silently_ignored(tmp_path):
     assert "--direct_num_workers" not in proc.stderr  # a real Beam option passes
 
 
+def test_an_unquoted_glob_expanded_by_the_shell_is_an_error_not_one_file(tmp_path):
+    files = sorted(str(p) for p in (ROOT / "data/sample").glob("*.jsonl"))  # what the shell makes of data/*.jsonl
+    proc = bulkinfer("run", "--model", "minilm", "--input", *files, "--output", tmp_path / "o", "--runner",
+                     "FnApiRunner")
+    assert proc.returncode == 2 and not (tmp_path / "o").exists()
+    assert f"unrecognized arguments: {', '.join(files[1:])}" in proc.stderr
+    assert "quote the --input glob" in proc.stderr and "FnApiRunner" not in proc.stderr.split(";")[0]
+
+
 def test_help_teaches_the_flags_and_beam_pass_through():
     proc = bulkinfer("run", "--help")
     assert proc.returncode == 0

@@ -258,6 +258,16 @@ def _reconcile(keyed) -> dict:
             "parts": [t for t, _ in parts], "failed": [t for t, _ in failed]}
 
 
+def _first_error(letter_files: list[str]) -> str | None:
+    """The error of the first dead letter in these (temporary) JSONL files, if any."""
+    for path in letter_files:
+        with FileSystems.open(path) as f:
+            line = f.readline()
+        if line:
+            return json.loads(line)["error"]
+    return None
+
+
 class _SumCounts(beam.CombineFn):
     """(rows_in, rows_failed) over units' summaries."""
 
@@ -284,7 +294,11 @@ class _CommitUnit(beam.DoFn):
         ensure_dir(FileSystems.join(self._dir, COMMITTED))
 
     def process(self, summary: dict, totals):
-        self._limit.check(*totals)
+        try:
+            self._limit.check(*totals)
+        except TooManyFailures as e:  # quote a dead letter: they are not committed, so the user sees none
+            example = _first_error(summary["failed"])
+            raise TooManyFailures(f"{e}; for example: {example}" if example else str(e)) from None
         unit = summary["unit"]
         key = unit.key
         record_path = FileSystems.join(self._dir, COMMITTED, f"{key}.json")

@@ -359,7 +359,7 @@ def _jsonl_records(unit: Unit):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield n, None, f"malformed JSON ({e.msg} at character {e.pos})", line.rstrip("\n")
+                yield n, None, f"malformed JSON ({e.msg.removesuffix(' at')} at character {e.pos})", line.rstrip("\n")
                 continue
             if not isinstance(row, dict):
                 yield n, None, f"expected a JSON object, got {type(row).__name__}", line.rstrip("\n")

@@ -30,3 +30,14 @@ def test_serve_help_names_the_routes_and_knobs(capsys):
 def test_bad_arguments_exit_2_with_the_fix(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_against_a_server_that_does_not_serve_the_model_is_one_line(server, tmp_path, capsys):
+    from bulkinfer.cli import main
+
+    (tmp_path / "a.jsonl").write_text('{"id": 1, "text": "x"}\n')
+    code = main(["run", "--model", "digits", "--server", server.url, "--input", str(tmp_path / "a.jsonl"),
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{server.url} refuses model 'digits' (HTTP 404" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -275,8 +275,9 @@ def test_a_failed_device_fails_the_job_but_an_invalid_input_costs_only_its_row(t
 def test_a_job_whose_rows_fail_systemically_stops(tmp_path):
     _jsonl(tmp_path / "a.jsonl", [{"id": i, "body": "the text is under another field"} for i in range(1200)])
     out = tmp_path / "out"
-    with pytest.raises(job.JobFailed, match="1200 of 1200 rows failed .* --max-failed-fraction 0.5"):
+    with pytest.raises(job.JobFailed, match="1200 of 1200 rows failed .* --max-failed-fraction 0.5") as failure:
         job.run(CountingModel(), job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(out)))
+    assert "for example: " in str(failure.value) and "field 'text' is missing" in str(failure.value)
     assert not list(out.glob("_committed/*.json")) and not list(out.glob("failed-*"))
     small = job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(tmp_path / "o2"), min_rows_for_failed_fraction=1201)
     with pytest.raises(job.JobFailed, match="1200 of 1200 rows failed"):  # a small job all of whose rows fail
