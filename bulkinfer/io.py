@@ -4,6 +4,7 @@
     from bulkinfer.io import ReadDataset, WriteDataset
 """
 
-from bulkinfer.beam.io import READ_FORMATS, WRITE_FORMATS, ReadDataset, WriteDataset
+from bulkinfer.beam.io import WRITE_FORMATS, ReadDataset, WriteDataset
+from bulkinfer.beam.units import READ_FORMATS
 
 __all__ = ["READ_FORMATS", "WRITE_FORMATS", "ReadDataset", "WriteDataset"]

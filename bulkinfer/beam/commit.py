@@ -38,7 +38,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from bulkinfer.beam.batch import NAMESPACE, Batch, in_global_window, to_json
-from bulkinfer.beam.io import ShardBuffer, commit, delete, ensure_dir, escape_glob, temp_name, write_temp
+from bulkinfer.beam.units import delete, escape_glob
+from bulkinfer.beam.writers import ShardBuffer, commit, ensure_dir, temp_name, write_temp
 
 COMMITTED = "_committed"
 LETTERS_PER_FILE = 10_000  # dead letters a bundle holds in memory, over all units, before writing them out

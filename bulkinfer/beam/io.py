@@ -9,30 +9,22 @@ default it fails the job, after `.with_exception_handling()` it is returned as a
 Files are written to a temporary name and renamed when complete, so a killed job never leaves a
 half-written file that looks finished.
 
-Input is read in units of work (`Unit`, planned by `plan_units`): a whole file, or, for a file larger
-than `unit_size` bytes, a range of it, so one large file spreads over workers and a resumed job redoes
-one range, not the file.  JSONL files split into byte ranges cut just after a newline (a range owns the
-lines that start inside it); Parquet files into runs of whole row groups.  CSV files are never split: a
-quoted field may hold a newline, so only a CSV parser reading from the start can tell where a row
-begins.  A UTF-8 byte-order mark at the start of a JSONL or CSV file is skipped.
+Input is read in units of work (`units.Unit`, planned by `units.plan_units`): a whole file or a range of
+one.  A UTF-8 byte-order mark at the start of a JSONL or CSV file is skipped.  Output files are
+written by `writers`.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import hashlib
 import io
 import json
 import os
-import re
 import socket
 import sys
 import uuid
-import warnings
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -43,26 +35,16 @@ from bulkinfer.beam.batch import (
     NAMESPACE,
     Batch,
     dead_letter,
-    escape_surrogates,
     in_global_window,
     position_text,
-    table_rows,
-    to_json,
 )
+from bulkinfer.beam.units import UNIT_SIZE, Unit, input_format, plan_units
+from bulkinfer.beam.writers import ShardBuffer, commit, ensure_dir
 
 COUNTS = "counts"  # tag of the reader's per-unit counts: (unit key, ("read", rows, failed, Unit, "host:pid"))
-UNIT_SIZE = 64 << 20  # bytes: files larger than this are split into units of about this size
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, as spreadsheet programs write it
 CSV_FIELD_LIMIT = 1 << 30  # characters: Python's csv module refuses fields over 128 KiB by default
-READ_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 WRITE_FORMATS = ("parquet", "jsonl")
-
-
-def input_format(path: str) -> str:
-    for ext, fmt in READ_FORMATS.items():
-        if path.lower().endswith(ext):
-            return fmt
-    raise ValueError(f"{path}: unknown input format; expected one of the extensions {sorted(READ_FORMATS)}")
 
 
 def absolute(pattern: str) -> str:
@@ -100,131 +82,6 @@ def estimate_rows(files: list[str]) -> int | None:
                 total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
             total -= 1 if fmt == "csv" else 0
     return total
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Unit:
-    """A unit of work: a whole input file or a range of one, read, committed and resumed as one.
-
-    source: the file.  fingerprint: its size and modification time (and checksum, where the filesystem
-      gives one) when planned; a commit record keeps it, so that a changed file is redone.
-    start, stop: the range.  JSONL: byte offsets, `start` at the beginning of a line; the unit owns the
-      lines that start in [start, stop).  Parquet: row-group indices [start, stop).  stop None: to the end.
-    first: the 1-based line (row) number of the unit's first line (row) in the file, for error messages.
-    """
-
-    source: str
-    fingerprint: str = ""
-    start: int = 0
-    stop: int | None = None
-    first: int = 1
-
-    @property
-    def key(self) -> str:
-        """16 hex digits naming the unit in output file names and commit records."""
-        return hashlib.sha1(f"{self.source}\0{self.start}\0{self.stop}".encode()).hexdigest()[:16]
-
-    def describe(self) -> str:
-        """'data/a.jsonl' for a whole file, 'data/a.jsonl bytes 0-65536' for a range."""
-        if self.start == 0 and self.stop is None:
-            return self.source
-        unit = "row groups" if input_format(self.source) == "parquet" else "bytes"
-        return f"{self.source} {unit} {self.start}-{'end' if self.stop is None else self.stop}"
-
-
-# Beam compiles "[[]" (an escaped "[") into a regular expression that Python flags as a possible nested
-# set; it means what it says here.
-warnings.filterwarnings("ignore", message="Possible nested set", category=FutureWarning,
-                        module="apache_beam.io.filesystem")
-
-
-def escape_glob(path: str) -> str:
-    """`path` as a Beam match pattern that matches only itself: each of [ * ? in a file or directory name
-    becomes a one-character class ("data[1].jsonl" -> "data[[]1].jsonl")."""
-    return re.sub(r"([\[*?])", r"[\1]", path)
-
-
-def delete(paths: list[str]) -> None:
-    """Deletes these files (on any Beam filesystem), taking each path literally: Beam's delete matches
-    its arguments as patterns, so a name with [ * ? would otherwise miss its file."""
-    FileSystems.delete([escape_glob(p) for p in paths])
-
-
-def fingerprint(metadata) -> str:
-    """'size:mtime[:checksum]' of a Beam FileMetadata: changes whenever the file's content does."""
-    parts = [str(metadata.size_in_bytes), repr(getattr(metadata, "last_updated_in_seconds", None))]
-    checksum = getattr(metadata, "checksum", None)
-    if checksum:
-        parts.append(str(checksum))
-    return ":".join(parts)
-
-
-def plan_units(files: list[str], unit_size: int = UNIT_SIZE) -> list[Unit]:
-    """The units of work of `files`: one per file, or ranges of about `unit_size` bytes for larger files.
-
-    Splitting a JSONL file reads it once here (to cut just after newlines and number the lines);
-    Parquet files are split from their footers.  CSV files are never split (see the module docstring).
-    Raises FileNotFoundError for a file that is gone, ValueError for unit_size < 1.
-    """
-    if unit_size < 1:
-        raise ValueError(f"unit_size must be >= 1 byte, got {unit_size}")
-    units = []
-    for path in files:
-        matched = FileSystems.match([escape_glob(path)])[0].metadata_list
-        if not matched:
-            raise FileNotFoundError(f"input file {path} is gone")
-        meta = matched[0]
-        fp = fingerprint(meta)
-        fmt = input_format(path)
-        if meta.size_in_bytes <= unit_size or fmt == "csv":
-            units.append(Unit(source=path, fingerprint=fp))
-        elif fmt == "parquet":
-            units.extend(_parquet_units(path, fp, unit_size))
-        else:
-            cuts = _line_cuts(path, unit_size)
-            for (start, first), (stop, _) in zip(cuts, cuts[1:] + [(None, 0)]):
-                units.append(Unit(source=path, fingerprint=fp, start=start, stop=stop, first=first))
-    return units
-
-
-def _line_cuts(path: str, unit_size: int) -> list[tuple[int, int]]:
-    """(byte offset, line number) of the line starting there: 0 and, about every unit_size bytes, the
-    first line starting after that many bytes."""
-    cuts = [(0, 1)]
-    target, base, lines = unit_size, 0, 0  # next cut at or after `target`; newlines before `base`
-    with FileSystems.open(path) as f:
-        while chunk := f.read(1 << 20):
-            pos = 0
-            while target < base + len(chunk):
-                i = chunk.find(b"\n", max(target - base, pos))
-                if i < 0:
-                    break
-                cuts.append((base + i + 1, lines + chunk.count(b"\n", 0, i + 1) + 1))
-                target, pos = base + i + 1 + unit_size, i + 1
-            lines += chunk.count(b"\n")
-            base += len(chunk)
-    if cuts[-1][0] >= base and len(cuts) > 1:  # a cut at the very end owns nothing
-        cuts.pop()
-    return cuts
-
-
-def _parquet_units(path: str, fp: str, unit_size: int) -> list[Unit]:
-    with FileSystems.open(path) as f:
-        try:
-            meta = pq.ParquetFile(f).metadata
-        except (pa.ArrowInvalid, OSError):  # the reader makes its dead letter
-            return [Unit(source=path, fingerprint=fp)]
-    units, start, first, size, rows = [], 0, 1, 0, 0
-    for g in range(meta.num_row_groups):
-        size += meta.row_group(g).total_byte_size
-        rows += meta.row_group(g).num_rows
-        if size >= unit_size or g == meta.num_row_groups - 1:
-            units.append(Unit(source=path, fingerprint=fp, start=start, stop=g + 1, first=first))
-            start, first, size, rows = g + 1, first + rows, 0, 0
-    if len(units) <= 1:
-        return [Unit(source=path, fingerprint=fp)]
-    units[-1] = dataclasses.replace(units[-1], stop=None)
-    return units
 
 
 class ReadDataset(beam.PTransform):
@@ -485,129 +342,3 @@ class _WriteShards(beam.DoFn):
         commit(self._buf.write_temp(final, self._fmt), final)
         self._written.inc(n)
         return final
-
-
-class ShardBuffer:
-    """The rows of one output file as they arrive: Arrow tables (kept columnar) and dict rows.
-
-    columns: keep only these (a missing one is all nulls); None keeps every column.
-
-        >>> buf = ShardBuffer(["id", "length"]); buf.add(batch); temp = buf.write_temp(final, "parquet")
-    """
-
-    def __init__(self, columns: list[str] | None):
-        self._columns = columns
-        self._parts: list[pa.Table | list[dict]] = []
-        self._rows = 0
-
-    def __len__(self) -> int:
-        return self._rows
-
-    def add(self, batch: Batch) -> None:
-        if batch.table is not None:
-            part = select_columns(batch.table, self._columns)
-        else:
-            part = [{c: r.get(c) for c in self._columns} for r in batch.rows] if self._columns else list(batch.rows)
-            if self._parts and isinstance(self._parts[-1], list):  # dict rows stay one list, as before tables
-                self._parts[-1].extend(part)
-                part = None
-        if part is not None:
-            self._parts.append(part)
-        self._rows += len(batch)
-
-    def write_temp(self, final: str, fmt: str) -> str:
-        """Writes everything buffered under the temporary name of `final` (see `write_temp`) and empties."""
-        parts, self._parts, self._rows = self._parts, [], 0
-        if all(isinstance(part, list) for part in parts):
-            return write_temp(final, [r for part in parts for r in part], fmt)
-        if fmt != "parquet":
-            return write_temp(final, [r for part in parts for r in _part_rows(part)], fmt)
-        tables = [part if isinstance(part, pa.Table) else rows_to_table(part) for part in parts]
-        try:
-            table = pa.concat_tables(tables, promote_options="default")
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            # Columns whose types differ between parts (an id that is text in one file, a number in
-            # another): one table from all rows, as rows_to_table makes it for dict rows.
-            table = rows_to_table([r for part in parts for r in _part_rows(part)])
-        return write_temp(final, table, fmt)
-
-
-def _part_rows(part: pa.Table | list[dict]) -> list[dict]:
-    return table_rows(part) if isinstance(part, pa.Table) else part
-
-
-def select_columns(table: pa.Table, columns: list[str] | None) -> pa.Table:
-    """These columns of a table, in this order, a missing one as nulls (all columns if None), no metadata."""
-    if columns is None:
-        return table.replace_schema_metadata(None)
-    names = set(table.column_names)
-    return pa.table({c: table.column(c) if c in names else pa.nulls(table.num_rows) for c in columns})
-
-
-def ensure_dir(path: str) -> None:
-    """Creates a directory on any Beam filesystem; one that already exists is fine."""
-    try:
-        FileSystems.mkdirs(path)
-    except OSError:
-        if not FileSystems.exists(path):
-            raise
-
-
-def temp_name(final: str) -> str:
-    """Where `final` is written before it is complete: a hidden name in the same directory."""
-    directory, name = final.rsplit("/", 1)
-    return f"{directory}/.tmp-{name}"
-
-
-def write_temp(final: str, rows: list[dict] | pa.Table, fmt: str) -> str:
-    """Writes rows (dicts or a table) under the temporary name of `final`; returns that name.  `commit`
-    makes it visible."""
-    temp = temp_name(final)
-    with FileSystems.create(temp) as f:
-        if fmt == "parquet":
-            pq.write_table(rows if isinstance(rows, pa.Table) else rows_to_table(rows), f)
-        else:
-            rows = table_rows(rows) if isinstance(rows, pa.Table) else rows
-            f.write("".join(to_json(r) + "\n" for r in rows).encode("utf-8"))
-    return temp
-
-
-def commit(temp: str, final: str) -> None:
-    """Renames a complete temporary file to its final name (atomic on local and HDFS-like filesystems)."""
-    FileSystems.rename([temp], [final])
-
-
-def rows_to_table(rows: list[dict]) -> pa.Table:
-    r"""An Arrow table from dict rows; equal-length 1-D numpy vectors become fixed-size float lists.
-
-    Arrow strings are UTF-8: a lone surrogate (JSON's "\ud800" decodes to one) is stored as the six
-    characters of its escape, `\ud800`, in a column that keeps its type (in column names too).
-    """
-    names: dict[str, None] = {}
-    for r in rows:
-        names.update(dict.fromkeys(r))
-    columns = {}
-    for name in names:
-        values = [r.get(name) for r in rows]
-        first = values[0]
-        if isinstance(first, np.ndarray) and first.ndim == 1 and all(
-                isinstance(v, np.ndarray) and v.shape == first.shape for v in values):
-            flat = pa.array(np.stack(values).reshape(-1))
-            columns[escape_surrogates(name)] = pa.FixedSizeListArray.from_arrays(flat, first.shape[0])
-        else:
-            columns[escape_surrogates(name)] = _column([v.tolist() if isinstance(v, np.ndarray) else v
-                                                        for v in values])
-    return pa.table(columns)
-
-
-def _column(values: list) -> pa.Array:
-    """One Arrow column of Python values, whatever they hold (see `rows_to_table`)."""
-    try:
-        return pa.array(values)
-    except UnicodeEncodeError:  # a lone surrogate; its escape has none, so this recursion ends
-        return _column(escape_surrogates(values))
-    except (pa.ArrowException, TypeError, ValueError, OverflowError):
-        # Mixed types in one column (an id that is sometimes a number, sometimes a string): keep
-        # every value, as text (strings as they are, anything else as JSON).
-        return pa.array([v if v is None else escape_surrogates(v) if isinstance(v, str) else to_json(v)
-                         for v in values], pa.string())

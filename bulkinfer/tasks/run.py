@@ -5,7 +5,7 @@
     DIR/_committed/*.json  one commit record per finished unit of work (see beam/commit.py)
     DIR/report.json        rows_in = rows_out + rows_failed, units done/skipped/resumed/reprocessed, speed
 
-The input is cut into units of work (whole files, or ranges of large files: see `io.plan_units`), run
+The input is cut into units of work (whole files, or ranges of large files: see `plan_units`), run
 in waves of `wave_units` units, one Beam pipeline per wave; each unit is committed when its counts
 reconcile.  Rerunning the same command after a crash resumes: committed units are skipped, a unit
 whose input file changed since its commit (size, modification time) is redone, and only the units
@@ -25,9 +25,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from bulkinfer.beam import commit, io, progress
+from bulkinfer.beam import commit, io, progress, writers
 from bulkinfer.beam.batch import FAILED, NAMESPACE
 from bulkinfer.beam.transform import BulkInference
+from bulkinfer.beam.units import UNIT_SIZE, Unit, delete, escape_glob, plan_units
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
@@ -45,7 +46,7 @@ class JobFailed(RuntimeError):
 class JobSpec:
     """What `run` does.
 
-    unit_size: bytes per unit of work (larger files are split; see `io.plan_units`).
+    unit_size: bytes per unit of work (larger files are split; see `plan_units`).
     wave_units: units per pipeline run; a crash loses at most the wave in flight.  On runners that
       start slowly (Dataflow) make it large.
     max_failed_fraction, min_rows_for_failed_fraction: stop (exit non-zero, nothing more committed) once
@@ -62,7 +63,7 @@ class JobSpec:
     keep_fields: tuple[str, ...] = ()  # input fields copied to the output beside id and predictions
     overwrite: bool = False
     batch_rows: int = 1024
-    unit_size: int = io.UNIT_SIZE
+    unit_size: int = UNIT_SIZE
     wave_units: int = 64
     max_failed_fraction: float = 0.5
     min_rows_for_failed_fraction: int = 1000
@@ -86,14 +87,14 @@ class JobSpec:
 class Plan:
     """The units of this run: all of the input's, those still to do, and why each is to do or not."""
 
-    units: list[io.Unit]
-    todo: list[io.Unit]
+    units: list[Unit]
+    todo: list[Unit]
     skipped: int  # committed by an earlier run, input unchanged
     resumed: int  # left unfinished by an earlier run
     reprocessed: int  # committed earlier, but their input file changed since
 
 
-def build(p: beam.Pipeline, model, job: JobSpec, units: list[io.Unit], *,
+def build(p: beam.Pipeline, model, job: JobSpec, units: list[Unit], *,
           limit: commit.FailureLimit | None = None, transform: beam.PTransform | None = None):
     """Adds the job's transforms for `units` to pipeline `p`; returns the commit records' PCollection.
 
@@ -129,7 +130,7 @@ def _input_name(model) -> str | None:
     return inputs[0].name if len(inputs) == 1 else None
 
 
-def prepare_output(model, job: JobSpec, units: list[io.Unit]) -> Plan:
+def prepare_output(model, job: JobSpec, units: list[Unit]) -> Plan:
     """Makes DIR ready and returns the plan: the units still to process (all, or those not committed)."""
     out = job.out
     _check_writable(out)
@@ -137,9 +138,9 @@ def prepare_output(model, job: JobSpec, units: list[io.Unit]) -> Plan:
     if job.overwrite:
         ours = [m.path for pattern in ("part-*", "failed-*", ".tmp-*", "report.json", JOB_FILE, PLAN_FILE,
                                        "_committed/*")
-                for m in FileSystems.match([FileSystems.join(io.escape_glob(out), pattern)])[0].metadata_list]
+                for m in FileSystems.match([FileSystems.join(escape_glob(out), pattern)])[0].metadata_list]
         if ours:
-            io.delete(ours)
+            delete(ours)
     elif FileSystems.exists(settings_path):
         with FileSystems.open(settings_path) as f:
             before = json.loads(f.read())
@@ -149,7 +150,7 @@ def prepare_output(model, job: JobSpec, units: list[io.Unit]) -> Plan:
                                 if before.get(k) != now.get(k))
             raise FileExistsError(f"{out} holds a run with other settings: {changed}; pass --overwrite to replace "
                                   "it, or choose another --output")
-    elif FileSystems.match([FileSystems.join(io.escape_glob(out), "part-*")])[0].metadata_list:
+    elif FileSystems.match([FileSystems.join(escape_glob(out), "part-*")])[0].metadata_list:
         raise FileExistsError(f"{out} holds outputs that are not from a bulkinfer run; pass --overwrite")
     earlier = set(_read_json(FileSystems.join(out, PLAN_FILE), []))
     _write_json(settings_path, _settings(model, job))
@@ -180,18 +181,18 @@ def _read_json(path: str, default):
 
 
 def _write_json(path: str, value) -> None:
-    with FileSystems.create(io.temp_name(path)) as f:
+    with FileSystems.create(writers.temp_name(path)) as f:
         f.write(json.dumps(value, indent=2).encode())
-    io.commit(io.temp_name(path), path)
+    writers.commit(writers.temp_name(path), path)
 
 
 def _check_writable(out: str) -> None:
     try:
-        io.ensure_dir(out)
+        writers.ensure_dir(out)
         probe = FileSystems.join(out, ".tmp-write-check")
         with FileSystems.create(probe) as f:
             f.write(b"ok")
-        io.delete([probe])
+        delete([probe])
     except OSError as e:
         raise PermissionError(f"the output directory {out} is not writable ({e})") from None
 
@@ -206,7 +207,7 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
     options = PipelineOptions(pipeline_args or [])
     runner_name = options.view_as(StandardOptions).runner or "FnApiRunner"
     files = io.match_files(job.input)
-    units = io.plan_units(files, job.unit_size)
+    units = plan_units(files, job.unit_size)
     plan = prepare_output(model, job, units)
     keys = {u.key for u in units}
     t0 = time.perf_counter()

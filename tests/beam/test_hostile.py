@@ -16,7 +16,8 @@ from apache_beam.testing.util import assert_that
 from bulkinfer import BulkInference
 from bulkinfer.beam.batch import Batch, dead_letter, escape_surrogates
 from bulkinfer.beam.inputs import model_inputs
-from bulkinfer.beam.io import ReadDataset, WriteDataset, rows_to_table, write_temp
+from bulkinfer.beam.io import ReadDataset, WriteDataset
+from bulkinfer.beam.writers import rows_to_table, write_temp
 from bulkinfer.models.signature import TEXT, TensorSpec
 from bulkinfer.testing import CountingModel
 

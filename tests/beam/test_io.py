@@ -9,7 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 
-from bulkinfer.beam import io
+from bulkinfer.beam import io, writers
 from bulkinfer.beam.batch import Batch
 
 
@@ -133,12 +133,12 @@ def test_write_gives_the_same_file_from_table_batches_as_from_dict_rows(tmp_path
 
 
 def test_shard_buffer_falls_back_to_one_table_when_column_types_differ_between_batches(tmp_path):
-    buf = io.ShardBuffer(None)
+    buf = writers.ShardBuffer(None)
     buf.add(Batch(pa.table({"id": [1, 2]})))
     buf.add(Batch(pa.table({"id": ["three"]})))
     assert len(buf) == 3
     final = str(tmp_path / "part-0.parquet")
-    io.commit(buf.write_temp(final, "parquet"), final)
+    writers.commit(buf.write_temp(final, "parquet"), final)
     assert len(buf) == 0
     assert pq.read_table(final).column("id").to_pylist() == ["1", "2", "three"]  # as rows_to_table does
 
