@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bulkinfer.models.signature import TEXT, TensorSpec
-from bulkinfer.serve import RemoteModel, ServeConfig, V2Client, server, start
+from bulkinfer.serve import RemoteModel, ServeConfig, V2Client, connections, server, start
 
 DEADLINE_S = 30.0  # generous: only a broken server takes this long
 
@@ -130,8 +130,8 @@ def server_retry():
 
 
 def test_past_the_rejection_limit_a_connection_is_closed_at_once(serve, monkeypatch):
-    monkeypatch.setattr(server, "MAX_REJECTING", 1)
-    monkeypatch.setattr(server, "REJECT_TIMEOUT_S", DEADLINE_S)
+    monkeypatch.setattr(connections, "MAX_REJECTING", 1)
+    monkeypatch.setattr(connections, "REJECT_TIMEOUT_S", DEADLINE_S)
     srv = serve(max_connections=1)
     holder = _kept_alive(srv.port)
     silent = socket.create_connection(("127.0.0.1", srv.port), timeout=DEADLINE_S)  # held in its rejection
