@@ -200,7 +200,15 @@ def _outputs(spec: JaxModel, params) -> tuple[TensorSpec, ...]:
                  for s in spec.input_signature}
         if any(s.variable for s in spec.input_signature):
             batch["mask"] = jax.ShapeDtypeStruct((rows, length), np.int32)
-        out = jax.eval_shape(spec.fn, params, batch)
+        try:
+            out = jax.eval_shape(spec.fn, params, batch)
+        except Exception as e:  # the user's function does not fit its parameters or declared inputs
+            names = sorted(jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params))
+            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+            raise ValueError(
+                f"model {spec.name!r}: fn(params, batch) fails on its declared inputs "
+                f"{ {k: v.shape for k, v in batch.items()} } with parameters [{shown}]: "
+                f"{type(e).__name__}: {e}") from None
         return out if isinstance(out, dict) else {spec.output_field: out}
 
     a, b = traced(2, 8), traced(3, 16)

@@ -110,7 +110,7 @@ class TensorSpec:
         target = np.dtype(self.dtype) if self.dtype != "bfloat16" else np.dtype(np.float32)
         if array.size == 0:
             return None, f"field {field!r} is empty, expected {self.describe()}"
-        if not np.can_cast(array.dtype, target, casting="same_kind"):
+        if not np.can_cast(array.dtype, target, casting="same_kind") or (array.dtype.kind == "b") != (target.kind == "b"):
             return None, f"field {field!r} holds {array.dtype} values, expected {self.dtype}"
         if not _fits(array, target):
             return None, (f"field {field!r} holds values from {array.min()} to {array.max()}, outside what "

@@ -125,3 +125,11 @@ def test_bfloat16_outputs_leave_the_model_as_float32():
 def test_a_batch_size_the_engine_cannot_use_fails_when_the_spec_is_made():
     with pytest.raises(ValueError, match="power of two"):
         bulkinfer.JaxModel(tiny_classifier, params={}, inputs=INPUTS, batch_size=100)
+
+
+def test_a_function_that_does_not_fit_its_parameters_names_the_model_inputs_and_parameters():
+    spec = bulkinfer.JaxModel(tiny_classifier, params={"dense": {"w": np.ones((12, 2), np.float32)}}, inputs=INPUTS,
+                              name="mine")
+    with pytest.raises(ValueError, match=r"model 'mine': fn\(params, batch\) fails on its declared inputs "
+                                         r"\{'pixels': \(2, 4, 3\)\} with parameters \[\['dense'\]\['w'\]\]: KeyError"):
+        spec.load()

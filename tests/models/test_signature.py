@@ -36,6 +36,7 @@ def test_floats_are_not_taken_where_integers_are_expected():
     ids = TensorSpec("ids", (None,), "int32")
     assert ids.check([1, 2, 3])[0].dtype == np.int32
     assert ids.check([1.5, 2.0])[1] == "field 'ids' holds float64 values, expected int32"
+    assert ids.check([True, False])[1] == "field 'ids' holds bool values, expected int32"  # JSON true is no id
     assert ids.check([])[1] == "field 'ids' is empty, expected int32[?]"
 
 
