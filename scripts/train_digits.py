@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bulkinfer.models import digits
-from bulkinfer.models.weights import save_safetensors
+from bulkinfer.models.safetensors_file import save_safetensors
 
 
 def split():

@@ -48,7 +48,7 @@ def test_predict_matches_the_function_called_directly_for_every_tail_size(params
 def test_params_from_a_pytree_a_safetensors_file_and_an_orbax_directory_agree(params, tmp_path):
     import orbax.checkpoint as ocp
 
-    from bulkinfer.models.weights import save_safetensors
+    from bulkinfer.models.safetensors_file import save_safetensors
 
     save_safetensors(params, tmp_path / "w.safetensors")
     checkpointer = ocp.StandardCheckpointer()

@@ -8,7 +8,7 @@ import pytest
 from apache_beam.io.filesystem import BeamIOError, FileMetadata, FileSystem
 from apache_beam.io.filesystems import FileSystems
 
-from bulkinfer.models import weights
+from bulkinfer.models import safetensors_file, weights
 from bulkinfer.models.checkpoint import CheckpointError
 
 
@@ -143,7 +143,7 @@ def test_pytree_source_gives_numpy_leaves_without_touching_the_callers_tree():
 
 def test_safetensors_round_trip_nests_dotted_names(tmp_path):
     path = tmp_path / "p.safetensors"
-    weights.save_safetensors(_params(), path)
+    safetensors_file.save_safetensors(_params(), path)
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:  # the reference reader sees flat dotted names
@@ -152,7 +152,7 @@ def test_safetensors_round_trip_nests_dotted_names(tmp_path):
 
 
 def test_safetensors_round_trip_on_a_remote_filesystem(mem):
-    weights.save_safetensors(_params(), "mem://bucket/p.safetensors")
+    safetensors_file.save_safetensors(_params(), "mem://bucket/p.safetensors")
     assert list(mem.objects) == ["mem://bucket/p.safetensors"]
     _assert_same_tree(weights.load_params("mem://bucket/p.safetensors"), _params())
 
@@ -162,7 +162,7 @@ def test_reader_matches_the_reference_safetensors_reader(tmp_path):
 
     tensors = {"x.y": np.arange(12, dtype=np.int64).reshape(3, 4), "z": np.ones((0, 2), np.float16)}
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "np"})
-    got, want = weights.load_safetensors(tmp_path / "ref.safetensors"), load_file(str(tmp_path / "ref.safetensors"))
+    got, want = safetensors_file.load_safetensors(tmp_path / "ref.safetensors"), load_file(str(tmp_path / "ref.safetensors"))
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
@@ -190,13 +190,13 @@ def test_orbax_directory_on_a_remote_filesystem(tmp_path, mem, cache):
 
 
 def test_nesting_conflicts_and_unsavable_trees_are_named(tmp_path):
-    assert weights.nest({"a.b.c": 1, "a.d": 2, "e": 3}) == {"a": {"b": {"c": 1}, "d": 2}, "e": 3}
+    assert safetensors_file.nest({"a.b.c": 1, "a.d": 2, "e": 3}) == {"a": {"b": {"c": 1}, "d": 2}, "e": 3}
     with pytest.raises(CheckpointError, match="'a.b' is also a prefix"):
-        weights.nest({"a.b": np.zeros(1), "a.b.c": np.zeros(1)})
+        safetensors_file.nest({"a.b": np.zeros(1), "a.b.c": np.zeros(1)})
     with pytest.raises(ValueError, match=r"key 'x\.y' under layer must be"):
-        weights.save_safetensors({"layer": {"x.y": np.zeros(1)}}, tmp_path / "bad.safetensors")
+        safetensors_file.save_safetensors({"layer": {"x.y": np.zeros(1)}}, tmp_path / "bad.safetensors")
     with pytest.raises(TypeError, match="layers is a list"):
-        weights.save_safetensors({"layers": [np.zeros(1)]}, tmp_path / "bad.safetensors")
+        safetensors_file.save_safetensors({"layers": [np.zeros(1)]}, tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()
 
 
@@ -219,7 +219,7 @@ def test_paths_that_are_not_weights_are_refused_naming_the_path(tmp_path):
 
 
 def test_truncated_safetensors_is_refused(tmp_path):
-    weights.save_safetensors(_params(), tmp_path / "p.safetensors")
+    safetensors_file.save_safetensors(_params(), tmp_path / "p.safetensors")
     data = (tmp_path / "p.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-3])
     with pytest.raises(CheckpointError, match=r"cut.safetensors: not a readable .*ended after"):
@@ -299,7 +299,7 @@ def test_pytree_fingerprint_sees_keys_dtypes_shapes_and_bytes():
 
 # ------------------------------------------------------------------------------------------- fetch
 def test_fetch_copies_a_remote_file_into_the_cache_once(tmp_path, mem, cache):
-    weights.save_safetensors(_params(), tmp_path / "p.safetensors")
+    safetensors_file.save_safetensors(_params(), tmp_path / "p.safetensors")
     _copy_to_mem(tmp_path / "p.safetensors", "mem://bucket/p.safetensors")
     digest = weights.fingerprint(tmp_path / "p.safetensors")
     local = weights.fetch("mem://bucket/p.safetensors", digest)
