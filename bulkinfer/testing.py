@@ -198,3 +198,23 @@ def tiny_classifier_params(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return {"dense": {"w": rng.standard_normal((12, 2)).astype(np.float32),
                       "b": rng.standard_normal(2).astype(np.float32)}}
+
+
+def kill_after_first_commit(cmd: list[str], out_dir, env: dict | None = None) -> None:
+    """Runs `cmd` (a `bulkinfer run` or a script running a job into `out_dir`) and SIGKILLs it as soon as
+    a first commit record appears in out_dir/_committed/ (or when it exits first): a crash mid-job."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    committed = Path(out_dir) / "_committed"
+    proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not list(committed.glob("*.json")) and proc.poll() is None:  # polls a file, not a timer
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

@@ -2,17 +2,15 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bulkinfer.testing import cosine
+from bulkinfer.testing import cosine, kill_after_first_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,13 +283,7 @@ def test_sigkill_mid_run_then_rerun_redoes_only_the_unfinished_ranges(tmp_path, 
     cmd = [sys.executable, "-m", "bulkinfer.cli", "run", "--model", "minilm", "--max-length", "64",
            "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--unit-size", "8KiB", "--wave-units", "3"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        while not list(out.glob("_committed/*.json")) and proc.poll() is None:  # wait for the first commit
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_after_first_commit(cmd, out)
     committed_at_kill = len(list(out.glob("_committed/*.json")))
     plan = json.loads((out / "_plan.json").read_text())
     assert 1 <= committed_at_kill < len(plan), "the kill must land mid-run for this test to mean anything"

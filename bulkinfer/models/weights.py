@@ -80,6 +80,15 @@ def _listing(path: str) -> tuple[bool, list[tuple[str, str, int, Any]]]:
     return True, sorted(entries)
 
 
+def _nonempty_listing(path: str, expected: str) -> tuple[bool, list[tuple[str, str, int, Any]]]:
+    """`_listing(path)`; raises CheckpointError naming the path and `expected` when nothing is there."""
+    is_dir, entries = _listing(path)
+    if not entries:
+        what = "an empty directory" if is_dir else "no such file or directory"
+        raise CheckpointError(f"{path}: {what}; {expected}")
+    return is_dir, entries
+
+
 def _sha_of_file(full: str, size: int, stamp: Any) -> str:
     key = (full, size, stamp)
     with _memo_lock:
@@ -117,10 +126,7 @@ def fingerprint(path: str | os.PathLike) -> str:
         '3f1c...'
     """
     path = os.fspath(path)
-    is_dir, entries = _listing(path)
-    if not entries:
-        what = "an empty directory" if is_dir else "no such file or directory"
-        raise CheckpointError(f"{path}: {what}; expected model weights there")
+    is_dir, entries = _nonempty_listing(path, "expected model weights there")
     if not is_dir:
         return _sha_of_file(*entries[0][1:])
     return _tree_digest([(rel, _sha_of_file(full, size, stamp)) for rel, full, size, stamp in entries])
@@ -318,10 +324,7 @@ def load_params(source) -> Any:
 
         return jax.tree.map(np.asarray, source)
     path = os.fspath(source)
-    is_dir, entries = _listing(path)
-    if not entries:
-        what = "an empty directory" if is_dir else "no such file or directory"
-        raise CheckpointError(f"{path}: {what}; {_EXPECTED}")
+    is_dir, _ = _nonempty_listing(path, _EXPECTED)
     if not is_dir:
         try:
             return nest(load_safetensors(path))

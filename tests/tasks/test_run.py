@@ -343,11 +343,16 @@ def test_two_processes_with_an_accelerator_hint_commit_every_unit_reconciled(tmp
         (f"{k}-{i}", i % 17) for k in range(3) for i in range(400))
 
 
+def _big_jsonl(path, rows: int) -> None:
+    """rows JSONL rows {"id": i, "text": "x" * (i % 7)}: one large input file."""
+    with open(path, "w") as f:
+        f.writelines(f'{{"id": {i}, "text": "{"x" * (i % 7)}"}}\n' for i in range(rows))
+
+
 @pytest.mark.slow
 def test_one_200k_row_file_is_split_across_workers(tmp_path):
     rows = 200_000
-    with open(tmp_path / "big.jsonl", "w") as f:
-        f.writelines(f'{{"id": {i}, "text": "{"x" * (i % 7)}"}}\n' for i in range(rows))
+    _big_jsonl(tmp_path / "big.jsonl", rows)
     out = tmp_path / "out"
     spec = job.JobSpec(input=str(tmp_path / "big.jsonl"), output=str(out), unit_size=512 << 10, batch_rows=4096)
     report = job.run(CountingModel(name="big"), spec, ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
@@ -361,27 +366,17 @@ def test_one_200k_row_file_is_split_across_workers(tmp_path):
 
 @pytest.mark.slow
 def test_a_kill_during_a_200k_row_file_resumes_only_its_unfinished_ranges(tmp_path):
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
+
+    from bulkinfer.testing import kill_after_first_commit
 
     rows = 200_000
-    with open(tmp_path / "big.jsonl", "w") as f:
-        f.writelines(f'{{"id": {i}, "text": "{"x" * (i % 7)}"}}\n' for i in range(rows))
+    _big_jsonl(tmp_path / "big.jsonl", rows)
     out = tmp_path / "out"
     settings = dict(input=str(tmp_path / "big.jsonl"), output=str(out), unit_size=512 << 10, wave_units=2)
-    code = ("import sys; from bulkinfer.tasks import run; from bulkinfer.testing import CountingModel; "
+    code = ("from bulkinfer.tasks import run; from bulkinfer.testing import CountingModel; "
             f"run.run(CountingModel(name='big'), run.JobSpec(**{settings!r}))")
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while not list(out.glob("_committed/*.json")) and proc.poll() is None:  # wait for the first commit
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_after_first_commit([sys.executable, "-c", code], out)
     done_at_kill = {r["key"] for r in commit.committed(str(out)).values()}
     report = job.run(CountingModel(name="big"), job.JobSpec(**settings))
     assert 1 <= len(done_at_kill) < report["units"], "the kill must land mid-run for this test to mean anything"
