@@ -21,7 +21,13 @@ demo: $(STAMP)
 	$(BIN)/bulkinfer run --model minilm --input 'data/sample/*.jsonl' --output out/demo
 	$(BIN)/python -m json.tool out/demo/report.json
 
-test: $(STAMP)
+# Headless Chromium (Debian's package) renders the HTML reports in tests; installed when missing and
+# apt-get works (root), else those tests skip saying why.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	-apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
