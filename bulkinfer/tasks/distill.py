@@ -238,7 +238,7 @@ def distill(model, job: run_job.JobSpec, spec: DistillSpec = DistillSpec(),
 
 
 def _settings(model, job: run_job.JobSpec, spec: DistillSpec) -> dict:
-    return {"teacher": _teacher(model), "spec": dataclasses.asdict(spec), "input": io.absolute(job.input),
+    return {"teacher": _teacher(model), **dataclasses.asdict(spec), "input": io.absolute(job.input),
             "id_field": job.id_field, "input_field": job.input_field, "keep_fields": list(job.keep_fields),
             "unit_size": job.unit_size}
 
