@@ -69,7 +69,7 @@ nothing, and other settings or changed inputs are refused unless --overwrite.
 Exit status: 0 done; 1 the job failed or is incomplete (rerun to resume); 2 bad flags or settings.
 
 Examples:
-  bulkinfer distill --model digits --input 'data/digits/*.jsonl' --output out/teacher --top-k 3 --temperature 2
+  bulkinfer distill --model digits --input 'data/digits/test-*.jsonl' --output out/teacher --top-k 3 --temperature 2
   bulkinfer distill --model minilm --input 'data/sample/*.jsonl' --output out/emb --format array_record
 """
 

@@ -1,6 +1,6 @@
 """Teacher outputs for distillation: the teacher's predictions, keyed by id, as training shards with a manifest.
 
-    manifest = distill("digits", JobSpec(input="data/digits/*.jsonl", output="out/teacher"),
+    manifest = distill("digits", JobSpec(input="data/digits/test-*.jsonl", output="out/teacher"),
                        DistillSpec(top_k=5, temperature=2.0, format="array_record"))
 
     DIR/shards/shard-<unit>-<n>.parquet|.array_record   the rows, in input order, one or more per unit of work
@@ -184,6 +184,8 @@ def distill(model, job: run_job.JobSpec, spec: DistillSpec = DistillSpec(),
     Raises run.JobFailed when the teacher run fails or leaves units undone (rerun to resume), JobRefused
     (a FileExistsError) for a directory holding another distillation, and `run`'s errors.
     """
+    if spec.format == "array_record":
+        _check_array_record()
     model = model_spec(model)
     out = job.out
     settings = _settings(model, job, spec)
@@ -235,6 +237,16 @@ def distill(model, job: run_job.JobSpec, spec: DistillSpec = DistillSpec(),
         digest = hashlib.sha256(f.read()).hexdigest()
     run_job._write_json(FileSystems.join(out, COMPLETED), {"manifest_sha256": digest})
     return manifest
+
+
+def _check_array_record() -> None:
+    """Raises ValueError naming the install command when the ArrayRecord writer or msgpack is missing."""
+    import importlib.util
+
+    missing = [m for m in ("array_record", "msgpack") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"format 'array_record' needs the packages {missing}: pip install 'bulkinfer[distill]' "
+                         "(or use --format parquet)")
 
 
 def _settings(model, job: run_job.JobSpec, spec: DistillSpec) -> dict:
