@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.special import log_softmax, softmax
 
+from bulkinfer.beam.shards import decode_record
 from bulkinfer.cli import main
 from bulkinfer.models import digits
 from bulkinfer.tasks import distill as d
@@ -114,6 +115,8 @@ def test_digits_array_record_shards_read_back_with_grain(digits_job):
         return row
 
     rows = list(grain.MapDataset.source(ArrayRecordDataSource(paths)).map(decode))
+    ours = decode_record(ArrayRecordDataSource(paths[:1])[0], manifest["schema"])
+    assert ours["id"] == 0 and ours["top_k_indices"].dtype == np.int32 and ours["top_k_indices"].shape == (3,)
     assert [r["id"] for r in rows] == list(range(60))  # input order
     assert [r["target"] for r in rows] == data.target[:60].tolist()
     # The same rows' probabilities computed apart from the job, then numpy's top-k at T = 2.
@@ -154,6 +157,11 @@ def test_a_completed_job_is_a_no_op_other_settings_are_refused_and_lost_shards_c
     check_manifest(out, again)
     assert not (out / "shards" / "shard-orphan-00000.array_record").exists()
 
+    assert main([*args, "--top-k", "4", "--overwrite"]) == 0  # starts again with the new settings
+    redone = json.loads((out / "manifest.json").read_text())
+    check_manifest(out, redone)
+    assert redone["top_k"] == 4 and redone["rows"] == 60 and redone["shards"] != manifest["shards"]
+
 
 def test_a_probs_field_that_is_not_there_stops_the_job(tmp_path):
     (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "pixels": [0.0] * 64}) + "\n")
@@ -181,3 +189,13 @@ def test_minilm_embeddings_as_parquet_shards(tmp_path, minilm_spec, minilm):
     assert ids == [f"t{i}" for i in range(9)]
     got = np.stack([np.asarray(v, np.float32) for t in tables for v in t.column("embedding").to_pylist()])
     np.testing.assert_allclose(got, minilm.embed(TEXTS), atol=1e-5)
+
+
+def test_help_names_the_flags_and_the_outputs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--top-k", "--temperature", "array_record", "--probs-field", "--embedding-field",
+                 "--rows-per-shard", "--keep-fields", "manifest.json", "COMPLETED", "log_softmax(logits / T)"):
+        assert word in text
