@@ -209,6 +209,9 @@ def distill(model, job: run_job.JobSpec, spec: DistillSpec = DistillSpec(),
             raise JobRefused(f"{out} is a completed distillation of other inputs (files were added, removed or "
                              "changed since); pass --overwrite to redo it, or choose another --output")
     ensure_dir(out)
+    leftovers = _matches(out, MANIFEST)  # of an interrupted run; COMPLETED exists only when all is done
+    if leftovers:
+        delete(leftovers)
     run_job._write_json(FileSystems.join(out, SETTINGS), settings)
     report = run_job.run(model, teacher, pipeline_args, transform=TeacherOutputs(spec, id_field=job.id_field))
     if not report["reconciled"] or report["units_done"] != report["units"]:
@@ -296,14 +299,11 @@ def _remove_distill_files(out: str) -> None:
 
 
 def _prepare_shards(out: str, wanted: list) -> list[dict]:
-    """Deletes COMPLETED, stale unit shards (their unit redone or gone) and unreferenced shard files; returns
-    the units still to write: {"key", "files" (absolute), "digest"}."""
+    """Deletes stale unit shards (their unit redone or gone) and unreferenced shard files (an interrupted
+    unit's); returns the units still to write: {"key", "files" (absolute), "digest"}."""
     shards_dir = FileSystems.join(out, SHARDS)
     units_dir = FileSystems.join(shards_dir, UNITS)
     ensure_dir(units_dir)
-    done = _matches(out, COMPLETED)
-    if done:
-        delete(done)
     current = {r["key"]: _record_digest(r) for r in wanted}
     keep: set[str] = set()
     for path in _matches(units_dir, "*.json"):

@@ -190,6 +190,19 @@ def test_minilm_embeddings_as_parquet_shards(tmp_path, minilm_spec, minilm):
     got = np.stack([np.asarray(v, np.float32) for t in tables for v in t.column("embedding").to_pylist()])
     np.testing.assert_allclose(got, minilm.embed(TEXTS), atol=1e-5)
 
+    # An input that changes after COMPLETED is refused; before it (an interrupted job), its unit is redone.
+    with open(tmp_path / "in-1.jsonl", "a") as f:
+        f.write(json.dumps({"id": "t9", "text": "One more line."}) + "\n")
+    with pytest.raises(d.JobRefused, match="completed distillation of other inputs"):
+        d.distill(minilm_spec, job, d.DistillSpec(format="parquet", rows_per_shard=3))
+    (out / "COMPLETED").unlink()
+    again = d.distill(minilm_spec, job, d.DistillSpec(format="parquet", rows_per_shard=3))
+    check_manifest(out, again)
+    assert again["shards"][:2] == manifest["shards"][:2]  # the unchanged file's shards are kept as they were
+    assert [s["rows"] for s in again["shards"]] == [3, 2, 3, 2] and again["rows_in"] == 10
+    assert sorted(p.name for p in (out / "shards").glob("shard-*")) == sorted(
+        s["path"].split("/")[1] for s in again["shards"])
+
 
 def test_help_names_the_flags_and_the_outputs(capsys):
     with pytest.raises(SystemExit) as exit_:
