@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="Beam resource hint for the inference stage, e.g. 'type:nvidia-h200;count:1;"
                           "install-nvidia-driver' (runners that honour hints place the stage on such workers)")
     run.add_argument("--min-ram", default=None, metavar="SIZE", help="Beam resource hint for the inference stage, e.g. 16GB")
+    run.add_argument("--processes-per-accelerator", type=int, default=None, metavar="N",
+                     help="SDK worker processes sharing each GPU on a worker: each preallocates 0.9/N of its memory "
+                          "(XLA_PYTHON_CLIENT_MEM_FRACTION, unless the worker's environment sets it) "
+                          "(default: the worker's $BULKINFER_PROCESSES_PER_ACCELERATOR, else 1: JAX's 75%%)")
     run.add_argument("--unit-size", type=_size, default=None, metavar="BYTES",
                      help="split input files larger than this into units of work of about this size "
                           "(e.g. 64MiB, the default; 512KiB); a resumed job redoes only unfinished units")
@@ -170,8 +174,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", action="store_true", help="compile every batch shape before taking data")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
                    help="persistent XLA compilation cache, shared across runs and processes, so each batch "
-                        "shape compiles once per machine (default: $XDG_CACHE_HOME/bulkinfer/xla or "
-                        "~/.cache/bulkinfer/xla; 'none' turns it off)")
+                        "shape compiles once per machine; a path every worker can use (local or gs://...) "
+                        "(default: each worker's own $JAX_COMPILATION_CACHE_DIR, $XDG_CACHE_HOME/bulkinfer/xla "
+                        "or ~/.cache/bulkinfer/xla; 'none' turns it off)")
 
 
 def _model(args):
@@ -192,12 +197,13 @@ def _model(args):
 
 
 def _compilation_cache(value: str | None) -> str | None:
+    """The spec's compilation_cache_dir: a named path, None for 'none', else each worker's own default
+    (resolved on the worker, never the launcher's home: see bulkinfer.runtime.process)."""
+    from bulkinfer.runtime.process import WORKER_LOCAL
+
     if value is not None:
         return None if value.lower() == "none" else value
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX reads it itself
-        return None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "bulkinfer", "xla")
+    return WORKER_LOCAL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,7 +316,7 @@ def _run(args, beam_args) -> int:
                            input_field=args.input_field, keep_fields=keep, overwrite=args.overwrite,
                            wave_units=args.wave_units, max_failed_fraction=args.max_failed_fraction,
                            allow_missing_ids=args.allow_missing_ids, accelerator=args.accelerator,
-                           min_ram=args.min_ram, **({} if args.unit_size is None else {"unit_size": args.unit_size}))
+                           min_ram=args.min_ram, processes_per_accelerator=args.processes_per_accelerator, **({} if args.unit_size is None else {"unit_size": args.unit_size}))
         report = job.run(model, spec, beam_args)
     except job.JobFailed as e:
         print(f"bulkinfer: error: {e}", file=sys.stderr)
