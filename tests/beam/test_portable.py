@@ -1,0 +1,109 @@
+"""Jobs on a portable Beam cluster: Beam's Python job service and two external worker pools, each a process.
+
+The Fn API between them is the one Flink, Spark and Dataflow use.  Pool 0 is an ordinary worker; pool 1
+is a worker that is not the launcher: another HOME, working directory and weights cache, and no
+JAX_COMPILATION_CACHE_DIR.  Beam's Python job service starts one SDK worker process per environment per
+job, so each wave of a job (a job each) runs its inference stage in a new worker process.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from bulkinfer.beam.local_cluster import LocalCluster, resource_hints
+from bulkinfer.models.resolve import model_spec
+from bulkinfer.runtime.process import WORKER_LOCAL
+from bulkinfer.tasks import run as job
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+ACCELERATOR = "type:nvidia-h200;count:1"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cluster")
+    # Workers import bulkinfer from this checkout, whatever the venv's editable install points at.
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    stranger = {"HOME": str(base / "worker-home"), "XDG_CACHE_HOME": None, "JAX_COMPILATION_CACHE_DIR": None,
+                "BULKINFER_CACHE_DIR": str(base / "worker-weights"), "PYTHONPATH": pythonpath}
+    for d in ("worker-home", "worker-cwd"):
+        (base / d).mkdir()
+    with LocalCluster(pools=2, log_dir=base / "logs", pool_env=[{"PYTHONPATH": pythonpath}, stranger],
+                      pool_cwd=[None, base / "worker-cwd"]) as c:
+        c.base = base
+        yield c
+
+
+def _table(out: Path, id_field: str = "id") -> dict:
+    """The output rows as columns, sorted by id."""
+    t = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read().sort_by(id_field)
+    return t.to_pydict()
+
+
+def _jsonl(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_embedding_job_on_portable_workers_equals_the_embedded_runner(cluster, tmp_path):
+    texts = json.loads((FIXTURES / "minilm_reference_texts.json").read_text(encoding="utf-8"))[:48]
+    for k in range(4):
+        _jsonl(tmp_path / f"in-{k}.jsonl", [{"id": f"{k}-{i}", "text": t} for i, t in enumerate(texts[k::4])])
+    spec = dict(input=str(tmp_path / "in-*.jsonl"), wave_units=2, accelerator=ACCELERATOR, min_ram="1GB")
+    here = model_spec("minilm")
+    # The launcher's model directory does not exist on the workers: they find the model by its name.
+    elsewhere = dataclasses.replace(here, path=str(tmp_path / "launcher-only" / "model"))
+    jobs_before, workers_before = len(cluster.submitted_pipelines()), cluster.workers_started(0)
+
+    report = job.run(elsewhere, job.JobSpec(output=str(tmp_path / "portable"), **spec), cluster.pipeline_args(0))
+    embedded = job.run(here, job.JobSpec(output=str(tmp_path / "embedded"), **spec))
+
+    a, b = _table(tmp_path / "portable"), _table(tmp_path / "embedded")
+    assert a["id"] == b["id"] and len(a["id"]) == 48
+    np.testing.assert_array_equal(np.asarray(a["embedding"]), np.asarray(b["embedding"]))
+    assert report["reconciled"] and report["rows_in"] == report["rows_out"] == embedded["rows_out"] == 48
+    assert report["rows_failed"] == embedded["rows_failed"] == 0
+    assert report["units_done"] == report["units"] == 4 and report["runner"] == "PortableRunner"
+    assert json.loads((tmp_path / "portable" / "report.json").read_text()) == report
+    # Two waves, two jobs: each loaded the model once, in its own inference worker process (the hinted
+    # environment); each job also started one worker process for its other, unhinted, environment.
+    assert report["model_loads"] == 2 and report["compiles"] >= 2 and report["batches"] >= 2
+    assert cluster.workers_started(0) - workers_before == 2 * 2
+    waves = cluster.submitted_pipelines()[jobs_before:jobs_before + 2]
+    for proto in waves:
+        hinted = resource_hints(proto)
+        assert [name for name in hinted if "BulkInference/Infer" in name], hinted
+        assert all(h == {"beam:resources:accelerator:v1": ACCELERATOR, "beam:resources:min_ram_bytes:v1": "1000000000"}
+                   for h in hinted.values())
+
+
+def test_digits_job_on_a_worker_that_is_not_the_launcher(cluster, tmp_path, monkeypatch):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for k in range(3):
+        _jsonl(tmp_path / f"digits-{k}.jsonl", [{"id": i, "pixels": digits.images[i].tolist(),
+                                                 "target": int(digits.target[i])} for i in range(k, 90, 3)])
+    monkeypatch.chdir(tmp_path)  # relative paths: the worker's working directory is another one
+    spec = dict(input="digits-*.jsonl", keep_fields=("target",), wave_units=3)
+    model = model_spec("digits", compilation_cache_dir=WORKER_LOCAL)
+    report = job.run(model, job.JobSpec(output="portable", **spec), cluster.pipeline_args(1))
+    embedded = job.run(model_spec("digits"), job.JobSpec(output="embedded", **spec))
+
+    a, b = _table(tmp_path / "portable"), _table(tmp_path / "embedded")
+    assert a["id"] == b["id"] == list(range(90)) and a["target"] == digits.target[:90].tolist()
+    assert a["label"] == b["label"] and np.mean(np.asarray(a["label"]) == digits.target[:90]) >= 0.9
+    np.testing.assert_array_equal(np.asarray(a["probs"]), np.asarray(b["probs"]))
+    assert report["reconciled"] and report["rows_out"] == 90 and report["model_loads"] == 1
+    assert embedded["rows_out"] == 90
+    # The worker compiled into its own default cache (its HOME), and wrote nothing into its working directory.
+    worker_cache = cluster.base / "worker-home" / ".cache" / "bulkinfer" / "xla"
+    assert worker_cache.is_dir() and any(worker_cache.iterdir())
+    assert not any((cluster.base / "worker-cwd").iterdir())
