@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test lint bench bench-remote fixtures clean
+.PHONY: demo cluster-demo test lint bench bench-remote fixtures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 	rm -rf out/demo
 	$(BIN)/bulkinfer run --model minilm --input 'data/sample/*.jsonl' --output out/demo
 	$(BIN)/python -m json.tool out/demo/report.json
+
+# The sample job on a local portable Beam cluster (job service + two external worker pools, stopped after).
+cluster-demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/cluster_demo.py --output out/cluster-demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .
