@@ -7,8 +7,10 @@ job, so each wave of a job (a job each) runs its inference stage in a new worker
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +28,77 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 ACCELERATOR = "type:nvidia-h200;count:1"
 
+# A Beam filesystem that every process here can read, standing in for gs:// or s3:// (no network here):
+# `shared://a/b` is the file a/b under $SHARED_FS_ROOT.  Pool 1's processes import it at startup (it is
+# their sitecustomize); the launcher loads the same file.  Read-only, like a bucket of weights.
+SHARED_FS = """
+import hashlib, os
+from apache_beam.io.filesystem import FileMetadata, FileSystem
+
+
+class SharedFileSystem(FileSystem):
+    @classmethod
+    def scheme(cls):
+        return "shared"
+
+    def _local(self, path):
+        return os.path.join(os.environ["SHARED_FS_ROOT"], path[len("shared://"):])
+
+    def join(self, basepath, *paths):
+        return "/".join([basepath.rstrip("/"), *paths])
+
+    def split(self, path):
+        head, _, tail = path.rpartition("/")
+        return head, tail
+
+    def has_dirs(self):
+        return False
+
+    def _list(self, prefix):
+        root = os.environ["SHARED_FS_ROOT"]
+        for dirpath, _, files in os.walk(root):
+            for name in sorted(files):
+                path = "shared://" + os.path.relpath(os.path.join(dirpath, name), root)
+                if path.startswith(prefix):
+                    yield self.metadata(path)
+
+    def open(self, path, mime_type=None, compression_type=None):
+        return open(self._local(path), "rb")
+
+    def exists(self, path):
+        return os.path.exists(self._local(path))
+
+    def size(self, path):
+        return os.path.getsize(self._local(path))
+
+    def last_updated(self, path):
+        return os.path.getmtime(self._local(path))
+
+    def checksum(self, path):
+        with open(self._local(path), "rb") as f:
+            return hashlib.md5(f.read()).hexdigest()
+
+    def metadata(self, path):
+        return FileMetadata(path, self.size(path), self.last_updated(path))
+
+    def _read_only(self, *args, **kwargs):
+        raise OSError("shared:// is read-only here")
+
+    mkdirs = create = copy = rename = delete = _read_only
+"""
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("cluster")
+    for d in ("worker-home", "worker-cwd", "site", "shared"):
+        (base / d).mkdir()
+    (base / "site" / "sitecustomize.py").write_text(SHARED_FS)
     # Workers import bulkinfer from this checkout, whatever the venv's editable install points at.
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     stranger = {"HOME": str(base / "worker-home"), "XDG_CACHE_HOME": None, "JAX_COMPILATION_CACHE_DIR": None,
-                "BULKINFER_CACHE_DIR": str(base / "worker-weights"), "PYTHONPATH": pythonpath}
-    for d in ("worker-home", "worker-cwd"):
-        (base / d).mkdir()
+                "BULKINFER_CACHE_DIR": str(base / "worker-weights"), "SHARED_FS_ROOT": str(base / "shared"),
+                "PYTHONPATH": os.pathsep.join([str(base / "site"), pythonpath])}
     with LocalCluster(pools=2, log_dir=base / "logs", pool_env=[{"PYTHONPATH": pythonpath}, stranger],
                       pool_cwd=[None, base / "worker-cwd"]) as c:
         c.base = base
@@ -84,16 +147,33 @@ def test_embedding_job_on_portable_workers_equals_the_embedded_runner(cluster, t
                    for h in hinted.values())
 
 
+def _shared_filesystem(root: Path, monkeypatch) -> None:
+    """Registers shared:// in this (the launcher's) process, over the pool's store."""
+    monkeypatch.setenv("SHARED_FS_ROOT", str(root))
+    path = root.parent / "site" / "sitecustomize.py"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("shared_fs", path))
+    module.__spec__.loader.exec_module(module)
+
+
 def test_digits_job_on_a_worker_that_is_not_the_launcher(cluster, tmp_path, monkeypatch):
     from sklearn.datasets import load_digits
+
+    from bulkinfer import JaxModel
+    from bulkinfer.models import digits as digits_model
 
     digits = load_digits()
     for k in range(3):
         _jsonl(tmp_path / f"digits-{k}.jsonl", [{"id": i, "pixels": digits.images[i].tolist(),
                                                  "target": int(digits.target[i])} for i in range(k, 90, 3)])
+    # The weights on a filesystem the workers read; the launcher's own cache is its own.
+    _shared_filesystem(cluster.base / "shared", monkeypatch)
+    (cluster.base / "shared" / "models").mkdir(exist_ok=True)
+    shutil.copy(digits_model.weights_path(), cluster.base / "shared" / "models" / "digits.safetensors")
+    monkeypatch.setenv("BULKINFER_CACHE_DIR", str(tmp_path / "launcher-cache"))
+    model = JaxModel(digits_model.classify, params="shared://models/digits.safetensors", inputs=digits_model.INPUTS,
+                     name="digits", compilation_cache_dir=WORKER_LOCAL)
     monkeypatch.chdir(tmp_path)  # relative paths: the worker's working directory is another one
     spec = dict(input="digits-*.jsonl", keep_fields=("target",), wave_units=3)
-    model = model_spec("digits", compilation_cache_dir=WORKER_LOCAL)
     report = job.run(model, job.JobSpec(output="portable", **spec), cluster.pipeline_args(1))
     embedded = job.run(model_spec("digits"), job.JobSpec(output="embedded", **spec))
 
@@ -103,7 +183,10 @@ def test_digits_job_on_a_worker_that_is_not_the_launcher(cluster, tmp_path, monk
     np.testing.assert_array_equal(np.asarray(a["probs"]), np.asarray(b["probs"]))
     assert report["reconciled"] and report["rows_out"] == 90 and report["model_loads"] == 1
     assert embedded["rows_out"] == 90
-    # The worker compiled into its own default cache (its HOME), and wrote nothing into its working directory.
+    # The worker fetched the weights into its own cache, checked against the launcher's digest; compiled
+    # into its own default cache (its HOME); and wrote nothing into its working directory.
+    fetched = cluster.base / "worker-weights" / model.params_digest / "digits.safetensors"
+    assert fetched.read_bytes() == digits_model.weights_path().read_bytes()
     worker_cache = cluster.base / "worker-home" / ".cache" / "bulkinfer" / "xla"
     assert worker_cache.is_dir() and any(worker_cache.iterdir())
     assert not any((cluster.base / "worker-cwd").iterdir())
