@@ -294,7 +294,8 @@ def _run(args, beam_args) -> int:
         if args.server:
             local_only = [f for f, v in (("--max-length", args.max_length), ("--token-budget", args.token_budget),
                                          ("--warmup", args.warmup), ("--compilation-cache", args.compilation_cache),
-                                         ("--dtype", args.dtype != "float32")) if v]
+                                         ("--dtype", args.dtype != "float32"),
+                                         ("--processes-per-accelerator", args.processes_per_accelerator)) if v]
             if local_only:
                 raise ValueError(f"{', '.join(local_only)} configure the local engine and do not apply with --server; "
                                  "pass them to `bulkinfer serve` instead")
@@ -316,7 +317,8 @@ def _run(args, beam_args) -> int:
                            input_field=args.input_field, keep_fields=keep, overwrite=args.overwrite,
                            wave_units=args.wave_units, max_failed_fraction=args.max_failed_fraction,
                            allow_missing_ids=args.allow_missing_ids, accelerator=args.accelerator,
-                           min_ram=args.min_ram, processes_per_accelerator=args.processes_per_accelerator, **({} if args.unit_size is None else {"unit_size": args.unit_size}))
+                           min_ram=args.min_ram, processes_per_accelerator=args.processes_per_accelerator,
+                           **({} if args.unit_size is None else {"unit_size": args.unit_size}))
         report = job.run(model, spec, beam_args)
     except job.JobFailed as e:
         print(f"bulkinfer: error: {e}", file=sys.stderr)
