@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test lint bench bench-remote fixtures clean
+.PHONY: demo cluster-demo test lint bench bench-remote fixtures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	-apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+# The sample job on a local portable Beam cluster (job service + two external worker pools, stopped after).
+cluster-demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/cluster_demo.py --output out/cluster-demo
 
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .

@@ -183,6 +183,10 @@ def _job_args(p: argparse.ArgumentParser, *, formats: tuple[str, ...] = ("parque
                    help="Beam resource hint for the inference stage, e.g. 'type:nvidia-h200;count:1;"
                         "install-nvidia-driver' (runners that honour hints place the stage on such workers)")
     p.add_argument("--min-ram", default=None, metavar="SIZE", help="Beam resource hint for the inference stage, e.g. 16GB")
+    p.add_argument("--processes-per-accelerator", type=int, default=None, metavar="N",
+                   help="SDK worker processes sharing each GPU on a worker: each preallocates 0.9/N of its memory "
+                        "(XLA_PYTHON_CLIENT_MEM_FRACTION, unless the worker's environment sets it) "
+                        "(default: the worker's $BULKINFER_PROCESSES_PER_ACCELERATOR, else 1: JAX's 75%%)")
     p.add_argument("--unit-size", type=_size, default=None, metavar="BYTES",
                    help="split input files larger than this into units of work of about this size "
                         "(e.g. 64MiB, the default; 512KiB); a resumed job redoes only unfinished units")
@@ -224,8 +228,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", action="store_true", help="compile every batch shape before taking data")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
                    help="persistent XLA compilation cache, shared across runs and processes, so each batch "
-                        "shape compiles once per machine (default: $XDG_CACHE_HOME/bulkinfer/xla or "
-                        "~/.cache/bulkinfer/xla; 'none' turns it off)")
+                        "shape compiles once per machine; a path every worker can use (local or gs://...) "
+                        "(default: each worker's own $JAX_COMPILATION_CACHE_DIR, $XDG_CACHE_HOME/bulkinfer/xla "
+                        "or ~/.cache/bulkinfer/xla; 'none' turns it off)")
 
 
 def _model(args):
@@ -246,12 +251,13 @@ def _model(args):
 
 
 def _compilation_cache(value: str | None) -> str | None:
+    """The spec's compilation_cache_dir: a named path, None for 'none', else each worker's own default
+    (resolved on the worker, never the launcher's home: see bulkinfer.runtime.process)."""
+    from bulkinfer.runtime.process import WORKER_LOCAL
+
     if value is not None:
         return None if value.lower() == "none" else value
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX reads it itself
-        return None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "bulkinfer", "xla")
+    return WORKER_LOCAL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,7 +356,8 @@ def _job_model(args):
     if args.server:
         local_only = [f for f, v in (("--max-length", args.max_length), ("--token-budget", args.token_budget),
                                      ("--warmup", args.warmup), ("--compilation-cache", args.compilation_cache),
-                                     ("--dtype", args.dtype != "float32")) if v]
+                                     ("--dtype", args.dtype != "float32"),
+                                     ("--processes-per-accelerator", args.processes_per_accelerator)) if v]
         if local_only:
             raise ValueError(f"{', '.join(local_only)} configure the local engine and do not apply with --server; "
                              "pass them to `bulkinfer serve` instead")
@@ -377,7 +384,8 @@ def _job_spec(args, *, output: str | None = None, keep_fields: tuple[str, ...] =
                    input_field=args.input_field, keep_fields=keep_fields, overwrite=args.overwrite,
                    wave_units=args.wave_units, max_failed_fraction=args.max_failed_fraction,
                    allow_missing_ids=args.allow_missing_ids, accelerator=args.accelerator,
-                   min_ram=args.min_ram, **({} if args.unit_size is None else {"unit_size": args.unit_size}))
+                   min_ram=args.min_ram, processes_per_accelerator=args.processes_per_accelerator,
+                   **({} if args.unit_size is None else {"unit_size": args.unit_size}))
 
 
 def _run(args, beam_args) -> int:

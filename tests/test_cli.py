@@ -218,15 +218,16 @@ def test_readme_python_example_runs(tmp_path):
     assert files and sum(pq.read_metadata(f).num_rows for f in files) == 3000
 
 
-def test_compilation_cache_defaults_to_the_user_cache_dir(monkeypatch, tmp_path):
+def test_compilation_cache_defaults_to_each_workers_own_cache_dir(monkeypatch, tmp_path):
     from bulkinfer.cli import _compilation_cache
+    from bulkinfer.runtime.process import WORKER_LOCAL, compilation_cache_dir
 
-    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert _compilation_cache(None) == str(tmp_path / "bulkinfer" / "xla")
+    # The launcher's home never travels to workers: the spec says "worker-local", resolved on the worker.
+    assert _compilation_cache(None) == WORKER_LOCAL
     assert _compilation_cache("none") is None and _compilation_cache("/x") == "/x"
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")  # JAX's own setting wins
-    assert _compilation_cache(None) is None
+    worker = {"XDG_CACHE_HOME": str(tmp_path)}
+    assert compilation_cache_dir(_compilation_cache(None), worker) == str(tmp_path / "bulkinfer" / "xla")
+    assert compilation_cache_dir(WORKER_LOCAL, {**worker, "JAX_COMPILATION_CACHE_DIR": "/elsewhere"}) is None
 
 
 @pytest.mark.slow

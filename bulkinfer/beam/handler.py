@@ -28,6 +28,7 @@ from bulkinfer.beam.isolate import predict_isolating
 from bulkinfer.beam.loading import report_engine_stats
 from bulkinfer.models.resolve import model_spec
 from bulkinfer.runtime import EngineStats
+from bulkinfer.runtime.process import share_accelerator_memory
 
 
 class ModelFailed(RuntimeError):
@@ -51,18 +52,24 @@ class JaxModelHandler(ModelHandler[Any, PredictionResult, Any]):
     model: e.g. "minilm" or `TextEmbedder.from_name("minilm")`; picklable, loaded on the worker.
     batch_size: rows per RunInference batch (BatchElements min and max): large, so the engine can
       sort and bucket them with little padding.
+    processes_per_accelerator: SDK processes sharing each GPU on a worker (as for `BulkInference`; default:
+      the worker's $BULKINFER_PROCESSES_PER_ACCELERATOR, else 1).
     Raises ValueError/TypeError here, at pipeline construction, for a model that is none of the above.
     """
 
-    def __init__(self, model, *, batch_size: int = 1024):
+    def __init__(self, model, *, batch_size: int = 1024, processes_per_accelerator: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if processes_per_accelerator is not None and processes_per_accelerator < 1:
+            raise ValueError(f"processes_per_accelerator must be >= 1, got {processes_per_accelerator}")
         super().__init__()
         self._model = model_spec(model)
         self._batch_size = batch_size
+        self._processes = processes_per_accelerator
         self._inputs = getattr(self._model, "input_signature", None)  # known before loading for local specs
 
     def load_model(self):
+        share_accelerator_memory(self._processes)  # before this process's first jax computation
         return self._model.load()
 
     def get_preprocess_fns(self) -> Iterable[Callable[[Any], Any]]:

@@ -30,6 +30,7 @@ from bulkinfer.beam.loading import load_shared, report_engine_stats, report_load
 from bulkinfer.beam.outputs import attach
 from bulkinfer.models.resolve import model_spec
 from bulkinfer.runtime import EngineStats
+from bulkinfer.runtime.process import share_accelerator_memory
 
 
 class BulkInference(beam.PTransform):
@@ -54,6 +55,9 @@ class BulkInference(beam.PTransform):
     server, server_token: run `model` (by its name) on this v2 server instead of loading it here.
     allow_missing_ids: predict rows whose `id_field` is missing or null too (by default each is a dead
       letter: its prediction could not be joined back to its input).
+    processes_per_accelerator: SDK processes that share each GPU on a worker; each one's JAX then
+      preallocates 0.9/N of its memory (`bulkinfer.runtime.process.share_accelerator_memory`, set in
+      DoFn.setup before the model loads).  Default: the worker's $BULKINFER_PROCESSES_PER_ACCELERATOR, else 1.
     """
 
     def __init__(
@@ -70,10 +74,13 @@ class BulkInference(beam.PTransform):
         server: str | None = None,
         server_token: str | None = None,
         allow_missing_ids: bool = False,
+        processes_per_accelerator: int | None = None,
     ):
         super().__init__()
         if flush_rows < 1:
             raise ValueError(f"flush_rows must be >= 1, got {flush_rows}")
+        if processes_per_accelerator is not None and processes_per_accelerator < 1:
+            raise ValueError(f"processes_per_accelerator must be >= 1, got {processes_per_accelerator}")
         if server_token is not None and server is None:
             raise ValueError("server_token needs server=URL")
         if server is not None:
@@ -89,6 +96,7 @@ class BulkInference(beam.PTransform):
         self._fields = dict(input_field=input_field, id_field=id_field, output_field=output_field,
                             keep_fields=keep_fields, allow_missing_ids=allow_missing_ids)
         self._flush_rows = flush_rows
+        self._processes = processes_per_accelerator
         self._dead_letters = False
 
     def with_exception_handling(self) -> BulkInference:
@@ -97,7 +105,8 @@ class BulkInference(beam.PTransform):
         return self
 
     def expand(self, pcoll):
-        infer = beam.ParDo(_InferDoFn(self._model, flush_rows=self._flush_rows, **self._fields))
+        infer = beam.ParDo(_InferDoFn(self._model, flush_rows=self._flush_rows,
+                                      processes_per_accelerator=self._processes, **self._fields))
         infer = infer.with_outputs(FAILED, main="predictions")
         if self._hints:
             infer = infer.with_resource_hints(**self._hints)
@@ -119,8 +128,10 @@ class _InferDoFn(beam.DoFn):
     """Gathers rows until `flush_rows` are pending, runs the model once over all of them, and emits the
     predicted batches and, on FAILED, a dead letter per row that was bad or that the model failed on."""
 
-    def __init__(self, model, *, input_field, id_field, output_field, keep_fields, flush_rows, allow_missing_ids):
+    def __init__(self, model, *, input_field, id_field, output_field, keep_fields, flush_rows, allow_missing_ids,
+                 processes_per_accelerator=None):
         self._model = model
+        self._processes = processes_per_accelerator
         self._check_ids = id_field is not None and not allow_missing_ids
         self._input_field, self._id_field = input_field, id_field
         self._output_field, self._keep = output_field, keep_fields
@@ -130,6 +141,7 @@ class _InferDoFn(beam.DoFn):
         self._failed = Metrics.counter(NAMESPACE, "infer_rows_failed")
 
     def setup(self):
+        share_accelerator_memory(self._processes)  # before this process's first jax computation
         self._loaded = load_shared(self._model)
         self._in_fields = field_names(self._loaded.inputs, self._input_field, "input_field")
         self._out_fields = field_names(self._loaded.outputs, self._output_field, "output_field")

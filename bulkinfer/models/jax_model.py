@@ -31,6 +31,7 @@ import numpy as np
 
 from bulkinfer.models.signature import TEXT, TensorSpec, signature
 from bulkinfer.runtime import DEFAULT_LENGTHS, Bucketing
+from bulkinfer.runtime.process import use_compilation_cache
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -155,15 +156,11 @@ class LoadedJaxModel:
     """
 
     def __init__(self, spec: JaxModel):
-        import jax
-
         from bulkinfer.models import weights
         from bulkinfer.runtime import Engine
 
         t0 = time.perf_counter()
-        if spec.compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", spec.compilation_cache_dir)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        use_compilation_cache(spec.compilation_cache_dir)  # resolved here, on the worker
         source = spec.params
         if isinstance(source, str | os.PathLike):
             source = weights.fetch(source, spec.params_digest)

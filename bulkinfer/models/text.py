@@ -24,6 +24,7 @@ from bulkinfer.models import bert, checkpoint, weights
 from bulkinfer.models.registry import BUILTIN_MODELS, model_dir_here, resolve_model_dir
 from bulkinfer.models.signature import TEXT, TensorSpec
 from bulkinfer.runtime import Bucketing, Engine
+from bulkinfer.runtime.process import use_compilation_cache
 
 _DTYPES = ("float32", "bfloat16")
 INPUT, OUTPUT = "text", "embedding"  # the text family's tensor names (row fields by default)
@@ -46,7 +47,9 @@ class TextEmbedder:
     bucketing: the static shapes the engine may run.
     max_in_flight: batches dispatched ahead of the one the host waits for (pipelined dispatch).
     warmup: compile every shape at load time instead of on first use.
-    compilation_cache_dir: a persistent XLA compilation cache shared across processes and runs.
+    compilation_cache_dir: a persistent XLA compilation cache shared across processes and runs: a path
+      every worker can use (local, gs://...), or `bulkinfer.runtime.process.WORKER_LOCAL` for each worker's
+      own default (~/.cache/bulkinfer/xla there, resolved on the worker); None: no cache.
     model_parallel: split the encoder's big matrices over this many devices (a "model" mesh axis),
       for a model larger than one device; the remaining factor of the devices splits the batch.
     """
@@ -115,9 +118,7 @@ class LoadedTextEmbedder:
         import jax
 
         t0 = time.perf_counter()
-        if spec.compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", spec.compilation_cache_dir)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        use_compilation_cache(spec.compilation_cache_dir)  # resolved here, on the worker
         directory = Path(spec.path)
         config = checkpoint.read_config(directory)
         settings = checkpoint.sentence_settings(directory, config)

@@ -14,6 +14,7 @@ a crash left unfinished run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -53,6 +54,7 @@ class JobSpec:
       at least that many rows were seen and more than that fraction of them failed; 1.0 never stops.
     allow_missing_ids: predict rows without an id too (default: each is a dead letter).
     accelerator, min_ram: Beam resource hints on the inference stage.
+    processes_per_accelerator: SDK processes sharing each GPU on a worker (BulkInference's).
     """
 
     input: str
@@ -70,6 +72,7 @@ class JobSpec:
     allow_missing_ids: bool = False
     accelerator: str | None = None
     min_ram: str | None = None
+    processes_per_accelerator: int | None = None
 
     def __post_init__(self):
         if self.format not in io.WRITE_FORMATS:
@@ -77,10 +80,13 @@ class JobSpec:
         if self.unit_size < 1 or self.wave_units < 1:
             raise ValueError(f"unit_size and wave_units must be >= 1, got {self.unit_size} and {self.wave_units}")
         commit.FailureLimit(max_fraction=self.max_failed_fraction, min_rows=self.min_rows_for_failed_fraction)
+        if self.processes_per_accelerator is not None and self.processes_per_accelerator < 1:
+            raise ValueError(f"processes_per_accelerator must be >= 1, got {self.processes_per_accelerator}")
 
     @property
     def out(self) -> str:
-        return self.output.rstrip("/")
+        """The output directory, absolute: workers write there, and their working directory is not ours."""
+        return io.absolute(self.output.rstrip("/") or "/")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,7 +108,8 @@ def build(p: beam.Pipeline, model, job: JobSpec, units: list[Unit], *,
     """
     read = p | "ReadDataset" >> io.ReadUnits(units, batch_rows=job.batch_rows)
     infer = BulkInference(model, input_field=job.input_field, id_field=job.id_field, keep_fields=job.keep_fields,
-                          allow_missing_ids=job.allow_missing_ids, accelerator=job.accelerator, min_ram=job.min_ram)
+                          allow_missing_ids=job.allow_missing_ids, accelerator=job.accelerator, min_ram=job.min_ram,
+                          processes_per_accelerator=job.processes_per_accelerator)
     predictions, letters = read.rows | "BulkInference" >> infer.with_exception_handling()
     if transform is not None:
         predictions = predictions | "Transform" >> transform
@@ -215,7 +222,12 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
     waves = [plan.todo[i:i + job.wave_units] for i in range(0, len(plan.todo), job.wave_units)]
     # Counting rows reads the files once more: only worth it for a person watching the ETA.
     todo_files = list(dict.fromkeys(u.source for u in plan.todo))
-    with progress.Progress(io.estimate_rows(todo_files) if plan.todo and sys.stderr.isatty() else None):
+    # The live line counts rows in this process: only the embedded runner's workers are here.  Other runners'
+    # workers are other processes; the report still adds up their Beam metrics, and the runner's UI shows progress.
+    embedded = not options.view_as(StandardOptions).runner
+    live = progress.Progress(io.estimate_rows(todo_files) if plan.todo and sys.stderr.isatty() else None) if (
+        embedded) else contextlib.nullcontext()
+    with live:
         before = [r for key, r in commit.committed(job.out).items() if key in keys]
         seen, failed = sum(r["rows_in"] for r in before), sum(r["rows_failed"] for r in before)
         for k, wave in enumerate(waves):
@@ -316,6 +328,8 @@ def make_report(records: dict[str, dict], plan: Plan, c: dict[str, float], *, el
         "batches": int(c.get("batches", 0)),
         "padding_efficiency": round(c.get("real_tokens", 0) / padded, 4) if padded else None,
         "compiles": int(c.get("compiles", 0)),
+        # Worker processes that loaded the model in this run (each loads it once, in DoFn.setup).
+        "model_loads": int(c.get("model_load_ms_count", 0)),
         "model_load_s": round(c.get("model_load_ms_max", 0) / 1000, 3),
         # Seconds some batch was running on an engine's devices, per engine (one per process that
         # loaded the model), per second of the job.
