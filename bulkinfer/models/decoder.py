@@ -340,15 +340,19 @@ def expected_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_hf_shapes(config: DecoderConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raises ValueError naming every missing or unexpected tensor and every tensor of the wrong shape.
+    """Raises ValueError naming every missing or unexpected tensor and every tensor of the wrong shape
+    (as the checkpoint names them).
 
     shapes: stored HF name -> shape (as in a safetensors header), without reading any data."""
     canonical = _strip_prefix(config, shapes)
-    found = {canonical[n]: tuple(s) for n, s in shapes.items() if not _ignored(config, canonical[n])}
+    stored = {canonical[n]: n for n in shapes if not _ignored(config, canonical[n])}
+    found = {c: tuple(shapes[n]) for c, n in stored.items()}
+    prefix = "transformer." if any(n.startswith("transformer.") for n in shapes) else ""
     want = expected_shapes(config)
-    missing = sorted(set(want) - set(found))
-    unexpected = sorted(set(found) - set(want))
-    wrong = [f"{n}: {found[n]} (expected {want[n]})" for n in sorted(set(want) & set(found)) if found[n] != want[n]]
+    missing = sorted(prefix + n for n in set(want) - set(found))
+    unexpected = sorted(stored[n] for n in set(found) - set(want))
+    wrong = [f"{stored[n]}: {found[n]} (expected {want[n]})" for n in sorted(set(want) & set(found))
+             if found[n] != want[n]]
     problems = []
     if missing:
         problems.append(f"missing tensors {_few(missing)}")
