@@ -136,6 +136,48 @@ def test_config_refuses_what_it_does_not_compute():
         decoder.DecoderConfig.from_hf({**LLAMA, "num_key_value_heads": 3})
 
 
+def test_config_reads_both_rope_layouts_family_biases_and_window_layers():
+    old = decoder.DecoderConfig.from_hf({**LLAMA, "rope_theta": 500000.0,
+                                         "rope_scaling": {"type": "linear", "factor": 2.0}})
+    new = decoder.DecoderConfig.from_hf({**LLAMA, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "linear",
+                                                                      "factor": 2.0}})
+    assert old == new and new.rope_theta == 500000.0 and new.rope_scaling == (("factor", 2.0), ("rope_type", "linear"))
+    plain = decoder.DecoderConfig.from_hf({**LLAMA, "rope_parameters": {"rope_theta": 10.0, "rope_type": "default"}})
+    assert plain.rope_scaling is None and plain.rope_theta == 10.0
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5 is not supported"):
+        decoder.DecoderConfig.from_hf({**LLAMA, "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match=r"rope_scaling type 'llama3' needs \['low_freq_factor'"):
+        decoder.DecoderConfig.from_hf({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    qwen2 = decoder.DecoderConfig.from_hf({**LLAMA, "model_type": "qwen2", "attention_bias": False,
+                                           "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1})
+    assert qwen2.attention_bias and not qwen2.attention_out_bias
+    assert qwen2.sliding_window == 4 and qwen2.layer_types == ("full_attention", "sliding_attention")
+    no_window = decoder.DecoderConfig.from_hf({**LLAMA, "model_type": "qwen2", "sliding_window": 4})
+    assert no_window.sliding_window is None  # use_sliding_window is false by default
+    mistral = decoder.DecoderConfig.from_hf({**LLAMA, "model_type": "mistral", "attention_bias": True,
+                                             "sliding_window": 4})
+    assert not mistral.attention_bias and mistral.layer_types == ("sliding_attention",) * 2
+    llama = decoder.DecoderConfig.from_hf({**LLAMA, "attention_bias": True, "mlp_bias": True, "sliding_window": 4})
+    assert llama.attention_out_bias and llama.mlp_bias and llama.sliding_window is None
+
+
+def test_sliding_window_sees_only_the_last_window_tokens():
+    """One layer with a window of 3: position p attends to p-2..p only, as a full-attention model over those
+    three tokens alone (RoPE scores depend on relative positions only).  (With more layers the receptive
+    field grows by the window per layer.)"""
+    one_layer = {**LLAMA, "model_type": "mistral", "num_hidden_layers": 1}
+    window = decoder.DecoderConfig.from_hf({**one_layer, "sliding_window": 3})
+    full, params = _model(one_layer)
+    tokens = [5, 9, 2, 33, 7, 1]
+    logits, _ = _forward(params, _i32([tokens]), _i32([range(6)]), decoder.init_cache(window, slots=1, max_len=8),
+                         _i32([0]), config=window)
+    last3, _ = _forward(params, _i32([tokens[3:]]), _i32([range(3)]), decoder.init_cache(full, slots=1, max_len=8),
+                        _i32([0]), config=full)
+    np.testing.assert_allclose(np.asarray(logits[0, 5]), np.asarray(last3[0, 2]), atol=1e-4, rtol=0)
+    assert np.abs(np.asarray(logits[0, 5]) - np.asarray(_forward(params, _i32([tokens]), _i32([range(6)]),
+           decoder.init_cache(full, slots=1, max_len=8), _i32([0]), config=full)[0][0, 5])).max() > 1e-2
+
+
 def test_params_from_hf_names_missing_unexpected_and_misshapen_tensors():
     config = decoder.DecoderConfig.from_hf(LLAMA)
     tensors = decoder.random_hf_tensors(config)
