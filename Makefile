@@ -62,5 +62,6 @@ clean:
 fixtures: $(BENCH_STAMP)
 	$(BENCH_BIN)/python scripts/make_reference_embeddings.py
 	$(BENCH_BIN)/python scripts/make_family_fixtures.py
+	$(BENCH_BIN)/python scripts/make_tiny_gguf.py
 	$(BENCH_BIN)/python scripts/make_smollm2_reference.py
 	$(BENCH_BIN)/python scripts/make_decoder_fixtures.py
