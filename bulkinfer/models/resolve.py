@@ -3,6 +3,7 @@
     >>> model_spec("minilm")                       # TextEmbedder for the built-in all-MiniLM-L6-v2
     >>> model_spec("gs://bucket/my-bert")          # TextEmbedder for a directory on any Beam filesystem
     >>> model_spec("path/to/Qwen2-0.5B")           # LanguageModel: config.json's model_type is a decoder
+    >>> model_spec("smollm2")                      # LanguageModel: the built-in GGUF (any *.gguf file too)
     >>> model_spec(bulkinfer.JaxModel(fn, ...))    # a spec is returned as it is
 
 `BulkInference`, `JaxModelHandler` and the CLI's `--model` all go through `model_spec`, so they accept
@@ -14,7 +15,13 @@ from __future__ import annotations
 import importlib
 
 from bulkinfer.models.checkpoint import CheckpointError, read_json
-from bulkinfer.models.registry import BUILTIN_FUNCTIONS, BUILTIN_MODELS, builtin_names, resolve_model_dir
+from bulkinfer.models.registry import (
+    BUILTIN_FUNCTIONS,
+    BUILTIN_LANGUAGE_MODELS,
+    BUILTIN_MODELS,
+    builtin_names,
+    resolve_model_dir,
+)
 
 
 def model_spec(model, **settings):
@@ -52,6 +59,8 @@ def _is_decoder(name: str) -> bool:
 
     if name in BUILTIN_MODELS:
         return False
+    if name in BUILTIN_LANGUAGE_MODELS or name.endswith(".gguf"):
+        return True
     _, directory = resolve_model_dir(name)
     config = read_json(directory / "config.json")
     model_type = config.get("model_type") if isinstance(config, dict) else None

