@@ -136,8 +136,11 @@ def test_reading_without_tensors_checks_names_and_reads_the_rest():
 
 
 def test_language_model_paths_resolve(tmp_path):
+    from bulkinfer.serve.client import model_name
+
     name, path = resolve_language_model(str(FIXTURES / "tiny-qwen2.gguf"))
     assert (name, path) == ("tiny-qwen2", (FIXTURES / "tiny-qwen2.gguf").resolve())
+    assert model_name(str(FIXTURES / "tiny-qwen2.gguf")) == name  # what a client asks a server for
     with pytest.raises(CheckpointError, match="no such GGUF file"):
         resolve_language_model(str(tmp_path / "absent.gguf"))
     with pytest.raises(CheckpointError, match="neither a built-in language model \\(smollm2\\)"):
