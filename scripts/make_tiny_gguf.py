@@ -9,7 +9,9 @@ Two files, written the way llama.cpp's convert_hf_to_gguf.py writes them, with a
   llama.cpp's RoPE, an untied output matrix, a SentencePiece vocabulary (scores, <0xNN> byte tokens,
   control tokens) with a chat template;
 - tests/fixtures/tiny-qwen2.gguf: Qwen2 (q/k/v biases, tied embeddings, no permutation), a byte-level BPE
-  vocabulary with tokenizer.ggml.pre = "qwen2".
+  vocabulary with tokenizer.ggml.pre = "qwen2";
+- tests/fixtures/tiny-gpt2.gguf: GPT-2 (Conv1D weights stored transposed, learned positions, LayerNorm
+  biases, tied), the byte-level vocabulary with tokenizer.ggml.pre = "gpt-2".
 transformers loads each file back (`from_pretrained(dir, gguf_file=...)`) and its tokenizer ids, prefill
 logits and greedy ids (12 new tokens) go to tests/fixtures/tiny_gguf_reference.json.
 """
@@ -27,6 +29,8 @@ from gguf.quants import quantize
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
@@ -137,6 +141,45 @@ def write(path: Path, arch: str, model, tokenizer_kv) -> None:
     writer.close()
 
 
+GPT2_NAMES = {
+    "ln_1.weight": "attn_norm.weight", "ln_1.bias": "attn_norm.bias", "attn.c_attn.weight": "attn_qkv.weight",
+    "attn.c_attn.bias": "attn_qkv.bias", "attn.c_proj.weight": "attn_output.weight",
+    "attn.c_proj.bias": "attn_output.bias", "ln_2.weight": "ffn_norm.weight", "ln_2.bias": "ffn_norm.bias",
+    "mlp.c_fc.weight": "ffn_up.weight", "mlp.c_fc.bias": "ffn_up.bias", "mlp.c_proj.weight": "ffn_down.weight",
+    "mlp.c_proj.bias": "ffn_down.bias",
+}
+
+
+def write_gpt2(path: Path, model, tokenizer_kv) -> None:
+    """As llama.cpp's GPT2Model converter: Conv1D weights ([in, out]) transposed to [out, in]."""
+    config = model.config
+    writer = gguf.GGUFWriter(path, "gpt2")
+    writer.add_name("tiny-gpt2")
+    writer.add_block_count(config.n_layer)
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(4 * config.n_embd)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    tokenizer_kv(writer)
+    state = {k.removeprefix("transformer."): v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    tensors = {"token_embd.weight": (state["wte.weight"], Q.Q8_0), "position_embd.weight": (state["wpe.weight"], Q.Q8_0),
+               "output_norm.weight": (state["ln_f.weight"], Q.F32), "output_norm.bias": (state["ln_f.bias"], Q.F32)}
+    for i in range(config.n_layer):
+        for hf, name in GPT2_NAMES.items():
+            weight = state[f"h.{i}.{hf}"]
+            if weight.ndim == 2:
+                weight = weight.T.copy()
+            tensors[f"blk.{i}.{name}"] = (weight, Q.Q8_0 if weight.ndim == 2 else Q.F32)
+    for name, (weight, qtype) in tensors.items():
+        data = quantize(weight, qtype)
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def reference(path: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -175,9 +218,9 @@ def main() -> None:
         tie_word_embeddings=False, initializer_range=0.2, bos_token_id=1, eos_token_id=2)).eval()
     bl_tokens, merges, bl_types = byte_level_vocab()
 
-    def bpe(writer):
+    def bpe(writer, pre="qwen2"):
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("qwen2")
+        writer.add_tokenizer_pre(pre)
         writer.add_token_list(bl_tokens)
         writer.add_token_merges(merges)
         writer.add_token_types(bl_types)
@@ -189,10 +232,20 @@ def main() -> None:
         vocab_size=len(bl_tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
         tie_word_embeddings=True, initializer_range=0.2)).eval()
+    def gpt2_bpe(writer):
+        bpe(writer, pre="gpt-2")
+
+    # n_positions: transformers reads gpt2.context_length as n_ctx, not n_positions, so keep its default 1024
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(bl_tokens), n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+                                      initializer_range=0.2, bos_token_id=len(bl_tokens) - 2,
+                                      eos_token_id=len(bl_tokens) - 1)).eval()
     out = {"made_with": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
-    for arch, model, kv in (("llama", llama, spm), ("qwen2", qwen2, bpe)):
+    for arch, model, kv in (("llama", llama, spm), ("qwen2", qwen2, bpe), ("gpt2", gpt2, gpt2_bpe)):
         path = FIXTURES / f"tiny-{arch}.gguf"
-        write(path, arch, model, kv)
+        if arch == "gpt2":
+            write_gpt2(path, model, kv)
+        else:
+            write(path, arch, model, kv)
         out[arch] = reference(path)
         print("wrote", path, path.stat().st_size, "bytes;", [p["greedy"] for p in out[arch]["prompts"]])
     (FIXTURES / "tiny_gguf_reference.json").write_text(json.dumps(out) + "\n")

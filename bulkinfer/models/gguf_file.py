@@ -14,7 +14,7 @@ chat template, so `decoder.DecoderConfig.from_hf` / `decoder.params_from_hf` tak
     >>> checkpoint.tokenizer.encode("Hello").ids
 
 Architectures (`general.architecture`): llama (also Mistral, SmolLM, TinyLlama: llama.cpp writes those
-as llama) and qwen2.  llama.cpp's converter permutes the rows of q and k for its RoPE layout
+as llama), qwen2 and gpt2 (whose Conv1D weights llama.cpp stores transposed: they are transposed back).  llama.cpp's converter permutes the rows of q and k for its RoPE layout
 (convert_hf_to_gguf.py, `LlamaModel.permute`); `_unpermute` undoes it as transformers' GGUF loader does
 (`LlamaTensorProcessor._reverse_permute_weights`), so the weights use HF's rotate-half RoPE.
 """
@@ -30,9 +30,9 @@ import numpy as np
 
 from bulkinfer.models.checkpoint import CheckpointError
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
-# GGUF tensor name -> HF state-dict name, for llama-style architectures ("{i}" is the layer index).
+# GGUF tensor name -> HF state-dict name, for llama-style architectures (per layer: under model.layers.{i}).
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -52,6 +52,23 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# The same for gpt2 (per layer: under h.{i}); names in _GPT2_TRANSPOSED are Conv1D weights, [in, out] in HF.
+_GPT2_GLOBAL_NAMES = {
+    "token_embd.weight": "wte.weight",
+    "position_embd.weight": "wpe.weight",
+    "output_norm.weight": "ln_f.weight",
+    "output_norm.bias": "ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
+_GPT2_LAYER_NAMES = {
+    "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
+    "attn_qkv.weight": "attn.c_attn.weight", "attn_qkv.bias": "attn.c_attn.bias",
+    "attn_output.weight": "attn.c_proj.weight", "attn_output.bias": "attn.c_proj.bias",
+    "ffn_norm.weight": "ln_2.weight", "ffn_norm.bias": "ln_2.bias",
+    "ffn_up.weight": "mlp.c_fc.weight", "ffn_up.bias": "mlp.c_fc.bias",
+    "ffn_down.weight": "mlp.c_proj.weight", "ffn_down.bias": "mlp.c_proj.bias",
+}
+_GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 # Present in some files but not weights of the model (llama.cpp's precomputed RoPE tables).
 _SKIPPED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
@@ -134,6 +151,17 @@ def hf_config(metadata: Mapping, tensor_names: set[str] | frozenset[str]) -> dic
             raise CheckpointError(f"the GGUF file lacks {full!r}, which a {arch} model needs")
         return default
 
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab = int(get("vocab_size", len(tokens) if tokens is not None else ...))
+    if arch == "gpt2":
+        return {
+            "model_type": "gpt2", "vocab_size": vocab, "n_embd": int(get("embedding_length")),
+            "n_layer": int(get("block_count")), "n_head": int(get("attention.head_count")),
+            "n_inner": int(get("feed_forward_length")), "n_positions": int(get("context_length")),
+            "layer_norm_epsilon": float(get("attention.layer_norm_epsilon")),
+            "activation_function": "gelu_new", "tie_word_embeddings": "output.weight" not in tensor_names,
+            **_special_ids(metadata),
+        }
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", hidden // heads))
@@ -144,11 +172,9 @@ def hf_config(metadata: Mapping, tensor_names: set[str] | frozenset[str]) -> dic
     if "rope_freqs.weight" in tensor_names:
         raise CheckpointError("the GGUF file carries llama.cpp RoPE factors (rope_freqs.weight, Llama 3.1-style "
                               "scaling), which are not supported; use the model's HF directory")
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab = get("vocab_size", len(tokens) if tokens is not None else ...)
     config = {
         "model_type": arch,
-        "vocab_size": int(vocab),
+        "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
         "num_hidden_layers": int(get("block_count")),
@@ -162,12 +188,18 @@ def hf_config(metadata: Mapping, tensor_names: set[str] | frozenset[str]) -> dic
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "hidden_act": "silu",
+        **_special_ids(metadata),
     }
+    return config
+
+
+def _special_ids(metadata: Mapping) -> dict:
+    out = {}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         gguf_key = "tokenizer.ggml." + key.replace("pad_", "padding_")
         if gguf_key in metadata:
-            config[key] = int(metadata[gguf_key])
-    return config
+            out[key] = int(metadata[gguf_key])
+    return out
 
 
 def _rope_scaling(metadata: Mapping, arch: str) -> dict | None:
@@ -187,18 +219,28 @@ def _rope_scaling(metadata: Mapping, arch: str) -> dict | None:
     raise CheckpointError(f"GGUF {arch}.rope.scaling.type {kind!r} is not supported (linear and yarn are)")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF state-dict name of a GGUF tensor name (`blk.3.attn_q.weight` ->
-    `model.layers.3.self_attn.q_proj.weight`); None for tensors that are not model weights
-    (rope_freqs.weight); raises CheckpointError for a name this module does not know."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF state-dict name of a GGUF tensor name of architecture `arch` (`blk.3.attn_q.weight` ->
+    `model.layers.3.self_attn.q_proj.weight`; gpt2: `blk.3.attn_qkv.weight` -> `h.3.attn.c_attn.weight`);
+    None for tensors that are not model weights (rope_freqs.weight); raises CheckpointError for a name this
+    module does not know."""
+    if arch == "gpt2":
+        top, per_layer, prefix = _GPT2_GLOBAL_NAMES, _GPT2_LAYER_NAMES, "h"
+    else:
+        top, per_layer, prefix = _GLOBAL_NAMES, _LAYER_NAMES, "model.layers"
+    if gguf_name in top:
+        return top[gguf_name]
     if gguf_name in _SKIPPED:
         return None
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
-    raise CheckpointError(f"GGUF tensor {gguf_name!r} is not a known llama-style weight name")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in per_layer:
+        return f"{prefix}.{int(parts[1])}.{per_layer[parts[2]]}"
+    raise CheckpointError(f"GGUF tensor {gguf_name!r} is not a known {arch} weight name")
+
+
+def _transposed(gguf_name: str, arch: str) -> bool:
+    """Whether HF stores this tensor transposed relative to GGUF (GPT-2's Conv1D weights)."""
+    return arch == "gpt2" and gguf_name.endswith(_GPT2_TRANSPOSED)
 
 
 def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -220,6 +262,8 @@ def _dequantized(path, tensor, config: dict) -> np.ndarray:
     except NotImplementedError as e:
         raise CheckpointError(f"{path}: tensor {tensor.name!r} has quantization {qtype.name}, which the "
                               f"gguf package cannot dequantize ({e}); requantize the file (e.g. Q8_0)") from e
+    if _transposed(tensor.name, config["model_type"]):
+        weight = np.ascontiguousarray(weight.T)
     if config["model_type"] == "llama":  # llama.cpp's qwen2 converter does not permute
         if tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
             weight = _unpermute(weight, config["num_attention_heads"])
@@ -248,14 +292,15 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
     shapes: dict[str, tuple[int, ...]] = {}
     for tensor in reader.tensors:
         try:
-            name = hf_name(tensor.name)
+            name = hf_name(tensor.name, config["model_type"])
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from e
         if name is None:
             continue
         if name in shapes:
             raise CheckpointError(f"{path}: tensor {tensor.name!r} appears twice")
-        shapes[name] = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+        shapes[name] = shape[::-1] if _transposed(tensor.name, config["model_type"]) else shape
         if tensors:
             out[name] = _dequantized(path, tensor, config)
     eos = metadata.get("tokenizer.ggml.eos_token_id")

@@ -1,7 +1,8 @@
 """GGUF checkpoints (models/gguf_file.py, models/gguf_tokenizer.py) against transformers loading the same files.
 
-Fixtures (tests/fixtures): tiny-llama.gguf (GQA, permuted q/k, untied output, SentencePiece vocabulary)
-and tiny-qwen2.gguf (biases, tied, byte-level vocabulary with tokenizer.ggml.pre "qwen2"), with transformers'
+Fixtures (tests/fixtures): tiny-llama.gguf (GQA, permuted q/k, untied output, SentencePiece vocabulary),
+tiny-qwen2.gguf (biases, tied, byte-level vocabulary with tokenizer.ggml.pre "qwen2") and tiny-gpt2.gguf
+(transposed Conv1D weights, learned positions, tokenizer.ggml.pre "gpt-2"), with transformers'
 tokenizer ids, prefill logits and greedy ids (scripts/make_tiny_gguf.py); smollm2_reference.json: the same
 for the built-in SmolLM2-135M-Instruct Q4_1 file (scripts/make_smollm2_reference.py).
 """
@@ -52,7 +53,7 @@ def greedy(params, config, ids: list[int], new: int, *, max_len: int, bucket: in
     return prefill, out
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
 def tiny(request):
     arch = request.param
     checkpoint = read_gguf(FIXTURES / f"tiny-{arch}.gguf")
@@ -64,8 +65,8 @@ def tiny(request):
 def test_tiny_files_give_transformers_logits_and_greedy_ids(tiny):
     arch, checkpoint, config, params = tiny
     assert config.model_type == arch
-    assert config.tie_word_embeddings == (arch == "qwen2") and config.attention_bias == (arch == "qwen2")
-    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
+    assert config.tie_word_embeddings == (arch != "llama") and config.attention_bias == (arch != "llama")
+    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 4 if arch == "gpt2" else 2)
     for prompt in TINY[arch]["prompts"]:
         prefill, ids = greedy(params, config, prompt["ids"], len(prompt["greedy"]), max_len=32, bucket=16)
         np.testing.assert_allclose(prefill, np.asarray(prompt["logits"]), atol=1e-4, rtol=0)
@@ -101,11 +102,12 @@ def test_names_and_config_errors_name_the_value():
     assert hf_name("blk.12.ffn_down.weight") == "model.layers.12.mlp.down_proj.weight"
     assert hf_name("output.weight") == "lm_head.weight"
     assert hf_name("rope_freqs.weight") is None
-    with pytest.raises(CheckpointError, match="'blk.0.attn_qkv.weight' is not a known"):
+    assert hf_name("blk.1.attn_qkv.weight", "gpt2") == "h.1.attn.c_attn.weight"
+    with pytest.raises(CheckpointError, match="'blk.0.attn_qkv.weight' is not a known llama weight name"):
         hf_name("blk.0.attn_qkv.weight")
     metadata = read_metadata(FIXTURES / "tiny-llama.gguf")
-    with pytest.raises(CheckpointError, match="architecture 'gpt2' is not supported"):
-        hf_config({**metadata, "general.architecture": "gpt2"}, frozenset())
+    with pytest.raises(CheckpointError, match="architecture 'phi3' is not supported; supported: llama, qwen2, gpt2"):
+        hf_config({**metadata, "general.architecture": "phi3"}, frozenset())
     without = {k: v for k, v in metadata.items() if k != "llama.block_count"}
     with pytest.raises(CheckpointError, match="lacks 'llama.block_count'"):
         hf_config(without, frozenset())
