@@ -14,8 +14,9 @@ chat template, so `decoder.DecoderConfig.from_hf` / `decoder.params_from_hf` tak
     >>> checkpoint.tokenizer.encode("Hello").ids
 
 Architectures (`general.architecture`): llama (also Mistral, SmolLM, TinyLlama: llama.cpp writes those
-as llama), qwen2 and gpt2 (whose Conv1D weights llama.cpp stores transposed: they are transposed back).  llama.cpp's converter permutes the rows of q and k for its RoPE layout
-(convert_hf_to_gguf.py, `LlamaModel.permute`); `_unpermute` undoes it as transformers' GGUF loader does
+as llama), qwen2, and gpt2 (whose Conv1D weights llama.cpp stores transposed: they are transposed back).
+For llama, llama.cpp's converter permutes the rows of q and k for its RoPE layout (convert_hf_to_gguf.py,
+`LlamaModel.permute`); `_unpermute` undoes it as transformers' GGUF loader does
 (`LlamaTensorProcessor._reverse_permute_weights`), so the weights use HF's rotate-half RoPE.
 """
 
