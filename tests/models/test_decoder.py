@@ -359,3 +359,15 @@ def test_bad_checkpoints_are_refused_naming_the_tensor(tmp_path):
     (directory / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="tokenizer.json: file is missing"):
         LanguageModel.from_name(str(directory))
+
+
+def test_eos_ids_follow_generation_config_and_weights_need_safetensors(tmp_path):
+    directory = _copy("llama", tmp_path)
+    generation = json.loads((directory / "generation_config.json").read_text())
+    (directory / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [1, 2]}))
+    lm = LanguageModel.from_name(str(directory)).load()
+    assert lm.eos_token_ids == (1, 2) and lm.bos_token_id == 0 and lm.eos_token == "</s>"
+    (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor model.safetensors.index.json "
+                                              r"\(found pytorch_model.bin: convert them to safetensors\)"):
+        LanguageModel.from_name(str(directory))
