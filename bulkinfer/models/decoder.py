@@ -492,7 +492,8 @@ def _linear(x, p, name):
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapping[str, jax.Array],
-            slots: jax.Array, *, config: DecoderConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+            slots: jax.Array, *, config: DecoderConfig, kv_len: int | None = None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One prefill (T > 1) or decode (T == 1) step over a slot KV cache.
 
     tokens, positions: [B, T] int32; slots: [B] int32, the cache row (sequence) each batch row uses.
@@ -505,6 +506,12 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapp
 
     Returns (logits [B, T, vocab] float32, the new cache).  Pure: jit with `config` static and the cache
     donated; the shapes of tokens and the cache are the compile keys.
+
+    kv_len: (static) attend over cache positions [0, kv_len) only, instead of all max_len: the step's
+      attention costs grow with kv_len, not max_len.  Every real position in the call must be < kv_len
+      (a query at a later position would not see its own key; nothing checks this inside jit).  Writes
+      still reach every position < max_len.  Each distinct kv_len compiles once: use a few buckets.
+      Raises ValueError unless 1 <= kv_len <= max_len.
     """
     b, t = tokens.shape
     max_len = cache["k"].shape[2]
@@ -523,7 +530,11 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapp
         cos, sin = jnp.cos(angles), jnp.sin(angles)
 
     # Which cache entries each query sees: key position j <= query position, within the window if any.
-    key_pos = jnp.arange(max_len)  # [M]
+    if kv_len is None:
+        kv_len = max_len
+    if not 1 <= kv_len <= max_len:
+        raise ValueError(f"kv_len {kv_len} must be in [1, max_len={max_len}]")
+    key_pos = jnp.arange(kv_len)  # [M'], M' = kv_len
     causal = key_pos[None, None, :] <= safe_pos[:, :, None]  # [B, T, M]
     if config.sliding_window is not None:
         in_window = key_pos[None, None, :] > safe_pos[:, :, None] - config.sliding_window  # [B, T, M]
@@ -544,8 +555,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapp
         # Write this call's k/v into the cache, then attend over the slot's whole cache row.
         k_cache = k_cache.at[i, slots[:, None], write_pos].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[i, slots[:, None], write_pos].set(v.astype(v_cache.dtype), mode="drop")
-        keys = k_cache[i][slots].astype(dtype)  # [B, M, K, Dh]
-        values = v_cache[i][slots].astype(dtype)
+        keys = k_cache[i, :, :kv_len][slots].astype(dtype)  # [B, M', K, Dh]
+        values = v_cache[i, :, :kv_len][slots].astype(dtype)
         qg = q.reshape(b, t, kv, groups, hd)  # [B, T, K, G, Dh]
         layer_scale = scale / (i + 1).astype(jnp.float32) if config.attn_scale_by_layer else scale
         scores = jnp.einsum("btkgd,bmkd->bkgtm", qg, keys).astype(jnp.float32) * layer_scale  # [B, K, G, T, M]

@@ -107,6 +107,23 @@ def test_a_reused_slot_ignores_the_previous_sequence(llama):
     np.testing.assert_allclose(np.asarray(reused), np.asarray(fresh), atol=ATOL, rtol=0)
 
 
+def test_kv_len_attends_over_a_prefix_of_the_cache_with_the_same_logits(llama):
+    config, params = llama
+    cache = decoder.init_cache(config, slots=2, max_len=16)
+    tokens, positions, slots = _i32([[3, 1, 4, 1, 5]]), _i32([range(5)]), _i32([1])
+    full, full_cache = _forward(params, tokens, positions, cache, slots, config=config)
+    short = jax.jit(decoder.forward, static_argnames=("config", "kv_len"))
+    part, part_cache = short(params, tokens, positions, cache, slots, config=config, kv_len=8)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full), atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(np.asarray(part_cache["k"]), np.asarray(full_cache["k"]))
+    step_full, _ = _forward(params, _i32([[9], [2]]), _i32([[5], [-1]]), full_cache, _i32([1, 0]), config=config)
+    step_part, _ = short(params, _i32([[9], [2]]), _i32([[5], [-1]]), part_cache, _i32([1, 0]), config=config,
+                         kv_len=6)
+    np.testing.assert_allclose(np.asarray(step_part[0]), np.asarray(step_full[0]), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"kv_len 17 must be in \[1, max_len=16\]"):
+        decoder.forward(params, tokens, positions, cache, slots, config=config, kv_len=17)
+
+
 def test_grouped_query_attention_equals_repeated_kv_heads(llama):
     """GQA with 2 kv heads equals multi-head attention whose k/v heads repeat each kv head twice."""
     config, params = llama
@@ -358,4 +375,16 @@ def test_bad_checkpoints_are_refused_naming_the_tensor(tmp_path):
     directory = _copy("mistral", tmp_path)
     (directory / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="tokenizer.json: file is missing"):
+        LanguageModel.from_name(str(directory))
+
+
+def test_eos_ids_follow_generation_config_and_weights_need_safetensors(tmp_path):
+    directory = _copy("llama", tmp_path)
+    generation = json.loads((directory / "generation_config.json").read_text())
+    (directory / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [1, 2]}))
+    lm = LanguageModel.from_name(str(directory)).load()
+    assert lm.eos_token_ids == (1, 2) and lm.bos_token_id == 0 and lm.eos_token == "</s>"
+    (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor model.safetensors.index.json "
+                                              r"\(found pytorch_model.bin: convert them to safetensors\)"):
         LanguageModel.from_name(str(directory))
