@@ -42,8 +42,8 @@ SINGLE = "model.safetensors"
 class LanguageModel:
     """What to load: a picklable, hashable description of a decoder LM, cheap to send to workers.
 
-    path: the model directory (or GGUF file) on the machine that made the spec.  `path` and `source` are not part of the
-      spec's identity (compare=False; `digest` is): a job resumes after the directory moves.
+    path: the model directory (or GGUF file) on the machine that made the spec.  `path` and `source` are
+      not part of the spec's identity (compare=False; `digest` is): a job resumes after the directory moves.
     name: the model's name in reports and on the server.
     source: what the user gave (a path, a URL such as gs://bucket/model-dir); a worker where `path` does
       not exist re-resolves the model from it.  Default: `path`.
