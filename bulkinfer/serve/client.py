@@ -232,14 +232,15 @@ class RemoteModel:
 
 
 def model_name(name_or_path: str) -> str:
-    """The name a server gives the model of a `--model` value: the built-in name, or the directory's name."""
+    """The name a server gives the model of a `--model` value: the built-in name, the directory's name, or
+    a GGUF file's name without ".gguf" (as `registry.resolve_language_model` names it)."""
     from pathlib import Path
 
     from bulkinfer.models.resolve import builtin_names
 
     if name_or_path in builtin_names():
         return name_or_path
-    return Path(name_or_path).expanduser().resolve().name
+    return Path(name_or_path).expanduser().resolve().name.removesuffix(".gguf")
 
 
 class LoadedRemoteModel:
