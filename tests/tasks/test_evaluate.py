@@ -220,3 +220,9 @@ def test_minilm_is_evaluated_as_a_zero_shot_classifier(tmp_path, minilm):
     assert m["accuracy"] == pytest.approx(float(np.mean(expected.argmax(1) == y)))
     assert m["accuracy"] >= 2 / 3  # plainly topical sentences: zero-shot gets most of them
     assert m["slices"]["src"]["a"]["rows"] == 5 and m["slices"]["src"]["b"]["rows"] == 4
+
+
+def test_eval_help_defines_the_gate_and_the_exit_status():
+    text = " ".join(cli._parser().commands["eval"].format_help().split())
+    assert "fails when the upper end of its interval (the value itself without --bootstrap) is below baseline - --max-drop" in text
+    assert "3 the baseline gate failed" in text and "scale_by_half=False" in text
