@@ -36,13 +36,18 @@ _POISSON1_CDF[-1] = 1.0
 
 
 def row_key(row_id, seed: int) -> int:
-    """A row's 64-bit key: BLAKE2b (8 bytes) of the seed and the id's JSON text (so 7 and "7" differ).
+    """A row's 64-bit key: BLAKE2b (8 bytes, keyed by the seed) of the id's text.
 
-    Raises ValueError for a missing (None) id: its weights would be those of every other missing id.
+    The text of a string id is itself, of any other id its JSON (7 -> "7"), so the id 7 and the id "7"
+    weigh the same: a file format that stores ids as text (CSV, or Parquet where one file mixes
+    numbers and strings in its id column) does not change the weights.  Raises ValueError for a
+    missing (None) id: its weights would be those of every other missing id.
     """
     if row_id is None:
         raise ValueError("the row has no id; bootstrap weights derive from the row id, so every row needs one")
-    text = json.dumps(row_id, sort_keys=True, default=str, ensure_ascii=False)
+    if hasattr(row_id, "tolist"):  # numpy scalars
+        row_id = row_id.tolist()
+    text = row_id if isinstance(row_id, str) else json.dumps(row_id, sort_keys=True, default=str, ensure_ascii=False)
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
                              key=int(seed).to_bytes(16, "little", signed=True)).digest()
     return int.from_bytes(digest, "little")
