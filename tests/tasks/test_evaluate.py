@@ -173,8 +173,18 @@ def test_baseline_gate_passes_and_fails_with_exit_3(digits_evals, tmp_path):
     assert not gate["metrics"]["brier"]["failed"]
     assert (tmp_path / "o" / "report.html").exists()  # written before the gate's verdict
     assert cli.main([*args, "--baseline", str(tmp_path / "nowhere")]) == 2
-    assert cli.main([*args, "--baseline", str(base), "--max-drop", "0"]) == 0  # same model, same data: passes
-    assert _metrics(tmp_path / "o")["baseline"]["passed"]
+
+
+@pytest.mark.slow
+def test_a_label_field_no_row_has_is_exit_1_with_every_row_set_aside(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli.main(["eval", "--model", "digits", "--input", str(DIGITS / "test-00000.jsonl"), "--output", str(out),
+                     "--label-field", "digit"]) == 1
+    assert "no row could be evaluated" in capsys.readouterr().err
+    m = _metrics(out)
+    assert (m["rows_evaluated"], m["rows_failed_eval"], m["accuracy"]) == (0, 150, None)
+    letters = [json.loads(line) for f in out.glob("failed-eval-*.jsonl") for line in f.read_text().splitlines()]
+    assert len(letters) == 150 and "field 'digit' is missing or null" in letters[0]["error"]
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (Debian: apt-get install chromium)")
