@@ -10,8 +10,8 @@ the metric itself and merged like it.
 The weight is a pure function of (seed, row id, replicate), counter-based as in Salmon et al. 2011
 ("Parallel random numbers: as easy as 1, 2, 3"): the row id and seed are hashed once with BLAKE2b to a
 64-bit key, replicate r's uniform is splitmix64(key + (r + 1) * golden gamma) (Steele, Lea & Flood 2014,
-"Fast splittable pseudorandom number generators"; the generator of Java's SplittableRandom), and the
-uniform becomes a Poisson(1) count by inverting its CDF.  So the weights, and every interval computed
+"Fast splittable pseudorandom number generators"; the generator of Java's SplittableRandom), and its top
+53 bits become a Poisson(1) count by inverting the CDF.  So the weights, and every interval computed
 from them, are identical however the rows are sharded, ordered or batched.
 
     >>> keys = row_keys(["a", "b", 7], seed=0)          # uint64 [3]
@@ -32,7 +32,9 @@ GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 # no 53-bit uniform reaches past it.
 MAX_WEIGHT = 20
 _POISSON1_CDF = np.cumsum([math.exp(-1) / math.factorial(k) for k in range(MAX_WEIGHT + 1)])
-_POISSON1_CDF[-1] = 1.0
+# A 53-bit uniform integer b gives the weight #{k : b >= THRESHOLDS[k]}: the inverse of the CDF.
+# P(K > 20) < 1e-19 < 2^-53, so no 53-bit value reaches past the last threshold.
+_THRESHOLDS = np.minimum(np.round(_POISSON1_CDF[:MAX_WEIGHT] * (1 << 53)), (1 << 53) - 1).astype(np.uint64)
 
 
 def row_key(row_id, seed: int) -> int:
@@ -80,9 +82,14 @@ def poisson_weights(keys: np.ndarray, replicates: int, *, start: int = 0) -> np.
     r = np.arange(start + 1, start + replicates + 1, dtype=np.uint64)              # [R]
     with np.errstate(over="ignore"):
         counters = keys.astype(np.uint64)[:, None] + r[None, :] * GOLDEN_GAMMA     # [N, R]
-    bits = splitmix64(counters) >> np.uint64(11)                                    # 53 random bits
-    u = bits.astype(np.float64) * (1.0 / (1 << 53))                                 # [N, R] in [0, 1)
-    return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.int64)
+    bits = splitmix64(counters) >> np.uint64(11)                                    # [N, R] 53 random bits
+    weights = np.zeros(bits.shape, np.int8)
+    for threshold in _THRESHOLDS:  # weight k needs k thresholds passed; stop where none is
+        passed = bits >= threshold
+        if not passed.any():
+            break
+        weights += passed
+    return weights.astype(np.int64)
 
 
 def percentile_interval(values: Sequence[float] | np.ndarray, percentiles: Sequence[float] = (2.5, 97.5)) -> list:
