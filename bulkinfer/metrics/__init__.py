@@ -1,0 +1,5 @@
+"""Mergeable aggregates over plain numpy state (no Beam): classification metrics, the Poisson bootstrap.
+
+Each is an object with `add`, `merge` and a result, so that a `beam.CombineFn` (bulkinfer.tasks) can
+wrap it and the result does not depend on how the rows were split among workers.
+"""
