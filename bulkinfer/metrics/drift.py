@@ -44,3 +44,51 @@ def _kl(p: np.ndarray, m: np.ndarray) -> float:
     """KL(p || m) in bits, where m > 0 wherever p > 0 (m is p's mixture with another distribution)."""
     nz = p > 0
     return float(np.sum(p[nz] * np.log2(p[nz] / m[nz])))
+
+
+# The distributions of a stats.json group that drift compares: (name, section, how to get its counts).
+DISTRIBUTIONS = (
+    ("class_distribution", "classifier", ("class_counts",)),
+    ("confidence_histogram", "classifier", ("confidence", "histogram")),
+    ("margin_histogram", "classifier", ("margin", "histogram")),
+    ("entropy_histogram", "classifier", ("entropy_bits", "histogram")),
+    ("norm_histogram", "embedder", ("norm", "histogram")),
+)
+
+
+def stats_drift(current: dict, baseline: dict) -> tuple[dict[str, float], list[str]]:
+    """JS distances between the distributions of two groups of `bulkinfer stats` output (see
+    `prediction_stats.PredictionStats.to_json`): {name: distance}, and why any other was skipped.
+
+    A histogram's values below and above its edges count as two more bins, so every row takes part.
+    Histograms compare only over the same edges, class distributions only over the same classes.
+    """
+    distances: dict[str, float] = {}
+    skipped: list[str] = []
+    for name, section, path in DISTRIBUTIONS:
+        mine, theirs = current.get(section), baseline.get(section)
+        if mine is None and theirs is None:
+            continue
+        if mine is None or theirs is None:
+            skipped.append(f"{name}: only {'the baseline' if mine is None else 'this run'} has a {section} output")
+            continue
+        a, b = _dig(mine, path), _dig(theirs, path)
+        if isinstance(a, dict):  # a histogram
+            if a["edges"] != b["edges"]:
+                skipped.append(f"{name}: the histograms have different bins")
+                continue
+            a, b = a["counts"] + [a["below"], a["above"]], b["counts"] + [b["below"], b["above"]]
+        elif len(a) != len(b):
+            skipped.append(f"{name}: {len(a)} classes here, {len(b)} in the baseline")
+            continue
+        if not sum(a) or not sum(b):
+            skipped.append(f"{name}: no rows {'here' if not sum(a) else 'in the baseline'}")
+            continue
+        distances[name] = js_distance(a, b)
+    return distances, skipped
+
+
+def _dig(section: dict, path: tuple[str, ...]):
+    for key in path:
+        section = section[key]
+    return section

@@ -207,3 +207,44 @@ def _number(value) -> float | None:
         return None
     value = float(value)
     return value if np.isfinite(value) else None
+
+
+class PredictionStats:
+    """The statistics of one group of rows (the whole dataset or one slice): a `ClassifierStats` when
+    num_classes is given, an `EmbedderStats` when dim is given, or both.
+
+    Raises ValueError when neither is given.
+    """
+
+    def __init__(self, *, num_classes: int | None = None, dim: int | None = None, k: int = DEFAULT_K,
+                 sample_size: int = DEFAULT_SAMPLE, seed: int = 0):
+        if num_classes is None and dim is None:
+            raise ValueError("prediction statistics need probabilities (num_classes) or embeddings (dim)")
+        self.rows = 0
+        self.classifier = None if num_classes is None else ClassifierStats(num_classes, k=k)
+        self.embedder = None if dim is None else EmbedderStats(dim, k=k, sample_size=sample_size, seed=seed)
+
+    def add(self, *, rows: int, probs: np.ndarray | None = None, embeddings: np.ndarray | None = None,
+            ids: Sequence | None = None) -> None:
+        """One batch of `rows` rows: probs [rows, C], embeddings [rows, D] with their ids [rows]."""
+        self.rows += rows
+        if self.classifier is not None:
+            self.classifier.add(probs)
+        if self.embedder is not None:
+            self.embedder.add(ids if ids is not None else [None] * rows, embeddings)
+
+    def merge(self, other: PredictionStats) -> None:
+        self.rows += other.rows
+        for mine, theirs in ((self.classifier, other.classifier), (self.embedder, other.embedder)):
+            if (mine is None) != (theirs is None):
+                raise ValueError("cannot merge statistics of a classifier with those of an embedder")
+            if mine is not None:
+                mine.merge(theirs)
+
+    def to_json(self, ranks: Sequence[float] = QUANTILES) -> dict:
+        out: dict = {"rows": self.rows}
+        if self.classifier is not None:
+            out["classifier"] = self.classifier.to_json(ranks)
+        if self.embedder is not None:
+            out["embedder"] = self.embedder.to_json(ranks)
+        return out
