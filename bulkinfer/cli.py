@@ -79,42 +79,10 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="run a model over a dataset: files in, predictions out",
         description="Run a model over every row of a dataset and write the predictions.",
         epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _model_args(run)
-    run.add_argument("--input", required=True, metavar="GLOB",
-                     help="input files: .jsonl (.json, .ndjson), .parquet or .csv, on any Beam filesystem (quote the glob)")
-    run.add_argument("--output", required=True, metavar="DIR", help="output directory")
-    run.add_argument("--id-field", default="id", help="row field copied to the output as the row's id (default: id)")
-    run.add_argument("--input-field", "--text-field", dest="input_field", default=None, metavar="FIELD",
-                     help="row field the model reads, for a model with one input (default: the input's name: "
-                          "text for text models, pixels for digits); --text-field is the old name")
+    _job_args(run)
     run.add_argument("--keep-fields", default="", metavar="A,B",
                      help="input fields copied to the output beside the id and the predictions, e.g. labels "
                           "for evaluation or metadata for joins (default: none)")
-    run.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="output format (default: parquet)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="start from scratch: delete an earlier run's outputs in DIR (default: resume it)")
-    run.add_argument("--server", metavar="URL", default=None,
-                     help="run the model on this Open Inference Protocol (v2) server, e.g. http://127.0.0.1:8000 "
-                          "(bulkinfer serve, Triton, ...) instead of in this job; the engine flags then do not apply")
-    run.add_argument("--server-token", metavar="TOKEN", default=None,
-                     help="bearer token for --server (default: $BULKINFER_TOKEN)")
-    run.add_argument("--server-retry-budget-s", type=float, default=None, metavar="S",
-                     help="seconds one request to --server may spend retrying before the job stops (default: 120)")
-    run.add_argument("--accelerator", default=None, metavar="HINT",
-                     help="Beam resource hint for the inference stage, e.g. 'type:nvidia-h200;count:1;"
-                          "install-nvidia-driver' (runners that honour hints place the stage on such workers)")
-    run.add_argument("--min-ram", default=None, metavar="SIZE", help="Beam resource hint for the inference stage, e.g. 16GB")
-    run.add_argument("--unit-size", type=_size, default=None, metavar="BYTES",
-                     help="split input files larger than this into units of work of about this size "
-                          "(e.g. 64MiB, the default; 512KiB); a resumed job redoes only unfinished units")
-    run.add_argument("--wave-units", type=int, default=64, metavar="N",
-                     help="units of work per pipeline run; a crash loses at most the wave in flight (default: 64)")
-    run.add_argument("--max-failed-fraction", type=float, default=0.5, metavar="F",
-                     help="stop the job (exit 1, nothing more committed) when more than this fraction of its rows "
-                          "fail, once 1000 rows were seen (default: 0.5; 1 never stops)")
-    run.add_argument("--allow-missing-ids", action="store_true",
-                     help="predict rows whose id field is missing or null (default: each is a dead letter)")
-    run.add_argument("-v", "--verbose", action="store_true", help="log Beam's and bulkinfer's progress")
 
     serve = sub.add_parser(
         "serve", help="serve a model over the Open Inference Protocol (KServe v2 REST)",
@@ -140,6 +108,45 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("-v", "--verbose", action="store_true", help="log every request")
     parser.commands = {"run": run, "serve": serve}
     return parser
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    """The flags every file-to-file job shares (run, eval, stats, distill): the model and its engine,
+    input, output, id and input fields, output format, resume, remote server, resource hints, units of
+    work and the failure limit.  `_job_model` and `_job_spec` turn them into a model and a JobSpec."""
+    _model_args(p)
+    p.add_argument("--input", required=True, metavar="GLOB",
+                   help="input files: .jsonl (.json, .ndjson), .parquet or .csv, on any Beam filesystem (quote the glob)")
+    p.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--id-field", default="id", help="row field copied to the output as the row's id (default: id)")
+    p.add_argument("--input-field", "--text-field", dest="input_field", default=None, metavar="FIELD",
+                   help="row field the model reads, for a model with one input (default: the input's name: "
+                        "text for text models, pixels for digits); --text-field is the old name")
+    p.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="output format (default: parquet)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start from scratch: delete an earlier run's outputs in DIR (default: resume it)")
+    p.add_argument("--server", metavar="URL", default=None,
+                   help="run the model on this Open Inference Protocol (v2) server, e.g. http://127.0.0.1:8000 "
+                        "(bulkinfer serve, Triton, ...) instead of in this job; the engine flags then do not apply")
+    p.add_argument("--server-token", metavar="TOKEN", default=None,
+                   help="bearer token for --server (default: $BULKINFER_TOKEN)")
+    p.add_argument("--server-retry-budget-s", type=float, default=None, metavar="S",
+                   help="seconds one request to --server may spend retrying before the job stops (default: 120)")
+    p.add_argument("--accelerator", default=None, metavar="HINT",
+                   help="Beam resource hint for the inference stage, e.g. 'type:nvidia-h200;count:1;"
+                        "install-nvidia-driver' (runners that honour hints place the stage on such workers)")
+    p.add_argument("--min-ram", default=None, metavar="SIZE", help="Beam resource hint for the inference stage, e.g. 16GB")
+    p.add_argument("--unit-size", type=_size, default=None, metavar="BYTES",
+                   help="split input files larger than this into units of work of about this size "
+                        "(e.g. 64MiB, the default; 512KiB); a resumed job redoes only unfinished units")
+    p.add_argument("--wave-units", type=int, default=64, metavar="N",
+                   help="units of work per pipeline run; a crash loses at most the wave in flight (default: 64)")
+    p.add_argument("--max-failed-fraction", type=float, default=0.5, metavar="F",
+                   help="stop the job (exit 1, nothing more committed) when more than this fraction of its rows "
+                        "fail, once 1000 rows were seen (default: 0.5; 1 never stops)")
+    p.add_argument("--allow-missing-ids", action="store_true",
+                   help="predict rows whose id field is missing or null (default: each is a dead letter)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log Beam's and bulkinfer's progress")
 
 
 def _size(value: str) -> int:
@@ -207,18 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     # Beam warns on import about optional Google Cloud clients that local jobs never use.
     logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
     if args.command == "run":
-        unknown = _unknown_beam_flags(beam_args)
-        if unknown:
-            ours = {o for a in _parser().commands["run"]._actions for o in a.option_strings}
-            hints = [f"{u} (did you mean {u.replace('_', '-')}?)" if u.replace("_", "-") in ours else u
-                     for u in unknown]
-            stray = [u for u in unknown if not u.startswith("-")]
-            why = ("flags that are not bulkinfer's must be Beam pipeline options" if len(stray) < len(unknown) else
-                   "")
-            if stray:  # most often the shell expanded an unquoted --input glob into many file names
-                why = "; ".join(filter(None, [why, "quote the --input glob ('data/*.jsonl') so that the shell "
-                                                   "does not expand it into file names"]))
-            print(f"bulkinfer run: error: unrecognized arguments: {', '.join(hints)}; {why}", file=sys.stderr)
+        if _beam_flags_error(args.command, beam_args):
             return 2
         return _run(args, beam_args)
     if args.command == "serve":
@@ -228,6 +224,24 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("bulkinfer").setLevel(logging.DEBUG if args.verbose else logging.INFO)
         return _serve(args)
     return 2
+
+
+def _beam_flags_error(command: str, beam_args: list[str]) -> bool:
+    """Prints one error line and returns True when `beam_args` (the flags a job's parser did not take)
+    hold flags that are not Beam pipeline options, with a hint for our own flags misspelt with '_' and
+    for an unquoted --input glob that the shell expanded."""
+    unknown = _unknown_beam_flags(beam_args)
+    if not unknown:
+        return False
+    ours = {o for a in _parser().commands[command]._actions for o in a.option_strings}
+    hints = [f"{u} (did you mean {u.replace('_', '-')}?)" if u.replace("_", "-") in ours else u for u in unknown]
+    stray = [u for u in unknown if not u.startswith("-")]
+    why = "flags that are not bulkinfer's must be Beam pipeline options" if len(stray) < len(unknown) else ""
+    if stray:  # most often the shell expanded an unquoted --input glob into many file names
+        why = "; ".join(filter(None, [why, "quote the --input glob ('data/*.jsonl') so that the shell "
+                                           "does not expand it into file names"]))
+    print(f"bulkinfer {command}: error: unrecognized arguments: {', '.join(hints)}; {why}", file=sys.stderr)
+    return True
 
 
 def _unknown_beam_flags(beam_args: list[str]) -> list[str]:
@@ -280,37 +294,49 @@ def _serve(args) -> int:
         return 2
 
 
+def _job_model(args):
+    """The model a job's flags name: a RemoteModel with --server (checked to be served), else the local spec."""
+    if args.server:
+        local_only = [f for f, v in (("--max-length", args.max_length), ("--token-budget", args.token_budget),
+                                     ("--warmup", args.warmup), ("--compilation-cache", args.compilation_cache),
+                                     ("--dtype", args.dtype != "float32")) if v]
+        if local_only:
+            raise ValueError(f"{', '.join(local_only)} configure the local engine and do not apply with --server; "
+                             "pass them to `bulkinfer serve` instead")
+        from bulkinfer.serve.client import RemoteModel, RetryPolicy
+
+        retry = RetryPolicy() if args.server_retry_budget_s is None else RetryPolicy(
+            budget_s=args.server_retry_budget_s)
+        model = RemoteModel.for_model(args.server, args.model, retry=retry,
+                                      token=args.server_token or os.environ.get("BULKINFER_TOKEN"))
+        _check_served(model)
+        return model
+    if args.server_token:
+        raise ValueError("--server-token needs --server URL")
+    if args.server_retry_budget_s is not None:
+        raise ValueError("--server-retry-budget-s needs --server URL")
+    return _model(args)
+
+
+def _job_spec(args, *, output: str | None = None, keep_fields: tuple[str, ...] = ()):
+    """The JobSpec of a job's flags (`_job_args`); output: another directory than --output (e.g. DIR/predictions)."""
+    from bulkinfer.tasks.run import JobSpec
+
+    return JobSpec(input=args.input, output=output or args.output, format=args.format, id_field=args.id_field,
+                   input_field=args.input_field, keep_fields=keep_fields, overwrite=args.overwrite,
+                   wave_units=args.wave_units, max_failed_fraction=args.max_failed_fraction,
+                   allow_missing_ids=args.allow_missing_ids, accelerator=args.accelerator,
+                   min_ram=args.min_ram, **({} if args.unit_size is None else {"unit_size": args.unit_size}))
+
+
 def _run(args, beam_args) -> int:
     from bulkinfer.models import CheckpointError
     from bulkinfer.tasks import run as job
 
     try:
-        if args.server:
-            local_only = [f for f, v in (("--max-length", args.max_length), ("--token-budget", args.token_budget),
-                                         ("--warmup", args.warmup), ("--compilation-cache", args.compilation_cache),
-                                         ("--dtype", args.dtype != "float32")) if v]
-            if local_only:
-                raise ValueError(f"{', '.join(local_only)} configure the local engine and do not apply with --server; "
-                                 "pass them to `bulkinfer serve` instead")
-            from bulkinfer.serve.client import RemoteModel, RetryPolicy
-
-            retry = RetryPolicy() if args.server_retry_budget_s is None else RetryPolicy(
-                budget_s=args.server_retry_budget_s)
-            model = RemoteModel.for_model(args.server, args.model, retry=retry,
-                                          token=args.server_token or os.environ.get("BULKINFER_TOKEN"))
-            _check_served(model)
-        elif args.server_token:
-            raise ValueError("--server-token needs --server URL")
-        elif args.server_retry_budget_s is not None:
-            raise ValueError("--server-retry-budget-s needs --server URL")
-        else:
-            model = _model(args)
+        model = _job_model(args)
         keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
-        spec = job.JobSpec(input=args.input, output=args.output, format=args.format, id_field=args.id_field,
-                           input_field=args.input_field, keep_fields=keep, overwrite=args.overwrite,
-                           wave_units=args.wave_units, max_failed_fraction=args.max_failed_fraction,
-                           allow_missing_ids=args.allow_missing_ids, accelerator=args.accelerator,
-                           min_ram=args.min_ram, **({} if args.unit_size is None else {"unit_size": args.unit_size}))
+        spec = _job_spec(args, keep_fields=keep)
         report = job.run(model, spec, beam_args)
     except job.JobFailed as e:
         print(f"bulkinfer: error: {e}", file=sys.stderr)

@@ -218,3 +218,63 @@ def kill_after_first_commit(cmd: list[str], out_dir, env: dict | None = None) ->
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+CHROMIUM = "/usr/bin/chromium"
+_RENDER_PROBE = """<script>
+window.addEventListener("load", function () {
+  var images = Array.prototype.map.call(document.images, function (img) {
+    return {alt: img.alt, complete: img.complete, naturalWidth: img.naturalWidth,
+            naturalHeight: img.naturalHeight, src: img.src.slice(0, 32)};
+  });
+  var out = document.createElement("pre");
+  out.id = "bulkinfer-render";
+  out.textContent = JSON.stringify({title: document.title, images: images,
+                                    headings: document.querySelectorAll("h1, h2, h3").length,
+                                    tables: document.querySelectorAll("table").length});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def render_html(path, *, chromium: str = CHROMIUM, timeout_s: float = 60.0) -> dict:
+    """Loads the HTML file `path` in headless Chromium and reports what the browser made of it.
+
+    Returns {"title": str, "headings": int, "tables": int, "images": [{"alt", "complete", "naturalWidth",
+    "naturalHeight", "src" (its first 32 characters)}, ...]}: an image rendered when complete is true
+    and naturalWidth > 0.  The page is loaded from a copy with a small script appended that, on the
+    load event, writes these facts into the DOM, which `--dump-dom` then prints; the original file is
+    not changed.  Chromium runs with no network use (--disable-background-networking ...) and a fresh
+    profile.  Raises FileNotFoundError when `chromium` is missing (Debian: apt-get install chromium) and
+    RuntimeError when Chromium fails or prints no result.
+    """
+    import json
+    import os
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if not os.path.exists(chromium):
+        raise FileNotFoundError(f"{chromium} is missing; install Debian's chromium (apt-get install chromium)")
+    page = Path(path).read_text(encoding="utf-8")
+    cut = page.rfind("</body>")
+    probed = page[:cut] + _RENDER_PROBE + page[cut:] if cut >= 0 else page + _RENDER_PROBE
+    with tempfile.TemporaryDirectory(prefix="bulkinfer-chromium-") as tmp:
+        copy = Path(path).resolve().parent / f".render-{os.getpid()}-{Path(path).name}"
+        copy.write_text(probed, encoding="utf-8")
+        try:
+            proc = subprocess.run(
+                [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp}", "--virtual-time-budget=10000", "--dump-dom", copy.as_uri()],
+                capture_output=True, text=True, timeout=timeout_s)
+        finally:
+            copy.unlink()
+    found = re.search(r'<pre id="bulkinfer-render">(.*?)</pre>', proc.stdout, re.S)
+    if found is None:
+        raise RuntimeError(f"chromium printed no render result for {path} (exit {proc.returncode}): "
+                           f"{proc.stderr.strip()[-500:]}")
+    import html as _html
+
+    return json.loads(_html.unescape(found.group(1)))

@@ -1,6 +1,6 @@
-"""Mergeable accumulators for the jobs' aggregates, in plain numpy (no Beam).
+"""Mergeable aggregates over plain numpy state (no Beam): classification metrics, the Poisson bootstrap,
+prediction statistics (sketches, histograms, exact moments, a hash sample) and drift.
 
-Each accumulator has `add` (a batch of rows' arrays), `merge` (another accumulator of the same settings)
-and a read-out; the Beam `CombineFn`s in `bulkinfer.tasks` wrap them.  Their state is fixed-size and
-their counts and sums are exact integers, so results do not depend on how rows were split or merged.
+Each is an object with `add`, `merge` and a result, so that a `beam.CombineFn` (bulkinfer.tasks) can
+wrap it and the result does not depend on how the rows were split among workers.
 """
