@@ -16,6 +16,7 @@ _EXPORTS = {
     "BulkInference": "bulkinfer.beam.transform",
     "Guarded": "bulkinfer.beam.guard",
     "decode_image": "bulkinfer.models.images",
+    "Evaluate": "bulkinfer.tasks.evaluate",
     "JaxModel": "bulkinfer.models.jax_model",
     "JaxModelHandler": "bulkinfer.beam.handler",
     "Rebatch": "bulkinfer.beam.batch",

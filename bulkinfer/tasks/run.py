@@ -95,15 +95,19 @@ class Plan:
 
 
 def build(p: beam.Pipeline, model, job: JobSpec, units: list[Unit], *,
-          limit: commit.FailureLimit | None = None, transform: beam.PTransform | None = None):
+          limit: commit.FailureLimit | None = None, transform: beam.PTransform | None = None,
+          preprocess: beam.PTransform | None = None):
     """Adds the job's transforms for `units` to pipeline `p`; returns the commit records' PCollection.
 
     transform: applied to the predictions (Batches) before they are written, e.g. a postprocessing step.
+    preprocess: applied to the rows read (Batches) before inference, e.g. renaming a field; it must
+      keep every row and each Batch's unit (one Batch out per Batch in).
     """
     read = p | "ReadDataset" >> io.ReadUnits(units, batch_rows=job.batch_rows)
+    rows = read.rows if preprocess is None else read.rows | "Preprocess" >> preprocess
     infer = BulkInference(model, input_field=job.input_field, id_field=job.id_field, keep_fields=job.keep_fields,
                           allow_missing_ids=job.allow_missing_ids, accelerator=job.accelerator, min_ram=job.min_ram)
-    predictions, letters = read.rows | "BulkInference" >> infer.with_exception_handling()
+    predictions, letters = rows | "BulkInference" >> infer.with_exception_handling()
     if transform is not None:
         predictions = predictions | "Transform" >> transform
     limit = limit or commit.FailureLimit(max_fraction=job.max_failed_fraction,
@@ -198,10 +202,10 @@ def _check_writable(out: str) -> None:
 
 
 def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
-        transform: beam.PTransform | None = None) -> dict:
+        transform: beam.PTransform | None = None, preprocess: beam.PTransform | None = None) -> dict:
     """Runs the job to completion (resuming an interrupted one) and returns and writes its report.
 
-    transform: see `build`.  Raises JobFailed when a wave's pipeline fails (the units committed before
+    transform, preprocess: see `build`.  Raises JobFailed when a wave's pipeline fails (the units committed before
     stay committed), and the errors of `prepare_output` (FileExistsError, PermissionError).
     """
     options = PipelineOptions(pipeline_args or [])
@@ -223,7 +227,7 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
                                         min_rows=job.min_rows_for_failed_fraction, prior_rows=seen,
                                         prior_failed=failed)
             p = beam.Pipeline(runner=_default_runner(options), options=options)
-            build(p, model, job, wave, limit=limit, transform=transform)
+            build(p, model, job, wave, limit=limit, transform=transform, preprocess=preprocess)
             try:
                 result = p.run()
                 result.wait_until_finish()
