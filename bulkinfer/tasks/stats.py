@@ -42,6 +42,7 @@ from bulkinfer.metrics.drift import stats_drift
 from bulkinfer.metrics.prediction_stats import DEFAULT_SAMPLE, QUANTILES, PredictionStats
 from bulkinfer.metrics.sketches import DEFAULT_K
 from bulkinfer.tasks import run as run_job
+from bulkinfer.tasks.evaluate import RenameFields
 from bulkinfer.tasks.run import JobFailed, JobSpec
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class Layout:
     """
 
     id_field: str
-    slice_fields: tuple[str, ...]
+    slices: tuple[tuple[str, str], ...]  # (column in the predictions, slice field name in stats.json)
     probs_field: str | None = None
     num_classes: int | None = None
     embedding_field: str | None = None
@@ -109,22 +110,26 @@ def stats(model, job: JobSpec, spec: StatsSpec = StatsSpec(), pipeline_args: lis
     """Runs the model over job.input into job.output/predictions (resuming), then computes, writes and
     returns DIR/stats.json's content (and DIR/report.html unless spec.report is False).
 
-    job.output is DIR; its keep_fields are extended with the slice fields.  pipeline_args go to both
+    job.output is DIR; its keep_fields are extended with the slice fields (a slice field named like a
+    model output, e.g. digits' "label", is kept as "slice_<name>").  pipeline_args go to both
     pipelines (e.g. --direct_num_workers=2 --direct_running_mode=multi_processing).
     Raises JobFailed (a pipeline failed, or the predictions' counts do not reconcile), FileNotFoundError
     (no input, or no baseline stats.json), ValueError (a named output missing, a baseline that is not a
     stats.json) and the run job's errors.
     """
     baseline = _read_baseline(spec.baseline) if spec.baseline else None
+    columns = slice_columns(model, spec.slice_fields)
     predictions = dataclasses.replace(job, output=FileSystems.join(job.out, PREDICTIONS),
-                                      keep_fields=tuple(dict.fromkeys(job.keep_fields + spec.slice_fields)))
-    report = run_job.run(model, predictions, pipeline_args)
+                                      keep_fields=tuple(dict.fromkeys(job.keep_fields + tuple(columns.values()))))
+    renames = {f: c for f, c in columns.items() if f != c}
+    preprocess = beam.ParDo(RenameFields(renames)) if renames else None
+    report = run_job.run(model, predictions, pipeline_args, preprocess=preprocess)
     if not report["reconciled"] or report["units_done"] != report["units"]:
         raise JobFailed(f"the predictions in {predictions.out} are incomplete (rows_in {report['rows_in']}, rows_out "
                         f"{report['rows_out']}, rows_failed {report['rows_failed']}; units {report['units_done']} of "
                         f"{report['units']}); rerun the same command to finish them")
     files = prediction_files(predictions.out)
-    layout = find_layout(files, spec, id_field=job.id_field)
+    layout = find_layout(files, spec, id_field=job.id_field, slice_columns=columns)
     groups = aggregate(files, layout, spec, pipeline_args, scratch=job.out) if layout else {}
     result = {"model": getattr(model, "name", str(model)), "input": io.absolute(job.input),
               "predictions": predictions.out,
@@ -143,13 +148,29 @@ def stats(model, job: JobSpec, spec: StatsSpec = StatsSpec(), pipeline_args: lis
     return result
 
 
+def slice_columns(model, slice_fields: Sequence[str]) -> dict[str, str]:
+    """{slice field: the column that keeps it in the predictions}: the field's own name, or "slice_<name>"
+    for a field named like one of the model's outputs (digits' "label"), which would overwrite it.
+
+    Loads the model in this process (once; the in-process runner shares it) to learn its outputs, only
+    when there are slice fields.
+    """
+    if not slice_fields:
+        return {}
+    from bulkinfer.beam.loading import load_shared
+
+    outputs = {o.name for o in load_shared(model).outputs}
+    return {f: f"slice_{f}" if f in outputs else f for f in slice_fields}
+
+
 def prediction_files(directory: str) -> list[str]:
     """The committed prediction files (part-*) of a run job's output directory, sorted."""
     return sorted(FileSystems.join(directory, f) for record in commit.committed(directory).values()
                   for f in record["files"] if f.startswith("part-"))
 
 
-def find_layout(files: list[str], spec: StatsSpec, *, id_field: str) -> Layout | None:
+def find_layout(files: list[str], spec: StatsSpec, *, id_field: str,
+                slice_columns: dict[str, str] | None = None) -> Layout | None:
     """Which outputs the predictions hold and their widths, from the first row of the first non-empty file;
     None when there is no prediction row at all.  Raises ValueError naming the columns when a named
     output is missing or neither "probs" nor "embedding" is there, or when one is not a vector."""
@@ -174,11 +195,13 @@ def find_layout(files: list[str], spec: StatsSpec, *, id_field: str) -> Layout |
     if not found:
         raise ValueError(f"the predictions hold neither 'probs' (a classifier) nor 'embedding' (an embedder); their "
                          f"fields are {columns}; name the output with --probs-field or --embedding-field")
-    missing = [f for f in spec.slice_fields if f not in row]
+    slices = tuple((slice_columns or {}).get(f, f) for f in spec.slice_fields)
+    missing = [c for c in slices if c not in row]
     if missing:
         raise ValueError(f"slice fields {missing} are not in the predictions (fields {columns})")
     probs, embedding = found.get("probs", (None, None)), found.get("embedding", (None, None))
-    return Layout(id_field=id_field, slice_fields=spec.slice_fields, probs_field=probs[0], num_classes=probs[1],
+    return Layout(id_field=id_field, slices=tuple(zip(slices, spec.slice_fields)), probs_field=probs[0],
+                  num_classes=probs[1],
                   embedding_field=embedding[0], dim=embedding[1])
 
 
@@ -238,9 +261,9 @@ class _Groups(beam.DoFn):
             chunk["embeddings"] = _matrix(batch, lay.embedding_field, lay.dim)  # [N, D]
             chunk["ids"] = _column(batch, lay.id_field)
         yield OVERALL, chunk
-        for field in lay.slice_fields:
+        for column, field in lay.slices:
             groups: dict[str, list[int]] = {}
-            for i, value in enumerate(_column(batch, field)):
+            for i, value in enumerate(_column(batch, column)):
                 groups.setdefault(slice_value(value), []).append(i)
             for value, index in groups.items():
                 yield (field, value), _take(chunk, index)

@@ -37,7 +37,7 @@ def digits_runs(tmp_path_factory):
     d = load_digits()
     rng = np.random.default_rng(0)
     rows = [{"id": i, "pixels": d.images[i].tolist(), "grp": "even" if i % 2 == 0 else "odd",
-             "kind": int(d.target[i] >= 5)} for i in range(ROWS)]
+             "label": int(d.target[i])} for i in range(ROWS)]
     shifted = [{**r, "pixels": np.clip(np.asarray(r["pixels"]) * 0.5 + rng.uniform(0, 8, (8, 8)), 0, 16).tolist()}
                for r in rows]
     _write(root / "one" / "all.jsonl", rows)
@@ -45,7 +45,7 @@ def digits_runs(tmp_path_factory):
         _write(root / "seven" / f"part-{k}.jsonl", rows[k::7])
     _write(root / "shifted" / "all.jsonl", shifted)
     model = model_spec("digits")
-    spec = job.StatsSpec(slice_fields=("grp", "kind"))
+    spec = job.StatsSpec(slice_fields=("grp", "label"))  # "label" is also an output of digits
 
     def stats(name, data, args=(), **settings):
         out = root / "out" / name
@@ -59,7 +59,8 @@ def digits_runs(tmp_path_factory):
     # its partial accumulators to the other), and the drift of those against the 1-file run.
     result, out = runs["seven"]
     files = job.prediction_files(str(out / "predictions"))
-    groups = job.aggregate(files, job.find_layout(files, spec, id_field="id"), spec, WORKERS, scratch=str(root))
+    layout = job.find_layout(files, spec, id_field="id", slice_columns=job.slice_columns(model, spec.slice_fields))
+    groups = job.aggregate(files, layout, spec, WORKERS, scratch=str(root))
     two = {**result, **job.arrange(groups, spec)}
     two["drift"] = job.drift(two, runs["one"][0])
     runs["seven-2-workers"] = two, out
@@ -87,7 +88,8 @@ def test_digits_stats_are_identical_across_files_and_worker_processes(digits_run
     for result in (one, seven, two):
         assert (result["rows_in"], result["rows_out"], result["rows_failed"]) == (ROWS, ROWS, 0)
     groups = [_groups(r) for r in (one, seven, two)]
-    assert list(groups[0]) == ["overall", "grp=even", "grp=odd", "kind=0", "kind=1"]
+    assert list(groups[0])[:3] == ["overall", "grp=even", "grp=odd"]
+    assert sorted(list(groups[0])[3:]) == [f"label={k}" for k in range(10)]
     for name in groups[0]:
         assert _without_quantiles(groups[0][name]) == _without_quantiles(groups[1][name]) == \
             _without_quantiles(groups[2][name]), name
@@ -116,6 +118,11 @@ def test_digits_stats_agree_with_numpy_on_the_predictions(digits_runs):
     odd = [r for r in rows if r["grp"] == "odd"]
     odd_counts = np.bincount(np.array([r["probs"] for r in odd]).argmax(axis=1), minlength=10).tolist()
     assert result["slices"]["grp"]["odd"]["classifier"]["class_counts"] == odd_counts
+    # The true label, kept as "slice_label" beside the model's own "label" output, slices by the truth.
+    threes = [r for r in rows if r["slice_label"] == 3]
+    assert result["slices"]["label"]["3"]["rows"] == len(threes) > 0
+    assert result["slices"]["label"]["3"]["classifier"]["class_counts"] == np.bincount(
+        np.array([r["probs"] for r in threes]).argmax(axis=1), minlength=10).tolist()
 
 
 def test_drift_is_zero_against_the_same_input_and_larger_against_a_shifted_one(digits_runs):
