@@ -487,11 +487,12 @@ DIR/stats.json, overall and per --slice-field value:
     exact and identical for any sharding; quantiles are within the stated rank error.
 DIR/report.html (+ PNGs): class distribution, confidence histogram, norm histogram, drift.
 
-Exit status: 0 done; 1 a pipeline failed or the predictions are incomplete (rerun to resume); 2 bad flags.
+Exit status: 0 done; 1 a pipeline failed, the predictions are incomplete (rerun to resume) or no row was
+predicted; 2 bad flags or settings.
 
 Examples:
   bulkinfer stats --model digits --input 'data/digits/test-*.jsonl' --output out/digits-stats
-  bulkinfer stats --model minilm --input 'data/sample/*.jsonl' --output out/minilm-stats --slice-field lang
+  bulkinfer stats --model minilm --input 'texts/*.jsonl' --output out/minilm-stats --slice-field lang
   bulkinfer stats --model digits --input 'new/*.jsonl' --output out/new --baseline out/digits-stats
 """
 
@@ -539,6 +540,10 @@ def _stats(args, beam_args) -> int:
         print(line)
     out = args.output.rstrip("/")
     print(f"wrote {out}/{job.STATS_FILE} and {out}/report.html")
+    if result["rows_out"] == 0:
+        print(f"bulkinfer stats: error: no prediction rows to summarize: all {result['rows_in']} input rows failed "
+              f"(see {out}/predictions/failed-*.jsonl)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -200,6 +200,10 @@ def test_cli_stats_prints_a_summary_and_names_a_missing_output(tmp_path, capsys)
     assert "no field 'scores' (--probs-field)" in capsys.readouterr().err
     assert cli.main(args + ["--baseline", str(tmp_path / "nowhere")]) == 2
     assert "no baseline statistics" in capsys.readouterr().err
+    _write(tmp_path / "bad.jsonl", [{"id": 1, "pixel": 0}, {"id": 2}])  # no "pixels": both rows are dead letters
+    assert cli.main(["stats", "--model", "digits", "--input", str(tmp_path / "bad.jsonl"), "--output",
+                     str(tmp_path / "bad")]) == 1
+    assert "all 2 input rows failed" in capsys.readouterr().err
 
 
 def test_a_model_without_probs_or_embedding_is_a_clear_error(tmp_path):
