@@ -11,7 +11,8 @@ counts, and the confidence (top probability), the margin (top minus second proba
 the L2 norm as quantiles, a histogram and an exact mean, each dimension's exact mean and variance, and
 the mean pairwise cosine similarity of a deterministic bottom-k sample of rows by id hash.
 
-Rows with a non-finite value are counted (`rows_nonfinite`) and left out of everything else.  Counts,
+Rows with a non-finite value are counted (`rows_nonfinite`, which also counts embeddings with a value of
+magnitude >= 2**30, beyond `ExactMoments`) and left out of everything else.  Counts,
 histograms, means, variances and the sample do not depend on sharding; KLL quantiles agree within the
 sketch's stated rank error (see `sketches`).
 """
@@ -139,17 +140,21 @@ class EmbedderStats:
         embeddings = np.asarray(embeddings, np.float64)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"expected embeddings of shape [N, {self.dim}], got {embeddings.shape}")
-        finite = np.all(np.isfinite(embeddings), axis=1)
-        self.rows_nonfinite += int(embeddings.shape[0] - finite.sum())
-        norms = np.linalg.norm(np.where(finite[:, None], embeddings, 0.0), axis=1)  # [N]
-        taken = self.moments.add(np.where(finite[:, None], embeddings, np.nan))  # rejects the non-finite rows
-        self.rows_nonfinite += int(finite.sum() - taken.sum())  # finite but beyond ExactMoments.LIMIT
-        self.rows += int(taken.sum())
-        self.norm.add(norms[taken])
-        nonzero = taken & (norms > 0)
-        self.rows_zero_norm += int(taken.sum() - nonzero.sum())
-        index = np.flatnonzero(nonzero)
-        self.sample.add([ids[i] for i in index], embeddings[index])
+        taken = self.moments.add(embeddings)  # [N] bool: rows without a non-finite or huge (>= 2**30) value
+        n_taken = int(taken.sum())
+        self.rows_nonfinite += embeddings.shape[0] - n_taken
+        self.rows += n_taken
+        if n_taken < embeddings.shape[0]:
+            embeddings, ids = embeddings[taken], [ids[i] for i in np.flatnonzero(taken)]
+        norms = np.linalg.norm(embeddings, axis=1)  # [n]
+        self.norm.add(norms)
+        nonzero = norms > 0
+        self.rows_zero_norm += int(n_taken - nonzero.sum())
+        if nonzero.all():
+            self.sample.add(ids, embeddings)
+        else:
+            index = np.flatnonzero(nonzero)
+            self.sample.add([ids[i] for i in index], embeddings[index])
 
     def merge(self, other: EmbedderStats) -> None:
         if (other.dim, other.k) != (self.dim, self.k):

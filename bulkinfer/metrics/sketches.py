@@ -147,7 +147,7 @@ class ExactMoments:
 
     SCALE_BITS = 32  # values are multiples of 2**-32
     LIMIT = 2.0 ** 30  # |x| below this: |x| * 2**32 < 2**62 fits int64
-    _LIMB = 21  # three 21-bit limbs hold a 62-bit magnitude; limb products (< 2**42) sum in int64
+    _LIMB = 21  # three 21-bit limbs hold a 63-bit integer; limb products (< 2**42) sum in int64
     _ROWS = 1 << 20  # rows summed at once: 2**20 products of < 2**42 stay below 2**63
 
     def __init__(self, dim: int):
@@ -168,21 +168,24 @@ class ExactMoments:
             raise ValueError(f"expected rows of {self.dim} values, got an array of shape {x.shape}")
         ok = np.all(np.isfinite(x) & (np.abs(x) < self.LIMIT), axis=1)
         self.rejected += int(x.shape[0] - ok.sum())
-        taken = x[ok]
+        taken = x if ok.all() else x[ok]
         for start in range(0, taken.shape[0], self._ROWS):
             self._add_exact(taken[start:start + self._ROWS])
         return ok
 
     def _add_exact(self, x: np.ndarray) -> None:
-        q = np.rint(np.ldexp(x, self.SCALE_BITS)).astype(np.int64)  # [N, D], |q| < 2**62
-        sign, mag = np.sign(q), np.abs(q)
+        q = np.rint(x * float(1 << self.SCALE_BITS)).astype(np.int64)  # [N, D], |q| < 2**62 (scaling is exact)
+        # Two's-complement limbs: q = sum_i l_i * 2**(21 i), the lower limbs in [0, 2**21), the top one signed.
+        # Values below 2**9 (nearly all) need two limbs; larger ones three.
         mask = (1 << self._LIMB) - 1
-        limbs = [(mag >> (self._LIMB * i)) & mask for i in range(3)]  # [N, D] each, < 2**21
-        s1 = [(sign * limb).sum(axis=0) for limb in limbs]  # [D] int64 each
-        # q**2 = sum over limb pairs i <= j of (2 if i < j else 1) * l_i * l_j * 2**(21 * (i + j))
-        s2 = {(i, j): (limbs[i] * limbs[j]).sum(axis=0) for i in range(3) for j in range(i, 3)}
-        total1 = sum(_as_ints(part) * (1 << (self._LIMB * i)) for i, part in enumerate(s1))
-        total2 = sum(_as_ints(part) * ((2 if i < j else 1) << (self._LIMB * (i + j))) for (i, j), part in s2.items())
+        if np.abs(x).max(initial=0.0) < 2.0 ** (2 * self._LIMB - 1 - self.SCALE_BITS):
+            limbs = [q & mask, q >> self._LIMB]
+        else:
+            limbs = [q & mask, (q >> self._LIMB) & mask, q >> (2 * self._LIMB)]
+        # Each limb product is below 2**42 in magnitude, so 2**20 rows of them sum exactly in int64.
+        total1 = sum(_as_ints(limb.sum(axis=0)) * (1 << (self._LIMB * i)) for i, limb in enumerate(limbs))
+        total2 = sum(_as_ints(np.einsum("nd,nd->d", limbs[i], limbs[j])) * ((2 if i < j else 1) << (self._LIMB * (i + j)))
+                     for i in range(len(limbs)) for j in range(i, len(limbs)))
         self.s1 = self.s1 + total1
         self.s2 = self.s2 + total2
         self.n += x.shape[0]
@@ -222,11 +225,11 @@ def id_hash(row_id, seed: int = 0) -> int:
 
     Numbers and strings are hashed as their JSON text, so the id 7 and the id "7" differ.
     """
-    if hasattr(row_id, "item"):  # numpy scalars as the Python value
-        row_id = row_id.item()
-    text = json.dumps(row_id, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
-                             key=seed.to_bytes(8, "little", signed=False))
+    return _hash_text(_id_text(row_id), seed.to_bytes(8, "little", signed=False))
+
+
+def _hash_text(text: str, key: bytes) -> int:
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=key)
     return int.from_bytes(digest.digest(), "little")
 
 
@@ -252,10 +255,20 @@ class BottomKSample:
         vectors = np.asarray(vectors, np.float32)
         if vectors.shape != (len(ids), self.dim):
             raise ValueError(f"expected {len(ids)} vectors of {self.dim} values, got shape {vectors.shape}")
-        keep = [i for i, row_id in enumerate(ids) if row_id is not None]
-        self.skipped += len(ids) - len(keep)
-        keys = [(id_hash(ids[i], self.seed), _id_text(ids[i])) for i in keep]
-        self._keep_smallest(self.keys + keys, np.concatenate([self.vectors, vectors[keep]]))
+        seed = self.seed.to_bytes(8, "little", signed=False)
+        limit = self.keys[-1] if len(self.keys) == self.k else None  # a full sample takes only smaller keys
+        keep, keys = [], []
+        for i, row_id in enumerate(ids):
+            if row_id is None:
+                self.skipped += 1
+                continue
+            text = _id_text(row_id)
+            key = (_hash_text(text, seed), text)
+            if limit is None or key <= limit:
+                keep.append(i)
+                keys.append(key)
+        if keep:
+            self._keep_smallest(self.keys + keys, np.concatenate([self.vectors, vectors[keep]]))
 
     def merge(self, other: BottomKSample) -> None:
         if (other.k, other.dim, other.seed) != (self.k, self.dim, self.seed):
@@ -273,6 +286,7 @@ class BottomKSample:
 
 
 def _id_text(row_id) -> str:
+    """The id's JSON text (numpy scalars as their Python value), so 7 and "7" differ."""
     if hasattr(row_id, "item"):
         row_id = row_id.item()
-    return json.dumps(row_id, sort_keys=True, ensure_ascii=False)
+    return json.dumps(row_id, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
