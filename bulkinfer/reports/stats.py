@@ -88,15 +88,22 @@ def _embedder(report: Report, e: dict, base: dict | None) -> None:
 
 def _slices(report: Report, slices: dict) -> None:
     report.heading("Slices")
+    groups = [(field, value, g) for field, values in slices.items() for value, g in values.items()]
+    classifier = any(g.get("classifier") for _, _, g in groups)
+    embedder = any(g.get("embedder") for _, _, g in groups)
+    header = ["field", "value", "rows"]
+    header += ["median confidence", "mean entropy (bits)"] if classifier else []
+    header += ["median norm", "mean pairwise cosine"] if embedder else []
     rows = []
-    for field, values in slices.items():
-        for value, g in values.items():
-            c, e = g.get("classifier"), g.get("embedder")
-            rows.append([field, value, g["rows"],
-                         c and c["confidence"]["quantiles"].get("0.5"), c and c["entropy_bits"]["mean"],
-                         e and e["norm"]["quantiles"].get("0.5"), e and e["cosine_sample"]["mean_pairwise_cosine"]])
-    report.table(rows, header=["field", "value", "rows", "median confidence", "mean entropy (bits)",
-                               "median norm", "mean pairwise cosine"])
+    for field, value, g in groups:
+        c, e = g.get("classifier"), g.get("embedder")
+        row = [field, value, g["rows"]]
+        if classifier:
+            row += [c and c["confidence"]["quantiles"].get("0.5"), c and c["entropy_bits"]["mean"]]
+        if embedder:
+            row += [e and e["norm"]["quantiles"].get("0.5"), e and e["cosine_sample"]["mean_pairwise_cosine"]]
+        rows.append(row)
+    report.table(rows, header=header)
 
 
 def _drift(report: Report, drift: dict) -> None:
@@ -117,7 +124,7 @@ def _drift(report: Report, drift: dict) -> None:
     rows = [["overall", name, d] for name, d in overall.items()]
     for field, values in drift.get("slices", {}).items():
         rows += [[f"{field}={value}", name, d] for value, distances in values.items() for name, d in distances.items()]
-    report.table(rows, header=["rows", "distribution", "JS distance"])
+    report.table(rows, header=["group", "distribution", "JS distance"])
     for line in drift.get("skipped", []):
         report.paragraph(f"Not compared: {line}.", note=True)
 
