@@ -58,7 +58,8 @@ def digits_runs(tmp_path_factory):
     # The statistics pipeline again over the 7 files' predictions, on 2 worker processes (each pickles
     # its partial accumulators to the other), and the drift of those against the 1-file run.
     result, out = runs["seven"]
-    files = job.prediction_files(str(out / "predictions"))
+    files = job.prediction_files(JobSpec(input=str(root / "seven" / "*.jsonl"), output=str(out / "predictions")))
+    assert len(files) == 7
     layout = job.find_layout(files, spec, id_field="id", slice_columns=job.slice_columns(model, spec.slice_fields))
     groups = job.aggregate(files, layout, spec, WORKERS, scratch=str(root))
     two = {**result, **job.arrange(groups, spec)}
