@@ -36,8 +36,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from bulkinfer.beam import commit, io
-from bulkinfer.beam.batch import Batch
-from bulkinfer.beam.units import delete, input_format, plan_units
+from bulkinfer.beam.batch import FAILED, Batch, Rebatch, dead_letter
+from bulkinfer.beam.units import delete, escape_glob, input_format, plan_units
 from bulkinfer.metrics.drift import stats_drift
 from bulkinfer.metrics.prediction_stats import DEFAULT_SAMPLE, QUANTILES, PredictionStats
 from bulkinfer.metrics.sketches import DEFAULT_K
@@ -130,14 +130,16 @@ def stats(model, job: JobSpec, spec: StatsSpec = StatsSpec(), pipeline_args: lis
                         f"{report['units']}); rerun the same command to finish them")
     files = prediction_files(predictions)
     layout = find_layout(files, spec, id_field=job.id_field, slice_columns=columns)
-    groups = aggregate(files, layout, spec, pipeline_args, scratch=job.out) if layout else {}
+    summarized = (aggregate(files, layout, spec, pipeline_args, out=job.out) if layout
+                  else {"rows_failed": 0, **arrange({}, spec)})
     result = {"model": getattr(model, "name", str(model)), "input": io.absolute(job.input),
               "predictions": predictions.out,
               **{k: report[k] for k in ("rows_in", "rows_out", "rows_failed")},
+              "rows_failed_stats": summarized.pop("rows_failed"),
               "fields": {"id": job.id_field, "probs": layout and layout.probs_field,
                          "embedding": layout and layout.embedding_field},
               "sketch": sketch_info(spec.sketch_k), "quantile_ranks": list(spec.quantiles),
-              **arrange(groups, spec)}
+              **summarized}
     if baseline is not None:
         result["drift"] = {"baseline": baseline["path"], **drift(result, baseline["stats"])}
     run_job._write_json(FileSystems.join(job.out, STATS_FILE), result)
@@ -222,9 +224,74 @@ def _first_rows(path: str):
                     return
 
 
+class Statistics(beam.PTransform):
+    """Prediction rows (dicts or `Batch`es) -> a PCollection of one dict, as in stats.json: "rows_failed"
+    (rows that could not be summarized), "overall" and, with slice_fields, "slices" {field: {value: ...}}
+    (value as text; null as "null"), see `metrics.PredictionStats.to_json`.
+
+        >>> stats = predictions | bulkinfer.Statistics(num_classes=10, slice_fields=["source"])
+
+    num_classes: the width of `probs_field` (softmax probabilities [C]); dim: the width of
+    `embedding_field` ([D]); give one or both.  id_field: the row id, hashed to choose the cosine sample.
+    quantiles, sketch_k, sample_size, seed, max_slice_values: as in `StatsSpec`.  field_names: {column:
+    the name to report it under} for slice columns that were renamed.
+
+    Aggregation is `CombinePerKey` over `PredictionStats` accumulators, one key per group of rows: counts,
+    histograms, means, variances and the sample are identical for any sharding or worker count; KLL
+    quantiles agree within the sketch's rank error.  A row whose probabilities or embedding is missing,
+    not numbers, or of another width fails the pipeline, unless `.with_exception_handling()` is called:
+    then the transform returns (stats, dead_letters).  Rows with non-finite values are counted
+    (rows_nonfinite), not dead letters.  Raises ValueError when neither num_classes nor dim is given.
+    """
+
+    def __init__(self, *, num_classes: int | None = None, dim: int | None = None, probs_field: str = "probs",
+                 embedding_field: str = "embedding", id_field: str = "id", slice_fields: Sequence[str] = (),
+                 quantiles: Sequence[float] = QUANTILES, sketch_k: int = DEFAULT_K,
+                 sample_size: int = DEFAULT_SAMPLE, seed: int = 0, max_slice_values: int = 1000,
+                 field_names: dict[str, str] | None = None):
+        super().__init__()
+        names = field_names or {}
+        self._spec = StatsSpec(slice_fields=tuple(names.get(f, f) for f in slice_fields), quantiles=tuple(quantiles),
+                               sketch_k=sketch_k, sample_size=sample_size, seed=seed,
+                               max_slice_values=max_slice_values)
+        self._layout = Layout(id_field=id_field, slices=tuple(zip(slice_fields, self._spec.slice_fields)),
+                              probs_field=probs_field if num_classes is not None else None, num_classes=num_classes,
+                              embedding_field=embedding_field if dim is not None else None, dim=dim)
+        PredictionStatsFn(self._layout, self._spec).create_accumulator()  # checks the sizes here
+        self._dead_letters = False
+
+    def with_exception_handling(self) -> Statistics:
+        """Return (stats, dead_letters) instead of failing on a row that cannot be summarized."""
+        self._dead_letters = True
+        return self
+
+    def expand(self, rows):
+        parts = (rows
+                 | "Batches" >> beam.ParDo(Rebatch())
+                 | "Groups" >> beam.ParDo(_Groups(self._layout)).with_outputs(FAILED, main="groups"))
+        groups = (parts.groups
+                  | "Sketch" >> beam.CombinePerKey(PredictionStatsFn(self._layout, self._spec))
+                  | "Collect" >> beam.combiners.ToList())
+        failed = parts[FAILED]
+        n_failed = failed | "CountFailed" >> beam.combiners.Count.Globally()
+        stats = groups | "Arrange" >> beam.Map(_arranged, spec=self._spec, failed=beam.pvalue.AsSingleton(n_failed))
+        if self._dead_letters:
+            return stats, failed
+        _ = failed | "FailOnBadRow" >> beam.Map(_fail)
+        return stats
+
+
+def _arranged(groups: list, *, spec: StatsSpec, failed: int) -> dict:
+    return {"rows_failed": failed, **arrange(dict(groups), spec)}
+
+
+def _fail(letter: dict):
+    raise ValueError(f"{letter['error']}; use Statistics(...).with_exception_handling() to set such rows aside")
+
+
 class PredictionStatsFn(beam.CombineFn):
     """Combines chunks (rows, probs [N, C], embeddings [N, D], ids [N]) into a `PredictionStats` and
-    extracts its JSON (quantiles at `ranks`)."""
+    extracts its JSON (quantiles at the spec's ranks)."""
 
     def __init__(self, layout: Layout, spec: StatsSpec):
         self._layout, self._spec = layout, spec
@@ -249,24 +316,39 @@ class PredictionStatsFn(beam.CombineFn):
 
 
 class _Groups(beam.DoFn):
-    """A Batch of prediction rows -> (group key, chunk) for all rows and for each slice value's rows."""
+    """A Batch of prediction rows -> (group key, chunk) for all rows and for each slice value's rows, and
+    a dead letter (FAILED) for each row whose probabilities or embedding do not fit."""
 
     def __init__(self, layout: Layout):
         self._layout = layout
 
     def process(self, batch: Batch):
         lay = self._layout
+        errors: dict[int, str] = {}
         chunk = {"rows": len(batch)}
         if lay.num_classes is not None:
-            chunk["probs"] = _matrix(batch, lay.probs_field, lay.num_classes)  # [N, C]
+            chunk["probs"] = _matrix(batch, lay.probs_field, lay.num_classes, errors)  # [N, C]
         if lay.dim is not None:
-            chunk["embeddings"] = _matrix(batch, lay.embedding_field, lay.dim)  # [N, D]
+            chunk["embeddings"] = _matrix(batch, lay.embedding_field, lay.dim, errors)  # [N, D]
             chunk["ids"] = _column(batch, lay.id_field)
+        keep = list(range(len(batch)))
+        if errors:
+            ids = _column(batch, lay.id_field)
+            for i in sorted(errors):
+                yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
+                    stage="stats", error=f"{batch.where(i)}: {errors[i]}", record=batch.row(i), row_id=ids[i],
+                    source=batch.source, position=batch.positions[i] if batch.positions is not None else None,
+                    unit=batch.unit))
+            keep = [i for i in keep if i not in errors]
+            chunk = _take(chunk, keep)
+        if not keep:
+            return
         yield OVERALL, chunk
         for column, field in lay.slices:
+            values = _column(batch, column)
             groups: dict[str, list[int]] = {}
-            for i, value in enumerate(_column(batch, column)):
-                groups.setdefault(slice_value(value), []).append(i)
+            for j, i in enumerate(keep):
+                groups.setdefault(slice_value(values[i]), []).append(j)
             for value, index in groups.items():
                 yield (field, value), _take(chunk, index)
 
@@ -296,57 +378,74 @@ def _column(batch: Batch, field: str) -> list:
     return [row.get(field) for row in batch.rows]
 
 
-def _matrix(batch: Batch, field: str, width: int) -> np.ndarray:
-    """Field `field` of every row as [N, width] float64; ValueError naming the first row that does not fit."""
+def _matrix(batch: Batch, field: str, width: int, errors: dict[int, str]) -> np.ndarray:
+    """Field `field` of every row as [N, width] float64; a row that does not fit gets an error in
+    `errors` (its row of the result is zeros)."""
     table = batch.table
     if table is not None and field in table.column_names:
         column = table.column(field)
         t = column.type
         if pa.types.is_fixed_size_list(t) and t.list_size == width and not column.null_count:
             flat = column.combine_chunks().flatten()
-            if not flat.null_count:
+            if not flat.null_count and (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)):
                 return flat.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(batch), width)
-    rows = _column(batch, field)
-    out = np.empty((len(rows), width), np.float64)
-    for i, value in enumerate(rows):
-        vector = np.asarray(value if value is not None else [], np.float64)
+    out = np.zeros((len(batch), width), np.float64)
+    for i, value in enumerate(_column(batch, field)):
+        if value is None:
+            errors.setdefault(i, f"field {field!r} is missing or null")
+            continue
+        try:
+            vector = np.asarray(value, np.float64)
+        except (TypeError, ValueError):
+            errors.setdefault(i, f"field {field!r} holds {_short(value)}, not {width} numbers")
+            continue
         if vector.shape != (width,):
-            raise ValueError(f"{batch.where(i)}: prediction field {field!r} has shape {vector.shape}, expected "
-                             f"({width},) like the first row's; the predictions mix outputs of different models")
+            errors.setdefault(i, f"field {field!r} has shape {list(vector.shape)}, expected [{width}]")
+            continue
         out[i] = vector
     return out
 
 
-def aggregate(files: list[str], layout: Layout, spec: StatsSpec, pipeline_args: list[str] | None = None, *,
-              scratch: str) -> dict[tuple[str, str], dict]:
-    """Runs the statistics pipeline over prediction files; returns {group key: PredictionStats JSON}.
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
-    scratch: a directory for the one small file that hands the groups' results back (then deleted).
-    Raises JobFailed when the pipeline fails.
+
+def aggregate(files: list[str], layout: Layout, spec: StatsSpec, pipeline_args: list[str] | None = None, *,
+              out: str) -> dict:
+    """Runs the statistics pipeline over prediction files; returns `Statistics`' dict.
+
+    out: the job's directory: rows that cannot be summarized go to out/failed-stats-*.jsonl, and one
+    small file hands the result back (then deleted).  Raises JobFailed when the pipeline fails.
     """
+    stale = [m.path for m in FileSystems.match([FileSystems.join(escape_glob(out), "failed-stats-*")])[0].metadata_list]
+    if stale:
+        delete(stale)
     options = PipelineOptions(pipeline_args or [])
-    handoff = FileSystems.join(scratch, f".tmp-stats-{uuid.uuid4().hex}.json")
+    handoff = FileSystems.join(out, f".tmp-stats-{uuid.uuid4().hex}.json")
+    statistics = Statistics(num_classes=layout.num_classes, dim=layout.dim,
+                            probs_field=layout.probs_field or "probs",
+                            embedding_field=layout.embedding_field or "embedding", id_field=layout.id_field,
+                            slice_fields=[c for c, _ in layout.slices], quantiles=spec.quantiles,
+                            sketch_k=spec.sketch_k, sample_size=spec.sample_size, seed=spec.seed,
+                            max_slice_values=spec.max_slice_values, field_names=dict(layout.slices))
     p = beam.Pipeline(runner=run_job._default_runner(options), options=options)
-    _ = (p
-         | "ReadPredictions" >> io.ReadDataset(files=files)
-         | "Groups" >> beam.ParDo(_Groups(layout))
-         | "Sketch" >> beam.CombinePerKey(PredictionStatsFn(layout, spec))
-         | "Collect" >> beam.combiners.ToList()
-         | "HandBack" >> beam.Map(_write_handoff, handoff))
+    result, failed = p | "ReadPredictions" >> io.ReadDataset(files=files) | statistics.with_exception_handling()
+    _ = failed | "WriteFailed" >> io.WriteDataset(out, format="jsonl", prefix="failed-stats")
+    _ = result | "HandBack" >> beam.Map(_hand_back, handoff)
     try:
         p.run().wait_until_finish()
     except Exception as e:  # noqa: BLE001 -- any pipeline failure: say what failed
         raise JobFailed(f"the statistics pipeline over {len(files)} prediction files failed: "
                         f"{run_job._cause(e)}; rerun the same command (the predictions are kept)") from e
     with FileSystems.open(handoff) as f:
-        groups = json.loads(f.read())
+        result = json.loads(f.read())
     delete([handoff])
-    return {tuple(key): value for key, value in groups}
+    return result
 
 
-def _write_handoff(groups: list, path: str) -> None:
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(sorted(groups, key=lambda g: g[0])).encode("utf-8"))
+def _hand_back(result: dict, path: str) -> None:
+    run_job._write_json(path, result)
 
 
 def arrange(groups: dict[tuple[str, str], dict], spec: StatsSpec) -> dict:

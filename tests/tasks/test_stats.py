@@ -61,8 +61,9 @@ def digits_runs(tmp_path_factory):
     files = job.prediction_files(JobSpec(input=str(root / "seven" / "*.jsonl"), output=str(out / "predictions")))
     assert len(files) == 7
     layout = job.find_layout(files, spec, id_field="id", slice_columns=job.slice_columns(model, spec.slice_fields))
-    groups = job.aggregate(files, layout, spec, WORKERS, scratch=str(root))
-    two = {**result, **job.arrange(groups, spec)}
+    summarized = job.aggregate(files, layout, spec, WORKERS, out=str(root / "two-workers"))
+    assert summarized.pop("rows_failed") == 0
+    two = {**result, **summarized}
     two["drift"] = job.drift(two, runs["one"][0])
     runs["seven-2-workers"] = two, out
     return runs
@@ -88,6 +89,7 @@ def test_digits_stats_are_identical_across_files_and_worker_processes(digits_run
     (one, _), (seven, _), (two, _) = (digits_runs[k] for k in ("one", "seven", "seven-2-workers"))
     for result in (one, seven, two):
         assert (result["rows_in"], result["rows_out"], result["rows_failed"]) == (ROWS, ROWS, 0)
+    assert one["rows_failed_stats"] == seven["rows_failed_stats"] == 0
     groups = [_groups(r) for r in (one, seven, two)]
     assert list(groups[0])[:3] == ["overall", "grp=even", "grp=odd"]
     assert sorted(list(groups[0])[3:]) == [f"label={k}" for k in range(10)]
@@ -214,3 +216,31 @@ def test_a_model_without_probs_or_embedding_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="'length' should be a vector"):
         job.stats(CountingModel(), JobSpec(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o")),
                   job.StatsSpec(embedding_field="length"))
+
+
+def test_statistics_transform_sets_aside_rows_that_do_not_fit(tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from bulkinfer.metrics.prediction_stats import PredictionStats
+
+    rng = np.random.default_rng(9)
+    probs = rng.dirichlet(np.ones(3), 40)
+    rows = [{"id": i, "probs": probs[i].tolist(), "src": "a" if i < 25 else "b"} for i in range(40)]
+    bad = [{"id": 100, "probs": [0.5, 0.5]}, {"id": 101}, {"id": 102, "probs": "high"}]
+    expected = PredictionStats(num_classes=3)
+    expected.add(rows=40, probs=probs)
+    with beam.Pipeline() as p:
+        stats, failed = (p | beam.Create(rows + bad, reshuffle=False)
+                         | job.Statistics(num_classes=3, slice_fields=["src"]).with_exception_handling())
+        assert_that(stats | beam.Map(lambda s: (s["rows_failed"], s["overall"]["classifier"]["class_counts"],
+                                                s["overall"]["rows"], sorted(s["slices"]["src"]),
+                                                s["slices"]["src"]["b"]["rows"])),
+                    equal_to([(3, expected.to_json()["classifier"]["class_counts"], 40, ["a", "b"], 15)]),
+                    label="stats")
+        assert_that(failed | beam.Map(lambda d: (d["id"], d["stage"], d["error"].split(": ", 1)[1])), equal_to([
+            (100, "stats", "field 'probs' has shape [2], expected [3]"),
+            (101, "stats", "field 'probs' is missing or null"),
+            (102, "stats", "field 'probs' holds 'high', not 3 numbers")]), label="failed")
+    with pytest.raises(ValueError, match="neither|probabilities .num_classes. or embeddings"):
+        job.Statistics()
