@@ -10,9 +10,11 @@
                            mean and variance, mean pairwise cosine on a bottom-k sample by id hash;
                        and with a baseline, "drift": Jensen-Shannon distances per distribution
     DIR/report.html    class distribution, confidence histogram and drift figures (also as PNG files)
+    DIR/failed-stats-*.jsonl  prediction rows whose probabilities or embedding do not fit (rows_failed_stats)
 
     >>> from bulkinfer.tasks.run import JobSpec
     >>> stats("digits", JobSpec(input="data/digits/*.jsonl", output="out/"), StatsSpec(slice_fields=("grp",)))
+    >>> predictions | Statistics(num_classes=10)       # the same aggregation in your own pipeline
 
 The run job goes first, then one more Beam pipeline reads the committed prediction files and aggregates
 them with `beam.CombinePerKey` over `metrics.PredictionStats` accumulators: no rows are collected on one
