@@ -221,9 +221,11 @@ def _as_ints(column: np.ndarray) -> np.ndarray:
 
 
 def id_hash(row_id, seed: int = 0) -> int:
-    """A 64-bit hash of a row id (BLAKE2b of its JSON text and the seed): the same on every worker and run.
+    """A 64-bit hash of a row id's text (BLAKE2b, keyed by the seed): the same on every worker and run.
 
-    Numbers and strings are hashed as their JSON text, so the id 7 and the id "7" differ.
+    A string is its own text and anything else its JSON text, so the id 7 and the id "7" hash alike:
+    Parquet stores a column of mixed integer and text ids as text, and a file's storage must not change
+    which rows are sampled.
     """
     return _hash_text(_id_text(row_id), seed.to_bytes(8, "little", signed=False))
 
@@ -239,7 +241,8 @@ class BottomKSample:
 
     Every part keeps its own k smallest, and the union's k smallest are those of the whole stream, so any
     split and merge order gives the same rows.  Ties of the 64-bit hash are broken by the id's text and
-    then the vector's bytes.  Rows without an id (None) are not sampled and are counted in `skipped`.
+    then the vector's bytes (so a repeated id, or ids 7 and "7", are ordered the same way everywhere).
+    Rows without an id (None) are not sampled and are counted in `skipped`.
     """
 
     def __init__(self, k: int, dim: int, *, seed: int = 0):
@@ -286,7 +289,9 @@ class BottomKSample:
 
 
 def _id_text(row_id) -> str:
-    """The id's JSON text (numpy scalars as their Python value), so 7 and "7" differ."""
+    """A string as it is; anything else as its JSON text (numpy scalars as their Python value)."""
+    if isinstance(row_id, str):
+        return row_id
     if hasattr(row_id, "item"):
         row_id = row_id.item()
     return json.dumps(row_id, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
