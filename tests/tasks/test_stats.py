@@ -1,4 +1,5 @@
-"""`bulkinfer stats` end to end: digits and MiniLM, 1 vs 7 files and 1 vs 2 workers, drift, the report in Chromium."""
+"""`bulkinfer stats` end to end: digits and MiniLM, 1 vs 7 files (Parquet vs JSONL predictions) and 1 vs 2
+workers, drift, the report in Chromium, the Statistics transform's dead letters."""
 
 import json
 import os
@@ -47,18 +48,19 @@ def digits_runs(tmp_path_factory):
     model = model_spec("digits")
     spec = job.StatsSpec(slice_fields=("grp", "label"))  # "label" is also an output of digits
 
-    def stats(name, data, args=(), **settings):
+    def stats(name, data, args=(), fmt="parquet", **settings):
         out = root / "out" / name
-        return job.stats(model, JobSpec(input=str(root / data / "*.jsonl"), output=str(out)),
+        return job.stats(model, JobSpec(input=str(root / data / "*.jsonl"), output=str(out), format=fmt),
                          job.StatsSpec(**{**spec.__dict__, **settings}), list(args)), out
 
     runs = {"one": stats("one", "one")}
-    runs["seven"] = stats("seven", "seven", report=False)
+    runs["seven"] = stats("seven", "seven", fmt="jsonl", report=False)  # predictions as JSONL lists
     runs["shifted"] = stats("shifted", "shifted", baseline=str(root / "out" / "one"))
     # The statistics pipeline again over the 7 files' predictions, on 2 worker processes (each pickles
     # its partial accumulators to the other), and the drift of those against the 1-file run.
     result, out = runs["seven"]
-    files = job.prediction_files(JobSpec(input=str(root / "seven" / "*.jsonl"), output=str(out / "predictions")))
+    files = job.prediction_files(JobSpec(input=str(root / "seven" / "*.jsonl"), output=str(out / "predictions"),
+                                         format="jsonl"))
     assert len(files) == 7
     layout = job.find_layout(files, spec, id_field="id", slice_columns=job.slice_columns(model, spec.slice_fields))
     summarized = job.aggregate(files, layout, spec, WORKERS, out=str(root / "two-workers"))
@@ -70,7 +72,12 @@ def digits_runs(tmp_path_factory):
 
 
 def _predictions(out: Path) -> list[dict]:
-    return [r for f in sorted((out / "predictions").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    """The prediction rows of a stats run (Parquet or JSONL)."""
+    rows = []
+    for f in sorted((out / "predictions").glob("part-*")):
+        rows += pq.read_table(f).to_pylist() if f.suffix == ".parquet" else [
+            json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()]
+    return rows
 
 
 def _without_quantiles(group: dict) -> dict:
