@@ -457,7 +457,7 @@ def _eval(args, beam_args) -> int:
                            max_drop=args.max_drop)
         metrics = ev.evaluate(_job_model(args), _job_spec(args), spec, beam_args)
     except ev.GateFailed as e:
-        print(ev.summary(ev.read_baseline(args.output)), file=sys.stdout)
+        print(ev.summary(e.metrics))
         print(f"bulkinfer eval: {e}", file=sys.stderr)
         return ev.GATE_FAILED_EXIT
     except (job.JobFailed, ev.NothingEvaluated) as e:

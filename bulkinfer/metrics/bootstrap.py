@@ -10,8 +10,8 @@ the metric itself and merged like it.
 The weight is a pure function of (seed, row id, replicate), counter-based as in Salmon et al. 2011
 ("Parallel random numbers: as easy as 1, 2, 3"): the row id and seed are hashed once with BLAKE2b to a
 64-bit key, replicate r's uniform is splitmix64(key + (r + 1) * golden gamma) (Steele, Lea & Flood 2014,
-"Fast splittable pseudorandom number generators"; the generator of Java's SplittableRandom), and the
-uniform becomes a Poisson(1) count by inverting its CDF.  So the weights, and every interval computed
+"Fast splittable pseudorandom number generators"; the generator of Java's SplittableRandom), and its top
+53 bits become a Poisson(1) count by inverting the CDF.  So the weights, and every interval computed
 from them, are identical however the rows are sharded, ordered or batched.
 
     >>> keys = row_keys(["a", "b", 7], seed=0)          # uint64 [3]
@@ -32,17 +32,24 @@ GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 # no 53-bit uniform reaches past it.
 MAX_WEIGHT = 20
 _POISSON1_CDF = np.cumsum([math.exp(-1) / math.factorial(k) for k in range(MAX_WEIGHT + 1)])
-_POISSON1_CDF[-1] = 1.0
+# A 53-bit uniform integer b gives the weight #{k : b >= THRESHOLDS[k]}: the inverse of the CDF.
+# P(K > 20) < 1e-19 < 2^-53, so no 53-bit value reaches past the last threshold.
+_THRESHOLDS = np.minimum(np.round(_POISSON1_CDF[:MAX_WEIGHT] * (1 << 53)), (1 << 53) - 1).astype(np.uint64)
 
 
 def row_key(row_id, seed: int) -> int:
-    """A row's 64-bit key: BLAKE2b (8 bytes) of the seed and the id's JSON text (so 7 and "7" differ).
+    """A row's 64-bit key: BLAKE2b (8 bytes, keyed by the seed) of the id's text.
 
-    Raises ValueError for a missing (None) id: its weights would be those of every other missing id.
+    The text of a string id is itself, of any other id its JSON (7 -> "7"), so the id 7 and the id "7"
+    weigh the same: a file format that stores ids as text (CSV, or Parquet where one file mixes
+    numbers and strings in its id column) does not change the weights.  Raises ValueError for a
+    missing (None) id: its weights would be those of every other missing id.
     """
     if row_id is None:
         raise ValueError("the row has no id; bootstrap weights derive from the row id, so every row needs one")
-    text = json.dumps(row_id, sort_keys=True, default=str, ensure_ascii=False)
+    if hasattr(row_id, "tolist"):  # numpy scalars
+        row_id = row_id.tolist()
+    text = row_id if isinstance(row_id, str) else json.dumps(row_id, sort_keys=True, default=str, ensure_ascii=False)
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
                              key=int(seed).to_bytes(16, "little", signed=True)).digest()
     return int.from_bytes(digest, "little")
@@ -75,9 +82,14 @@ def poisson_weights(keys: np.ndarray, replicates: int, *, start: int = 0) -> np.
     r = np.arange(start + 1, start + replicates + 1, dtype=np.uint64)              # [R]
     with np.errstate(over="ignore"):
         counters = keys.astype(np.uint64)[:, None] + r[None, :] * GOLDEN_GAMMA     # [N, R]
-    bits = splitmix64(counters) >> np.uint64(11)                                    # 53 random bits
-    u = bits.astype(np.float64) * (1.0 / (1 << 53))                                 # [N, R] in [0, 1)
-    return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.int64)
+    bits = splitmix64(counters) >> np.uint64(11)                                    # [N, R] 53 random bits
+    weights = np.zeros(bits.shape, np.int8)
+    for threshold in _THRESHOLDS:  # weight k needs k thresholds passed; stop where none is
+        passed = bits >= threshold
+        if not passed.any():
+            break
+        weights += passed
+    return weights.astype(np.int64)
 
 
 def percentile_interval(values: Sequence[float] | np.ndarray, percentiles: Sequence[float] = (2.5, 97.5)) -> list:

@@ -14,6 +14,8 @@ State (fixed size, `replicates` R rows deep, R = 1 without the bootstrap):
 Every sum is an integer: counts, and real values in fixed point (round(x * 2^32), summed as Python
 ints, which never overflow).  Integer addition is associative, so merging in any order, over any
 sharding, gives bit-identical state and so identical metrics.  The rounding costs < 2^-33 per row.
+With replicates, a batch is added as one matrix product per 8192 rows, weights [R, m] @ per-row features [m, K], in
+float64 on exact integers small enough (< 2^19, fixed-point values in two parts) that every sum is exact.
 
 Definitions (those of scikit-learn 1.9, which the tests check value for value):
 - accuracy: `accuracy_score`.
@@ -38,6 +40,10 @@ ECE_BINS = 15
 SCALE = 1 << 32                  # fixed point: a real x is summed as round(x * SCALE)
 CHUNK_ROWS = 1024                # rows per bincount, so that every float64 partial sum stays an exact integer
 MAX_STATE = 50_000_000           # R * C * C cells at most (400 MB)
+MAX_WEIGHT = 20                  # a row's weight in a replicate (Poisson(1) draws stop there)
+SPLIT = 19                       # fixed-point values (< 2^38) are summed as two parts below 2^19
+MATMUL_ROWS = 8192               # rows per matmul: sums <= MAX_WEIGHT * 2^19 * 8192 < 2^53, exact in float64
+MATMUL_CELLS = 1024              # confusion matrices up to this many cells go through the matmul, larger ones bincount
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "log_loss": False, "brier": False, "ece": False}
 HEADLINE = tuple(HIGHER_IS_BETTER)
 
@@ -93,6 +99,43 @@ def _as_python_ints(a: np.ndarray) -> np.ndarray:
     return a.astype(object)
 
 
+def _width(c: int) -> int:
+    """Feature columns of `_features`: C*C one-hot cells (0 if counted apart), then 4 x 15 bin columns, 4 sums."""
+    return c * c + 4 * ECE_BINS + 4
+
+
+def _features(t: dict, rows: slice, c: int) -> np.ndarray:
+    """float64 [m, K] per-row features whose weighted column sums are the state, every entry an integer
+    below 2^SPLIT: one-hot confusion cell (when c > 0), one-hot bin, bin x correct, bin x confidence
+    (high and low parts), log loss and Brier (high and low parts)."""
+    bins = t["bin"][rows]
+    m = len(bins)
+    f = np.zeros((m, _width(c)), np.float64)
+    at = np.arange(m)
+    k = c * c
+    if c:
+        f[at, t["cell"][rows]] = 1
+    b = ECE_BINS
+    conf_hi, conf_lo = _split(t["conf"][rows])
+    f[at, k + bins] = 1
+    f[at, k + b + bins] = t["correct"][rows]
+    f[at, k + 2 * b + bins] = conf_hi
+    f[at, k + 3 * b + bins] = conf_lo
+    f[:, k + 4 * b], f[:, k + 4 * b + 1] = _split(t["log_loss"][rows])
+    f[:, k + 4 * b + 2], f[:, k + 4 * b + 3] = _split(t["brier"][rows])
+    return f
+
+
+def _split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed-point int64 x (0 <= x < 2^(2 SPLIT)) -> (x >> SPLIT, x & (2^SPLIT - 1))."""
+    return x >> SPLIT, x & ((1 << SPLIT) - 1)
+
+
+def _join(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Sums of the parts of `_split` -> the sums as Python ints (never overflowing)."""
+    return _as_python_ints(hi) * (1 << SPLIT) + _as_python_ints(lo)
+
+
 @dataclasses.dataclass
 class ClassificationCounts:
     """The mergeable state of the module docstring, for `num_classes` classes and `replicates` replicates.
@@ -136,14 +179,36 @@ class ClassificationCounts:
         c, r = self.num_classes, self.replicates
         if weights is None:
             weights = np.ones((n, r), np.int64)
+        if weights.shape != (n, r) or (weights.size and (weights.min() < 0 or weights.max() > MAX_WEIGHT)):
+            raise ValueError(f"weights must be int [{n}, {r}] in 0..{MAX_WEIGHT}, got shape {list(weights.shape)}")
         t = row_terms(labels, probs)
-        self.confusion += _weighted_sums(weights, t["cell"], c * c).reshape(r, c, c)
-        self.bin_count += _weighted_sums(weights, t["bin"], ECE_BINS)
-        self.bin_correct += _weighted_sums(weights, t["bin"], ECE_BINS, t["correct"])
-        zero = np.zeros(n, np.int64)
-        self.log_loss = self.log_loss + _as_python_ints(_weighted_sums(weights, zero, 1, t["log_loss"])[:, 0])
-        self.brier = self.brier + _as_python_ints(_weighted_sums(weights, zero, 1, t["brier"])[:, 0])
-        self.bin_conf = self.bin_conf + _as_python_ints(_weighted_sums(weights, t["bin"], ECE_BINS, t["conf"]))
+        if r == 1:  # one replicate: bincounts, no feature matrix
+            self.confusion += _weighted_sums(weights, t["cell"], c * c).reshape(r, c, c)
+            self.bin_count += _weighted_sums(weights, t["bin"], ECE_BINS)
+            self.bin_correct += _weighted_sums(weights, t["bin"], ECE_BINS, t["correct"])
+            zero = np.zeros(n, np.int64)
+            self.log_loss = self.log_loss + _as_python_ints(_weighted_sums(weights, zero, 1, t["log_loss"])[:, 0])
+            self.brier = self.brier + _as_python_ints(_weighted_sums(weights, zero, 1, t["brier"])[:, 0])
+            self.bin_conf = self.bin_conf + _as_python_ints(_weighted_sums(weights, t["bin"], ECE_BINS, t["conf"]))
+            return self
+        matmul_cells = c * c <= MATMUL_CELLS
+        totals = np.zeros((r, _width(c if matmul_cells else 0)), np.int64)
+        for s in range(0, n, MATMUL_ROWS):
+            rows = slice(s, s + MATMUL_ROWS)
+            f = _features(t, rows, c if matmul_cells else 0)                        # [m, K] exact integers
+            # [R, m] @ [m, K]: every product and partial sum is an integer below 2^53, so float64 is exact.
+            totals += np.rint(weights[rows].T.astype(np.float64) @ f).astype(np.int64)
+        b = ECE_BINS
+        k = c * c if matmul_cells else 0
+        if matmul_cells:
+            self.confusion += totals[:, :k].reshape(r, c, c)
+        else:
+            self.confusion += _weighted_sums(weights, t["cell"], c * c).reshape(r, c, c)
+        self.bin_count += totals[:, k:k + b]
+        self.bin_correct += totals[:, k + b:k + 2 * b]
+        self.bin_conf = self.bin_conf + _join(totals[:, k + 2 * b:k + 3 * b], totals[:, k + 3 * b:k + 4 * b])
+        self.log_loss = self.log_loss + _join(totals[:, k + 4 * b], totals[:, k + 4 * b + 1])
+        self.brier = self.brier + _join(totals[:, k + 4 * b + 2], totals[:, k + 4 * b + 3])
         return self
 
     def merge(self, others) -> ClassificationCounts:

@@ -111,6 +111,10 @@ def _reliability(cal: dict):
            label="accuracy in bin")
     ax.plot(confidence, accuracy, "o", color="#e45756", markersize=4, label="mean confidence in bin")
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
+    for x, n in zip(centers, count):
+        if n:  # how many rows each bar stands on, at its foot
+            ax.text(x, 0.01, f"{int(n)}", ha="center", va="bottom", fontsize=6, color="black",
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("top-label confidence")
@@ -125,6 +129,9 @@ def _confidence(cal: dict):
     fig = figure(width=4.8, height=4.2)
     ax = fig.add_subplot()
     ax.bar(edges[:-1], count, width=np.diff(edges), align="edge", color="#72b7b2", edgecolor="white")
+    for left, n in zip(edges[:-1], count):
+        if n:
+            ax.text(left + (edges[1] - edges[0]) / 2, n, f"{int(n)}", ha="center", va="bottom", fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_xlabel("top-label confidence")
     ax.set_ylabel("rows")
@@ -142,5 +149,5 @@ def _per_class(pc: dict, labels: list[str]):
         ax.set_xticks(x, labels, rotation=90 if c > 10 or max(map(len, labels)) > 3 else 0)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("class")
-    ax.legend(fontsize=8, ncols=3, loc="lower right")
+    fig.legend(fontsize=8, ncols=3, loc="outside upper center")
     return fig

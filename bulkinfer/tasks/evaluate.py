@@ -49,7 +49,13 @@ GATE_FAILED_EXIT = 3
 
 
 class GateFailed(RuntimeError):
-    """A headline metric dropped below the baseline by more than max_drop beyond its interval."""
+    """A headline metric dropped below the baseline by more than max_drop beyond its interval.
+
+    metrics: the evaluation's metrics (written to metrics.json before this is raised)."""
+
+    def __init__(self, message: str, metrics: dict):
+        super().__init__(message)
+        self.metrics = metrics
 
 
 class NothingEvaluated(RuntimeError):
@@ -115,7 +121,8 @@ class Evaluate(beam.PTransform):
     hi]}}, and with slice_fields "slices": {field: {value: metrics}} (value as text; null as "null").
 
     Aggregation runs in Beam combiners over `ClassificationCounts` (integer state), so the numbers are
-    identical for any sharding, bundle size or worker count.  A bad row fails the pipeline, unless
+    identical for any sharding, bundle size or worker count.  Slices get the metrics without intervals.
+    Rows are aggregated in the global window (a bounded dataset).  A bad row fails the pipeline, unless
     `.with_exception_handling()` is called: then the transform returns (metrics, dead_letters).
 
     Raises ValueError for num_classes < 2 or too many replicates for num_classes (see ClassificationCounts).
@@ -491,7 +498,7 @@ def evaluate(model, job: run_job.JobSpec, spec: EvalSpec, pipeline_args: list[st
     if baseline is not None and not metrics["baseline"]["passed"]:
         failed = [k for k, v in metrics["baseline"]["metrics"].items() if v["failed"]]
         raise GateFailed(f"{', '.join(failed)} dropped below the baseline {spec.baseline} by more than "
-                         f"max_drop {spec.max_drop} beyond the interval; see {out}/metrics.json")
+                         f"max_drop {spec.max_drop} beyond the interval; see {out}/metrics.json", metrics)
     return metrics
 
 

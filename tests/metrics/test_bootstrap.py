@@ -16,7 +16,8 @@ def test_weights_depend_only_on_seed_id_and_replicate():
     assert (again == w[perm]).all()                                           # order and batching do not matter
     assert (poisson_weights(row_keys(ids, seed=3), 10, start=20) == w[:, 20:]).all()
     assert not (poisson_weights(row_keys(ids, seed=4), 30) == w).all()        # the seed does
-    assert row_key(7, 0) != row_key("7", 0)
+    assert row_key(7, 0) == row_key("7", 0) == row_key(np.int64(7), 0)  # a CSV's "7" is a JSON file's 7
+    assert row_key(7, 0) != row_key(8, 0) and row_key(7, 0) != row_key(7, 1)
 
 
 def test_weights_are_poisson_1():
