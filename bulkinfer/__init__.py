@@ -20,6 +20,7 @@ _EXPORTS = {
     "JaxModel": "bulkinfer.models.jax_model",
     "JaxModelHandler": "bulkinfer.beam.handler",
     "Rebatch": "bulkinfer.beam.batch",
+    "Statistics": "bulkinfer.tasks.stats",
     "TextEmbedder": "bulkinfer.models.text",
     "Unbatch": "bulkinfer.beam.batch",
     "io": "bulkinfer.io",
