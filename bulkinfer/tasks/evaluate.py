@@ -33,9 +33,9 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from bulkinfer.beam import commit, io
+from bulkinfer.beam import io
 from bulkinfer.beam.batch import FAILED, Batch, dead_letter
-from bulkinfer.beam.units import escape_glob, plan_units
+from bulkinfer.beam.units import escape_glob
 from bulkinfer.metrics.bootstrap import percentile_interval, poisson_weights, row_key
 from bulkinfer.metrics.classification import HEADLINE, HIGHER_IS_BETTER, ClassificationCounts
 from bulkinfer.tasks import run as run_job
@@ -478,7 +478,7 @@ def evaluate(model, job: run_job.JobSpec, spec: EvalSpec, pipeline_args: list[st
     if report["units_done"] != report["units"] or not report["reconciled"]:
         raise run_job.JobFailed(f"the prediction run committed {report['units_done']} of {report['units']} units "
                                 f"(reconciled: {report['reconciled']}); rerun the same command to finish it")
-    files = _committed_files(pred_job)
+    files = run_job.prediction_files(pred_job)
     result = _evaluate_files(files, out, num_classes=num_classes, label_field=kept[0],
                              slice_fields=dict(zip(kept[1:], spec.slice_fields)), spec=spec, id_field=job.id_field,
                              pipeline_args=pipeline_args)
@@ -500,13 +500,6 @@ def evaluate(model, job: run_job.JobSpec, spec: EvalSpec, pipeline_args: list[st
         raise GateFailed(f"{', '.join(failed)} dropped below the baseline {spec.baseline} by more than "
                          f"max_drop {spec.max_drop} beyond the interval; see {out}/metrics.json", metrics)
     return metrics
-
-
-def _committed_files(job: run_job.JobSpec) -> list[str]:
-    """The prediction files of the units of job.input that are committed in job.output."""
-    keys = {u.key for u in plan_units(io.match_files(job.input), job.unit_size)}
-    records = {k: r for k, r in commit.committed(job.out).items() if k in keys}
-    return sorted(FileSystems.join(job.out, f) for r in records.values() for f in r["files"])
 
 
 def _evaluate_files(files: list[str], out: str, *, num_classes: int, label_field: str, slice_fields: dict,

@@ -184,6 +184,14 @@ def prepare_output(model, job: JobSpec, units: list[Unit]) -> Plan:
     return Plan(units=units, todo=todo, skipped=len(units) - len(todo), resumed=resumed, reprocessed=reprocessed)
 
 
+def prediction_files(job: JobSpec) -> list[str]:
+    """The committed prediction files (part-*, never the dead letters) of the units of job.input in
+    job.output, sorted: what a job that reads a run's predictions (eval, stats) aggregates."""
+    keys = {u.key for u in plan_units(io.match_files(job.input), job.unit_size)}
+    return sorted(FileSystems.join(job.out, f) for key, record in commit.committed(job.out).items() if key in keys
+                  for f in record["files"] if f.startswith("part-"))
+
+
 def _read_json(path: str, default):
     if not FileSystems.exists(path):
         return default

@@ -37,9 +37,9 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from bulkinfer.beam import commit, io
+from bulkinfer.beam import io
 from bulkinfer.beam.batch import FAILED, Batch, Rebatch, dead_letter
-from bulkinfer.beam.units import delete, escape_glob, input_format, plan_units
+from bulkinfer.beam.units import delete, escape_glob, input_format
 from bulkinfer.metrics.drift import stats_drift
 from bulkinfer.metrics.prediction_stats import DEFAULT_SAMPLE, QUANTILES, PredictionStats
 from bulkinfer.metrics.sketches import DEFAULT_K
@@ -130,7 +130,7 @@ def stats(model, job: JobSpec, spec: StatsSpec = StatsSpec(), pipeline_args: lis
         raise JobFailed(f"the predictions in {predictions.out} are incomplete (rows_in {report['rows_in']}, rows_out "
                         f"{report['rows_out']}, rows_failed {report['rows_failed']}; units {report['units_done']} of "
                         f"{report['units']}); rerun the same command to finish them")
-    files = prediction_files(predictions)
+    files = run_job.prediction_files(predictions)
     layout = find_layout(files, spec, id_field=job.id_field, slice_columns=columns)
     summarized = (aggregate(files, layout, spec, pipeline_args, out=job.out) if layout
                   else {"rows_failed": 0, **arrange({}, spec)})
@@ -165,14 +165,6 @@ def slice_columns(model, slice_fields: Sequence[str]) -> dict[str, str]:
 
     outputs = {o.name for o in load_shared(model).outputs}
     return {f: f"slice_{f}" if f in outputs else f for f in slice_fields}
-
-
-def prediction_files(job: JobSpec) -> list[str]:
-    """The committed prediction files (part-*, not the dead letters) of the units of job.input in
-    job.output, sorted."""
-    keys = {u.key for u in plan_units(io.match_files(job.input), job.unit_size)}
-    return sorted(FileSystems.join(job.out, f) for key, record in commit.committed(job.out).items() if key in keys
-                  for f in record["files"] if f.startswith("part-"))
 
 
 def find_layout(files: list[str], spec: StatsSpec, *, id_field: str,

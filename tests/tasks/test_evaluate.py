@@ -111,7 +111,8 @@ def digits_evals(tmp_path_factory):
     # Integer ids in the first 70 rows: the first of seven files holds only numbers, the one file a mix,
     # which Parquet stores as text; the bootstrap weighs the id 7 as the id "7".
     lines = [json.dumps({**json.loads(line), "id": i}) if i < 70 else line for i, line in enumerate(lines)]
-    lines.append(json.dumps({"id": "not-a-digit", "pixels": [0] * 64, "label": 10}))
+    lines.append(json.dumps({"id": "not-a-digit", "pixels": [0] * 64, "label": 10}))  # set aside by eval
+    lines.append(json.dumps({"id": "no-pixels", "label": 3}))  # a dead letter of the prediction run, counted once
     one = root / "one"
     one.mkdir()
     (one / "all.jsonl").write_text("\n".join(lines) + "\n")
@@ -137,7 +138,7 @@ def _metrics(out: Path) -> dict:
 def test_digits_end_to_end_equals_sklearn_on_the_predictions(digits_evals):
     out = digits_evals["one"]
     m = _metrics(out)
-    assert (m["rows_in"], m["rows_out"], m["rows_failed"]) == (451, 451, 0)
+    assert (m["rows_in"], m["rows_out"], m["rows_failed"]) == (452, 451, 1)
     assert (m["rows_evaluated"], m["rows_failed_eval"], m["label_kept_as"]) == (450, 1, "true_label")
     [letter] = [json.loads(line) for f in out.glob("failed-eval-*.jsonl") for line in f.read_text().splitlines()]
     assert letter["id"] == "not-a-digit" and "field 'label' (kept as 'true_label') holds 10" in letter["error"]

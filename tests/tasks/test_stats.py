@@ -15,7 +15,7 @@ from bulkinfer import cli
 from bulkinfer.metrics.sketches import id_hash
 from bulkinfer.models.resolve import model_spec
 from bulkinfer.tasks import stats as job
-from bulkinfer.tasks.run import JobSpec
+from bulkinfer.tasks.run import JobSpec, prediction_files
 from bulkinfer.testing import CountingModel
 
 ROWS = 350
@@ -59,7 +59,7 @@ def digits_runs(tmp_path_factory):
     # The statistics pipeline again over the 7 files' predictions, on 2 worker processes (each pickles
     # its partial accumulators to the other), and the drift of those against the 1-file run.
     result, out = runs["seven"]
-    files = job.prediction_files(JobSpec(input=str(root / "seven" / "*.jsonl"), output=str(out / "predictions"),
+    files = prediction_files(JobSpec(input=str(root / "seven" / "*.jsonl"), output=str(out / "predictions"),
                                          format="jsonl"))
     assert len(files) == 7
     layout = job.find_layout(files, spec, id_field="id", slice_columns=job.slice_columns(model, spec.slice_fields))
