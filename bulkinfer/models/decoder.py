@@ -202,7 +202,8 @@ def _rope_settings(c: Mapping) -> tuple[float, tuple | None]:
         params.setdefault("original_max_position_embeddings", c.get("max_position_embeddings"))
     if params["rope_type"] == "default" and len(params) == 1:
         return float(theta), None
-    return float(theta), tuple(sorted(params.items()))
+    # Hashable: DecoderConfig is a static argument (JSON lists, e.g. mrope_section, become tuples).
+    return float(theta), tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items()))
 
 
 def _llama_config(family: str, c: Mapping) -> DecoderConfig:
