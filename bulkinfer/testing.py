@@ -213,7 +213,7 @@ def kill_after_first_commit(cmd: list[str], out_dir, env: dict | None = None) ->
     proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not list(committed.glob("*.json")) and proc.poll() is None:  # polls a file, not a timer
+        while not list(committed.glob("[!.]*.json")) and proc.poll() is None:  # polls a file, not a timer
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -92,6 +92,8 @@ def committed(directory: str) -> dict[str, dict]:
     records = {}
     pattern = FileSystems.join(escape_glob(directory), COMMITTED, "*.json")
     for m in FileSystems.match([pattern])[0].metadata_list:
+        if m.path.rsplit("/", 1)[1].startswith(".tmp-"):  # a record being written (or a crash's leftover)
+            continue
         with FileSystems.open(m.path) as f:
             record = json.loads(f.read())
         records[record.get("key", m.path.rsplit("/", 1)[1].removesuffix(".json"))] = record

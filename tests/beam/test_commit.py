@@ -67,3 +67,13 @@ def test_a_bundle_holds_at_most_rows_per_file_rows_over_all_its_units(tmp_path):
                                                                 ("b", 3)]
     written = sorted(json.loads(line)["id"] for _, (_, temp, _) in reports for line in open(temp))
     assert written == sorted(f"{k}-{i}" for k in range(6) for i in range(3))
+
+
+def test_a_record_still_being_written_is_not_a_commit(tmp_path):
+    # A crash between creating a record's temporary file and renaming it leaves `.tmp-<key>.json`,
+    # empty or partial; it matches "*.json", yet it is no commit and must not break a resume.
+    records = tmp_path / commit.COMMITTED
+    records.mkdir()
+    (records / ".tmp-unit-a.json").write_text("")
+    (records / "unit-b.json").write_text(json.dumps({"key": "unit-b", "rows_in": 3}))
+    assert commit.committed(str(tmp_path)) == {"unit-b": {"key": "unit-b", "rows_in": 3}}
