@@ -522,6 +522,8 @@ def _distill(args, beam_args) -> int:
     if manifest.get("already_completed"):
         summary["already_completed"] = True
     print(json.dumps(summary))
+    return 0
+
 
 def _eval(args, beam_args) -> int:
     from bulkinfer.models import CheckpointError
