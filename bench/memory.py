@@ -10,7 +10,7 @@ read, embedded and written in a single bundle: if anything held rows for the who
 job would show it.  The peak resident set size of each process comes from `os.wait4` (the kernel's
 ru_maxrss of that child alone).  The job's output (384 float32 per row for MiniLM) is what could pile up.
 
-By default MiniLM runs with `--max-length 16` (texts truncated to 16 tokens) so that 200,000 rows take a
+By default MiniLM runs with `--max-length 8` (texts truncated to 8 tokens) so that 200,000 rows take a
 few minutes on 2 CPU cores; the output per row, and so what could accumulate, is the same as without it.
 """
 
@@ -45,10 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="10000,200000", help="job sizes, smallest first (default 10000,200000)")
     parser.add_argument("--model", default="minilm", help="--model of the job (default minilm)")
-    parser.add_argument("--max-length", type=int, default=16,
-                        help="--max-length of the job, in tokens (default 16; 0 for the model's own)")
+    parser.add_argument("--max-length", type=int, default=8,
+                        help="--max-length of the job, in tokens (default 8; 0 for the model's own)")
     parser.add_argument("--workdir", default=".bench/memory", help="scratch directory for input and output")
     parser.add_argument("--write", metavar="PATH", help="rewrite the memory block of this Markdown file")
+    parser.add_argument("--from-results", action="store_true",
+                        help="run nothing: write the block from the last run's WORKDIR/results.json")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.rows.split(",") if s.strip()]
     if len(args.sizes) < 2 or min(args.sizes) < 1:
@@ -87,14 +89,14 @@ def run_job(model: str, input_path: str, output: str, max_length: int) -> dict:
             "wall_s": wall, "rows_per_s": job["rows_per_s"], "reconciled": job["reconciled"], "stdout": stdout}
 
 
-def markdown(results: list[dict], args, when: str) -> str:
+def markdown(results: list[dict], args, when: str, commit: str) -> str:
     small, large = results[0], results[-1]
     ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
     setting = f"--max-length {args.max_length}" if args.max_length else "its own max length"
     lines = [
         BEGIN,
         f"Measured {when} with `make bench-memory` (runs `python bench/memory.py --write BENCHMARKS.md`), "
-        f"bulkinfer commit {report.commit()}.",
+        f"bulkinfer commit {commit}.",
         "",
         f"- Machine: {report.machine()}.",
         f"- Job: `bulkinfer run --model {args.model} --input texts-N.parquet --output DIR` "
@@ -126,6 +128,12 @@ def write_block(path: str, block: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(args.workdir)
+    if args.from_results:
+        saved = json.loads((work / "results.json").read_text())
+        args.model, args.max_length = saved["model"], saved["max_length"]
+        if args.write:
+            write_block(args.write, markdown(saved["results"], args, saved["when"], saved.get("commit") or report.commit()))
+        return 0
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     results = []
     with tempfile.TemporaryDirectory(dir=work.parent if work.parent.exists() else None) as scratch:
@@ -138,10 +146,11 @@ def main(argv=None) -> int:
     ratio = results[-1]["peak_rss_mib"] / results[0]["peak_rss_mib"]
     print(f"peak RSS ratio {results[-1]['rows']} / {results[0]['rows']} rows: {ratio:.3f} (target < {LIMIT})")
     Path(work).mkdir(parents=True, exist_ok=True)
-    (work / "results.json").write_text(json.dumps({"when": when, "model": args.model, "max_length": args.max_length,
-                                                  "results": results, "ratio": ratio}, indent=2))
+    (work / "results.json").write_text(json.dumps({"when": when, "commit": report.commit(), "model": args.model,
+                                                  "max_length": args.max_length, "results": results,
+                                                  "ratio": ratio}, indent=2))
     if args.write:
-        write_block(args.write, markdown(results, args, when))
+        write_block(args.write, markdown(results, args, when, report.commit()))
     return 0
 
 
