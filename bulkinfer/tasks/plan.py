@@ -551,11 +551,22 @@ def assumptions(costs: Costs, *, rows: int, files: int, spec: PlanSpec, job: job
         target = spec.accelerator or "the target accelerator"
         said.append(f"accelerator-hours, accelerators needed and cost use {spec.rows_per_s:g} rows/s on {target} "
                     f"(--rows-per-s, given, not measured here); fixed costs are still this machine's")
+    elif spec.accelerator is not None and same_device(spec.accelerator, costs.device):
+        said.append(f"--accelerator {spec.accelerator}: this machine's device ({costs.device}), so every figure "
+                    "was measured on it")
     elif spec.accelerator is not None:
         said.append(f"--accelerator {spec.accelerator}: the per-row time and fixed costs are this machine's "
                     f"({costs.device}), not {spec.accelerator}'s; no speed-up is assumed.  Run `bulkinfer plan` on "
                     f"a {spec.accelerator} machine, or pass --rows-per-s measured there")
     return said
+
+
+def same_device(accelerator: str, device: str) -> bool:
+    """Whether an --accelerator value ("nvidia-h200", or a resource hint "type:nvidia-h200;count:1") names
+    the device kind of `device` ("gpu: 1 x NVIDIA H200"), ignoring case and punctuation."""
+    kind = accelerator.split("type:", 1)[1].split(";", 1)[0] if "type:" in accelerator else accelerator
+    kind = re.sub(r"[^a-z0-9]", "", kind.lower())
+    return bool(kind) and kind == re.sub(r"[^a-z0-9]", "", device.rsplit(" x ", 1)[-1].lower())
 
 
 def plan(model, job: job_run.JobSpec, spec: PlanSpec = PlanSpec(), pipeline_args: list[str] | None = None) -> dict:

@@ -139,6 +139,16 @@ def test_another_accelerator_without_its_speed_is_said_plainly():
     assert "5000 rows/s on nvidia-h200 (--rows-per-s, given, not measured here)" in said
 
 
+def test_the_local_device_named_as_the_accelerator_is_measured_there():
+    assert planner.same_device("nvidia-h200", "gpu: 8 x NVIDIA H200")
+    assert planner.same_device("type:nvidia-h200;count:1", "gpu: 1 x NVIDIA H200")
+    assert not planner.same_device("nvidia-h100", "gpu: 1 x NVIDIA H200")
+    assert not planner.same_device("tpu-v5e", "cpu: 1 x cpu")
+    spec = planner.PlanSpec(accelerator="cpu")
+    said = " ".join(planner.assumptions(_costs(), rows=10, files=1, spec=spec, job=job.JobSpec(input="x", output="")))
+    assert "every figure was measured on it" in said and "no speed-up" not in said
+
+
 @pytest.mark.parametrize("text, seconds", [("2h", 7200), ("90m", 5400), ("1h30m", 5400), ("45s", 45),
                                            ("1.5d", 129600), ("3600", 3600), (" 2H ", 7200)])
 def test_durations(text, seconds):
