@@ -16,7 +16,7 @@ from bulkinfer.beam.batch import Batch, escape_surrogates, table_rows, to_json
 
 # Bytes of rows a writer holds in memory before it writes them out as one file, whatever the row count:
 # a job's memory must not grow with its size (bench/memory.py: 100,000 buffered MiniLM rows were 150 MB).
-BYTES_PER_FILE = 32 << 20
+BYTES_PER_FILE = 16 << 20
 
 
 class ShardBuffer:
