@@ -301,8 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "plan":
         if beam_args:
-            print(f"bulkinfer plan: error: unrecognized arguments: {' '.join(beam_args)} (the plan measures on "
-                  "this machine with Beam's embedded runner; Beam options do not apply)", file=sys.stderr)
+            why = ("quote the --input glob ('data/*.jsonl') so that the shell does not expand it into file names"
+                   if not beam_args[0].startswith("-") else
+                   "the plan measures on this machine with Beam's embedded runner; Beam options do not apply")
+            print(f"bulkinfer plan: error: unrecognized arguments: {' '.join(beam_args)}; {why}", file=sys.stderr)
             return 2
         return _plan(args)
     return 2

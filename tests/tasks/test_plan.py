@@ -172,7 +172,9 @@ def test_bad_flags_exit_2_with_a_clear_message(flags, message, capsys):
 
 def test_unknown_flags_and_missing_input_exit_2(tmp_path, capsys):
     assert main(["plan", "--model", "digits", "--input", "a.jsonl", "b.jsonl"]) == 2
-    assert "unrecognized arguments: b.jsonl" in capsys.readouterr().err
+    assert "unrecognized arguments: b.jsonl; quote the --input glob" in capsys.readouterr().err
+    assert main(["plan", "--model", "digits", "--input", "a.jsonl", "--runner", "DataflowRunner"]) == 2
+    assert "Beam options do not apply" in capsys.readouterr().err
     assert main(["plan", "--model", "digits", "--input", str(tmp_path / "*.jsonl")]) == 2
     assert "no input file matches" in capsys.readouterr().err
 
