@@ -1,6 +1,9 @@
-"""Writers hold a bounded number of bytes, not rows, so a job's memory does not grow with its size."""
+"""A job's memory does not grow with its size: writers hold a bounded number of bytes, not rows, and
+nothing keeps a flush's outputs alive after it (bench/memory.py measures the whole job)."""
 
+import gc
 import json
+import weakref
 
 import apache_beam as beam
 import numpy as np
@@ -9,6 +12,8 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from bulkinfer.beam import commit, io
 from bulkinfer.beam.batch import Batch
+from bulkinfer.beam.isolate import predict_isolating
+from bulkinfer.runtime import EngineStats
 from bulkinfer.tasks import run as job
 from bulkinfer.testing import CountingModel
 
@@ -37,3 +42,18 @@ def test_write_dataset_splits_files_by_bytes(tmp_path, monkeypatch):
     tables = [pq.read_table(f) for f in files]
     assert sum(t.num_rows for t in tables) == 1000
     assert all(t.num_rows <= 300 for t in tables)  # ~100 kB of rows (+ one batch of 100) per file
+
+
+def test_predictions_are_freed_by_reference_counting_alone():
+    """A reference cycle would keep each flush's [n, ...] outputs until the cyclic collector ran."""
+    loaded = CountingModel(fail_on="boom").load()
+    texts = ["a", "bb", "boom", "ccc", "dddd", "boom!", "e"]
+    gc.disable()
+    try:
+        out, errors = predict_isolating(loaded, {"text": texts}, len(texts), EngineStats())
+        assert out["length"].tolist() == [1, 2, 0, 3, 4, 0, 1] and sorted(errors) == [2, 5]
+        freed = weakref.ref(out["length"])
+        del out
+        assert freed() is None
+    finally:
+        gc.enable()
