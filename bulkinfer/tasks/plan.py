@@ -28,8 +28,11 @@ How it answers:
    A run's wall time is modelled as
        T = per_run + load_compile + waves * per_wave + units * per_unit + rows * per_row
    and R3-R6 give the four costs besides load_compile exactly (four equations, four unknowns; a
-   negative one, from noise, becomes 0).  The plan drops the model it loaded (`loading.release`), so
-   the job that follows, in this process or another, starts as R2 did.
+   negative one, from noise, becomes 0).  The plan drops the model it loaded, and any instance this
+   process held before (`loading.release`), so the job that follows, in this process or another,
+   starts as R2 did.  The model: what a new process pays before its first row (load, and compiles
+   read from the cache) and what each wave, unit and row costs; a job may use batch shapes that the
+   sample did not (read from the cache R1 filled), which the sample's R2 does not count.
 4. **The answer** (`estimate`): predicted_seconds for this machine running the whole job, with the
    stated tolerance; accelerator-hours; with a deadline, how many accelerators (workers like this
    machine, or of `--accelerator` type at `--rows-per-s`) finish in time; the cost at a price per
