@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="minilm", help="--model of the job (default minilm)")
     parser.add_argument("--max-length", type=int, default=8,
                         help="--max-length of the job, in tokens (default 8; 0 for the model's own)")
+    parser.add_argument("--row-group-rows", type=int, default=None, metavar="N",
+                        help="rows per Parquet row group of the input (default: pyarrow's, one group per file here)")
     parser.add_argument("--workdir", default=".bench/memory", help="scratch directory for input and output")
     parser.add_argument("--write", metavar="PATH", help="rewrite the memory block of this Markdown file")
     parser.add_argument("--from-results", action="store_true",
@@ -58,13 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def write_input(directory: Path, rows: int) -> str:
+def write_input(directory: Path, rows: int, row_group_rows: int | None) -> str:
     """One Parquet file of `rows` rows {id int64, text}; returns its path."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"texts-{rows}.parquet"
+    path = directory / f"texts-{rows}{f'-rg{row_group_rows}' if row_group_rows else ''}.parquet"
     if not path.exists():
         texts = synthetic_texts(rows, seed=0)
-        pq.write_table(pa.table({"id": pa.array(range(rows), pa.int64()), "text": texts}), path)
+        pq.write_table(pa.table({"id": pa.array(range(rows), pa.int64()), "text": texts}), path,
+                       **({"row_group_size": row_group_rows} if row_group_rows else {}))
     return str(path)
 
 
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory(dir=work.parent if work.parent.exists() else None) as scratch:
         for rows in args.sizes:
-            input_path = write_input(work, rows)
+            input_path = write_input(work, rows, args.row_group_rows)
             result = run_job(args.model, input_path, os.path.join(scratch, f"out-{rows}"), args.max_length)
             results.append(result)
             print(f"{rows} rows: peak RSS {result['peak_rss_mib']:.0f} MiB, {result['wall_s']:.1f} s, "
