@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo cluster-demo test lint bench bench-remote fixtures clean
+.PHONY: demo cluster-demo test lint bench bench-remote bench-memory fixtures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -62,6 +62,10 @@ bench: $(BENCH_STAMP)
 # Remote mode vs local mode, and the server under 1/4/16 concurrent clients (BENCHMARKS.md, "Remote mode").
 bench-remote: $(STAMP)
 	$(BIN)/python bench/remote.py --rows 3000 --request-rows 64 --clients 1,4,16 --repeats 3 --job-repeats 2
+
+# A worker's peak RSS embedding 10k vs 200k rows, in BENCHMARKS.md ("Memory flat in data size"; ~10 min on 2 cores).
+bench-memory: $(STAMP)
+	$(BIN)/python bench/memory.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) out .bench

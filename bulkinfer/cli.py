@@ -121,6 +121,27 @@ Examples:
       --output out/zero-shot
 """
 
+EPILOG_PLAN = """\
+What it does: counts the rows (Parquet footers; JSONL and CSV by a scan for lines), copies a sample of
+--sample rows spread evenly over the files, runs the job on it several times on this machine (the same
+path as `bulkinfer run`: model load, compile, tokenization, bucketing, the engine, writing, commits) and
+fits the run's wall time to  per-run + load-and-compile + waves x per-wave + units x per-unit + rows x
+per-row.  It prints predicted_seconds for this machine running the whole job with its tolerance, the
+accelerator-hours, the accelerators needed to meet --deadline, the cost at --price-per-hour, and the
+assumptions.  The first plan on a machine also fills the compilation cache with every batch shape.
+
+--accelerator names another device than this machine's: the per-row time stays this machine's (no
+speed-up is assumed) unless --rows-per-s gives the rate measured there.
+
+Exit status: 0 planned; 1 the sample's run failed (as the job would); 2 bad flags or settings.
+
+Examples:
+  bulkinfer plan --model minilm --input 'data/*.parquet'
+  bulkinfer plan --model minilm --input 'data/*.jsonl' --deadline 2h --price-per-hour 3.2 --json
+  bulkinfer plan --model minilm --input 'data/*.jsonl' --accelerator nvidia-h200 --rows-per-s 40000 \\
+      --deadline 30m --price-per-hour 10
+"""
+
 EPILOG_SERVE = """\
 Routes (Open Inference Protocol / KServe v2 REST, JSON or binary tensors):
   GET  /v2/health/live, /v2/health/ready      (never need the token)
@@ -231,6 +252,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="rows per shard at most; a unit of work with more gets several (default: 100000)")
     parser.commands = {"run": run, "eval": ev, "serve": serve, "distill": distill}
     parser.commands["stats"] = _stats_parser(sub)
+    parser.commands["plan"] = _plan_parser(sub)
     return parser
 
 
@@ -275,6 +297,61 @@ def _job_args(p: argparse.ArgumentParser, *, formats: tuple[str, ...] = ("parque
     p.add_argument("--allow-missing-ids", action="store_true",
                    help="predict rows whose id field is missing or null (default: each is a dead letter)")
     p.add_argument("-v", "--verbose", action="store_true", help="log Beam's and bulkinfer's progress")
+
+
+def _plan_parser(sub) -> argparse.ArgumentParser:
+    plan = sub.add_parser(
+        "plan", help="size a job: rows, time on this machine, accelerators for a deadline, cost",
+        description="Count the input's rows, run a sample of them through the job on this machine, and "
+                    "predict the whole job's time, the accelerators a deadline needs and the cost.",
+        epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(plan)
+    plan.add_argument("--input", required=True, metavar="GLOB",
+                      help="the job's input files, as for `bulkinfer run` (quote the glob)")
+    plan.add_argument("--sample", type=_positive(int), default=2000, metavar="N",
+                      help="rows of the input to run, spread over the files (default: 2000)")
+    plan.add_argument("--accelerator", default=None, metavar="TYPE",
+                      help="the accelerator the job will run on, e.g. nvidia-h200; without --rows-per-s the "
+                           "per-row time stays this machine's, and the report says so")
+    plan.add_argument("--rows-per-s", type=_positive(float), default=None, metavar="R",
+                      help="rows per second measured on --accelerator (e.g. by `bulkinfer plan` there), for "
+                           "the accelerator-hours, the accelerators needed and the cost")
+    plan.add_argument("--deadline", type=_duration, default=None, metavar="DURATION",
+                      help="wall time the job must finish in, e.g. 45m, 2h, 1h30m, 1.5d or 5400 (seconds)")
+    plan.add_argument("--price-per-hour", type=_positive(float, allow_zero=True), default=None, metavar="P",
+                      help="price of one accelerator-hour, for the cost")
+    plan.add_argument("--json", action="store_true", help="print the report as JSON")
+    for flag, kwargs in (("--id-field", dict(default="id")), ("--input-field", dict(default=None)),
+                         ("--keep-fields", dict(default="")),
+                         ("--format", dict(default="parquet", choices=["parquet", "jsonl"])),
+                         ("--unit-size", dict(type=_size, default=None)),
+                         ("--wave-units", dict(type=_positive(int), default=64))):
+        plan.add_argument(flag, help=f"as for `bulkinfer run` {flag}", **kwargs)
+    plan.add_argument("-v", "--verbose", action="store_true", help="log Beam's and bulkinfer's progress")
+    return plan
+
+
+def _duration(value: str) -> float:
+    from bulkinfer.tasks.plan import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(kind, *, allow_zero: bool = False):
+    """An argparse type: a number of `kind` > 0 (>= 0 with allow_zero), or a message naming the value."""
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not (number >= 0 if allow_zero else number > 0) or number != number:
+            raise argparse.ArgumentTypeError(f"{value!r} must be {'>= 0' if allow_zero else '> 0'}")
+        return number
+
+    return parse
 
 
 def _size(value: str) -> int:
@@ -363,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logging.getLogger("bulkinfer").setLevel(logging.DEBUG if args.verbose else logging.INFO)
         return _serve(args)
+    if args.command == "plan":
+        if beam_args:
+            why = ("quote the --input glob ('data/*.jsonl') so that the shell does not expand it into file names"
+                   if not beam_args[0].startswith("-") else
+                   "the plan measures on this machine with Beam's embedded runner; Beam options do not apply")
+            print(f"bulkinfer plan: error: unrecognized arguments: {' '.join(beam_args)}; {why}", file=sys.stderr)
+            return 2
+        return _plan(args)
     return 2
 
 
@@ -629,6 +714,26 @@ def _stats(args, beam_args) -> int:
         print(f"bulkinfer stats: error: no prediction rows to summarize: all {result['rows_in']} input rows failed "
               f"(see {out}/predictions/failed-*.jsonl)", file=sys.stderr)
         return 1
+def _plan(args) -> int:
+    from bulkinfer.models import CheckpointError
+    from bulkinfer.tasks import plan
+    from bulkinfer.tasks import run as job
+
+    try:
+        keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
+        spec = job.JobSpec(input=args.input, output="", format=args.format, id_field=args.id_field,
+                           input_field=args.input_field, keep_fields=keep, wave_units=args.wave_units,
+                           **({} if args.unit_size is None else {"unit_size": args.unit_size}))
+        settings = plan.PlanSpec(sample=args.sample, deadline_s=args.deadline, price_per_hour=args.price_per_hour,
+                                 accelerator=args.accelerator, rows_per_s=args.rows_per_s)
+        report = plan.plan(_model(args), spec, settings)
+    except job.JobFailed as e:
+        print(f"bulkinfer plan: error: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointError, FileNotFoundError, PermissionError, ValueError, TypeError) as e:
+        print(f"bulkinfer plan: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else plan.summary(report))
     return 0
 
 

@@ -39,7 +39,7 @@ from apache_beam.metrics import Metrics
 
 from bulkinfer.beam.batch import NAMESPACE, Batch, in_global_window, to_json
 from bulkinfer.beam.units import delete, escape_glob
-from bulkinfer.beam.writers import ShardBuffer, commit, ensure_dir, temp_name, write_temp
+from bulkinfer.beam.writers import BYTES_PER_FILE, ShardBuffer, commit, ensure_dir, temp_name, write_temp
 
 COMMITTED = "_committed"
 LETTERS_PER_FILE = 10_000  # dead letters a bundle holds in memory, over all units, before writing them out
@@ -168,7 +168,10 @@ def _token() -> str:
 
 
 class _WriteUnitParts(beam.DoFn):
-    """Buffers a bundle's predictions per unit and writes them as temporaries; emits (unit, ("part", temp, n))."""
+    """Buffers a bundle's predictions per unit and writes them as temporaries; emits (unit, ("part", temp, n)).
+
+    A bundle holds at most rows_per_file rows and about BYTES_PER_FILE bytes in memory, over all units.
+    """
 
     def __init__(self, directory, fmt, columns, rows_per_file):
         self._dir, self._fmt, self._columns, self._rows_per_file = directory, fmt, columns, rows_per_file
@@ -179,7 +182,7 @@ class _WriteUnitParts(beam.DoFn):
 
     def start_bundle(self):
         self._buffers: dict[str, ShardBuffer] = {}
-        self._buffered = 0  # rows over all units: a bundle holds at most rows_per_file rows in memory
+        self._buffered = self._buffered_bytes = 0  # rows and bytes over all units
 
     def process(self, batch):
         if not isinstance(batch, Batch) or batch.unit is None:
@@ -187,7 +190,8 @@ class _WriteUnitParts(beam.DoFn):
                             "a row-level step between read and write must keep the Batches")
         self._buffers.setdefault(batch.unit, ShardBuffer(self._columns)).add(batch)
         self._buffered += len(batch)
-        if self._buffered >= self._rows_per_file:
+        self._buffered_bytes = sum(buf.nbytes for buf in self._buffers.values())
+        if self._buffered >= self._rows_per_file or self._buffered_bytes >= BYTES_PER_FILE:
             yield from self._write_all()
 
     def finish_bundle(self):
@@ -198,7 +202,7 @@ class _WriteUnitParts(beam.DoFn):
         for unit, buf in self._buffers.items():
             if len(buf):
                 yield self._write(unit, buf)
-        self._buffers, self._buffered = {}, 0
+        self._buffers, self._buffered, self._buffered_bytes = {}, 0, 0
 
     def _write(self, unit: str, buf: ShardBuffer):
         n = len(buf)

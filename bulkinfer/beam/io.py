@@ -39,7 +39,7 @@ from bulkinfer.beam.batch import (
     position_text,
 )
 from bulkinfer.beam.units import UNIT_SIZE, Unit, input_format, plan_units
-from bulkinfer.beam.writers import ShardBuffer, commit, ensure_dir
+from bulkinfer.beam.writers import BYTES_PER_FILE, ShardBuffer, commit, ensure_dir
 
 COUNTS = "counts"  # tag of the reader's per-unit counts: (unit key, ("read", rows, failed, Unit, "host:pid"))
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, as spreadsheet programs write it
@@ -297,8 +297,9 @@ class WriteDataset(beam.PTransform):
     """Writes rows or `Batch`es to `directory` as sharded Parquet (default) or JSONL files.
 
     columns: write only these fields (default: all).  prefix: file name prefix ("part").
-    Each bundle writes its own shards `prefix-<uuid>.<ext>`, committed by rename, so no file is ever
-    seen half-written.  Delivery is at least once: if a runner retries a bundle after it committed a
+    Each bundle writes its own shards `prefix-<uuid>.<ext>` (at most rows_per_file rows and about
+    `writers.BYTES_PER_FILE` bytes each, so memory does not grow with the data), committed by rename,
+    so no file is ever seen half-written.  Delivery is at least once: if a runner retries a bundle after it committed a
     file, that file's rows are written again.  `bulkinfer run` commits per unit of work instead
     (commit.py), which a retry cannot duplicate.  Returns a PCollection of the committed file paths.
     """
@@ -329,7 +330,7 @@ class _WriteShards(beam.DoFn):
 
     def process(self, element):
         self._buf.add(element if isinstance(element, Batch) else Batch([element]))
-        if len(self._buf) >= self._rows_per_file:
+        if len(self._buf) >= self._rows_per_file or self._buf.nbytes >= BYTES_PER_FILE:
             yield self._commit()
 
     def finish_bundle(self):

@@ -1,6 +1,7 @@
 """One loaded model per worker process, shared by its DoFn threads, and the Beam metrics it reports.
 
     loaded = load_shared(spec)     # in DoFn.setup: the first caller in the process loads, the rest share
+    release(spec)                  # drop it (e.g. after measuring a cold start, as `bulkinfer plan` does)
     report_load(spec)              # in a bundle: the load time, once per load
     report_engine_stats(stats)     # after each engine call: batches, tokens, compiles, busy time
 """
@@ -27,6 +28,14 @@ def load_shared(model) -> Any:
             _loaded[model] = model.load()
             _load_unreported.add(model)
         return _loaded[model]
+
+
+def release(model) -> bool:
+    """Drops the process's loaded instance of `model` (its parameters, engine and compiled programs), so
+    that the next `load_shared` loads it afresh, as a new worker process would.  True if one was loaded."""
+    with _loaded_lock:
+        _load_unreported.discard(model)
+        return _loaded.pop(model, None) is not None
 
 
 def report_load(model) -> None:

@@ -14,6 +14,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from bulkinfer.beam.batch import Batch, escape_surrogates, table_rows, to_json
 
+# Bytes of rows a writer holds in memory before it writes them out as one file, whatever the row count:
+# a job's memory must not grow with its size (bench/memory.py: 100,000 buffered MiniLM rows were 150 MB).
+BYTES_PER_FILE = 16 << 20
+
 
 class ShardBuffer:
     """The rows of one output file as they arrive: Arrow tables (kept columnar) and dict rows.
@@ -27,6 +31,7 @@ class ShardBuffer:
         self._columns = columns
         self._parts: list[pa.Table | list[dict]] = []
         self._rows = 0
+        self.nbytes = 0  # about the bytes buffered: Arrow buffers, or an estimate for dict rows
 
     def __len__(self) -> int:
         return self._rows
@@ -42,10 +47,11 @@ class ShardBuffer:
         if part is not None:
             self._parts.append(part)
         self._rows += len(batch)
+        self.nbytes += _nbytes(batch)
 
     def write_temp(self, final: str, fmt: str) -> str:
         """Writes everything buffered under the temporary name of `final` (see `write_temp`) and empties."""
-        parts, self._parts, self._rows = self._parts, [], 0
+        parts, self._parts, self._rows, self.nbytes = self._parts, [], 0, 0
         if all(isinstance(part, list) for part in parts):
             return write_temp(final, [r for part in parts for r in part], fmt)
         if fmt != "parquet":
@@ -58,6 +64,19 @@ class ShardBuffer:
             # another): one table from all rows, as rows_to_table makes it for dict rows.
             table = rows_to_table([r for part in parts for r in _part_rows(part)])
         return write_temp(final, table, fmt)
+
+
+def _nbytes(batch: Batch) -> int:
+    """The batch's size in memory: its Arrow buffers, or for dict rows its first row's values (arrays,
+    strings, ~8 bytes for other values, plus Python's per-field overhead) times its rows."""
+    if batch.table is not None:
+        return batch.table.nbytes
+    if not len(batch):
+        return 0
+    first = batch.rows[0]
+    row = sum(v.nbytes if isinstance(v, np.ndarray) else len(v) if isinstance(v, str | bytes) else 8
+              for v in first.values()) + 64 * len(first)
+    return row * len(batch)
 
 
 def _part_rows(part: pa.Table | list[dict]) -> list[dict]:
