@@ -66,10 +66,7 @@ def generator(model, *, sampling: dict | SamplingParams | None = None, **setting
     lm = language_model(model)
     if not isinstance(sampling, SamplingParams):
         given = {k: v for k, v in (sampling or {}).items() if v is not None}
-        defaults = sampling_defaults(lm)
-        if given.get("temperature", defaults.get("temperature", 1.0)) == 0:
-            defaults = {k: v for k, v in defaults.items() if k in ("max_new_tokens", "repetition_penalty")}
-        sampling = SamplingParams(**{**defaults, **given})
+        sampling = SamplingParams(**{**sampling_defaults(lm), **given})
     return Generator(model=lm, sampling=sampling, **settings)
 
 
