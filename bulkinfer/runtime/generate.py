@@ -50,11 +50,12 @@ DEFAULT_PREFILL_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 class PromptError(ValueError):
     """A prompt that cannot be generated from (empty, or too long for the context): the row's fault.
 
-    row: its index in the call.  Raised before anything runs, so no other row's work is lost.
+    row: its index in the call (named in the message when the call had several prompts).  Raised before
+    anything runs, so no other row's work is lost.
     """
 
-    def __init__(self, row: int, message: str):
-        super().__init__(f"prompt {row}: {message}")
+    def __init__(self, row: int, message: str, *, prompts: int = 2):
+        super().__init__(f"prompt {row}: {message}" if prompts > 1 else message)
         self.row = row
 
 
@@ -221,7 +222,7 @@ class GenerationEngine:
         for i, p in enumerate(prompts):
             why = self.check(p)
             if why is not None:
-                raise PromptError(i, why)
+                raise PromptError(i, why, prompts=n)
         with self._lock:
             return self._generate_locked(prompts, list(row_ids), per_row, stats)
 
