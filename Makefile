@@ -57,8 +57,10 @@ clean:
 	rm -rf $(VENV) $(BENCH_VENV) out .bench
 
 # Reference embeddings from sentence-transformers (PyTorch, CPU) for tests/fixtures, in the peers' venv:
-# MiniLM's, and tiny random-weight roberta, xlm-roberta, distilbert and bert+Dense checkpoints with theirs.
+# MiniLM's, and tiny random-weight roberta, xlm-roberta, distilbert and bert+Dense checkpoints with theirs;
+# tiny random-weight decoders (llama, qwen2, mistral, gpt2) with transformers' prefill logits and greedy ids.
 fixtures: $(BENCH_STAMP)
 	$(BENCH_BIN)/python scripts/make_reference_embeddings.py
 	$(BENCH_BIN)/python scripts/make_family_fixtures.py
 	$(BENCH_BIN)/python scripts/make_smollm2_reference.py
+	$(BENCH_BIN)/python scripts/make_decoder_fixtures.py

@@ -8,7 +8,7 @@ in a loop.
 The families share one pre-norm decoder and differ only in what `DecoderConfig` records:
 - llama / mistral / qwen2: RMSNorm, rotary positions (RoPE, with HF's `rope_scaling` types default,
   linear, dynamic and llama3), SwiGLU MLP, grouped-query attention, optional q/k/v biases (qwen2;
-  llama's `attention_bias` also biases o_proj), optional sliding-window attention (mistral's
+  llama's `attention_bias` also biases o_proj; mistral has none), optional sliding-window attention (mistral's
   `sliding_window`, qwen2's `use_sliding_window` on layers >= `max_window_layers`).
 - gpt2: learned absolute positions, LayerNorm with bias, a plain MLP (gelu_new), biases everywhere.
 
@@ -210,7 +210,9 @@ def _llama_config(family: str, c: Mapping) -> DecoderConfig:
     theta, scaling = _rope_settings(c)
     kv = c.get("num_key_value_heads") or h
     head_dim = c.get("head_dim") or d // h
-    bias = bool(c.get("attention_bias", family == "qwen2"))
+    # As transformers builds them: qwen2 always has q/k/v biases (never o_proj's), mistral none, llama
+    # follows attention_bias (q/k/v and o_proj) and mlp_bias.
+    bias = {"llama": bool(c.get("attention_bias", False)), "mistral": False, "qwen2": True}[family]
     n = c["num_hidden_layers"]
     window = c.get("sliding_window")
     layer_types = tuple(c.get("layer_types") or ())
@@ -232,7 +234,7 @@ def _llama_config(family: str, c: Mapping) -> DecoderConfig:
         num_hidden_layers=n, num_attention_heads=h, num_key_value_heads=kv, head_dim=head_dim,
         max_position_embeddings=c["max_position_embeddings"], rms_norm_eps=c.get("rms_norm_eps", 1e-6),
         rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        attention_bias=bias, attention_out_bias=bias and family != "qwen2",
+        attention_bias=bias, attention_out_bias=bias and family == "llama",
         mlp_bias=bool(c.get("mlp_bias", False)) and family == "llama", hidden_act=c.get("hidden_act", "silu"),
         sliding_window=window, layer_types=layer_types,
     )
@@ -340,15 +342,19 @@ def expected_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_hf_shapes(config: DecoderConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raises ValueError naming every missing or unexpected tensor and every tensor of the wrong shape.
+    """Raises ValueError naming every missing or unexpected tensor and every tensor of the wrong shape
+    (as the checkpoint names them).
 
     shapes: stored HF name -> shape (as in a safetensors header), without reading any data."""
     canonical = _strip_prefix(config, shapes)
-    found = {canonical[n]: tuple(s) for n, s in shapes.items() if not _ignored(config, canonical[n])}
+    stored = {canonical[n]: n for n in shapes if not _ignored(config, canonical[n])}
+    found = {c: tuple(shapes[n]) for c, n in stored.items()}
+    prefix = "transformer." if any(n.startswith("transformer.") for n in shapes) else ""
     want = expected_shapes(config)
-    missing = sorted(set(want) - set(found))
-    unexpected = sorted(set(found) - set(want))
-    wrong = [f"{n}: {found[n]} (expected {want[n]})" for n in sorted(set(want) & set(found)) if found[n] != want[n]]
+    missing = sorted(prefix + n for n in set(want) - set(found))
+    unexpected = sorted(stored[n] for n in set(found) - set(want))
+    wrong = [f"{stored[n]}: {found[n]} (expected {want[n]})" for n in sorted(set(want) & set(found))
+             if found[n] != want[n]]
     problems = []
     if missing:
         problems.append(f"missing tensors {_few(missing)}")

@@ -2,6 +2,7 @@
 
     >>> model_spec("minilm")                       # TextEmbedder for the built-in all-MiniLM-L6-v2
     >>> model_spec("gs://bucket/my-bert")          # TextEmbedder for a directory on any Beam filesystem
+    >>> model_spec("path/to/Qwen2-0.5B")           # LanguageModel: config.json's model_type is a decoder
     >>> model_spec(bulkinfer.JaxModel(fn, ...))    # a spec is returned as it is
 
 `BulkInference`, `JaxModelHandler` and the CLI's `--model` all go through `model_spec`, so they accept
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import importlib
 
-from bulkinfer.models.checkpoint import CheckpointError
-from bulkinfer.models.registry import BUILTIN_FUNCTIONS, builtin_names
+from bulkinfer.models.checkpoint import CheckpointError, read_json
+from bulkinfer.models.registry import BUILTIN_FUNCTIONS, BUILTIN_MODELS, builtin_names, resolve_model_dir
 
 
 def model_spec(model, **settings):
@@ -34,9 +35,32 @@ def model_spec(model, **settings):
     name = str(model.decode() if isinstance(model, bytes) else model)
     if name in BUILTIN_FUNCTIONS:
         return importlib.import_module(BUILTIN_FUNCTIONS[name]).spec(**settings)
+    if _is_decoder(name):
+        from bulkinfer.models.lm import LanguageModel
+
+        return LanguageModel.from_name(name, **settings)
     from bulkinfer.models.text import TextEmbedder
 
     return TextEmbedder.from_name(name, **settings)
+
+
+def _is_decoder(name: str) -> bool:
+    """Whether the directory's config.json names a decoder family; refuses, listing every family, a
+    model_type that is neither a text encoder nor a decoder."""
+    from bulkinfer.models.bert import FAMILIES as ENCODERS
+    from bulkinfer.models.decoder import FAMILIES as DECODERS
+
+    if name in BUILTIN_MODELS:
+        return False
+    _, directory = resolve_model_dir(name)
+    config = read_json(directory / "config.json")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type in DECODERS:
+        return True
+    if model_type in ENCODERS:
+        return False
+    raise CheckpointError(f"{directory / 'config.json'}: model_type {model_type!r} is not supported; text encoders: "
+                          f"{', '.join(ENCODERS)}; decoder LMs: {', '.join(DECODERS)}")
 
 
 __all__ = ["CheckpointError", "model_spec"]

@@ -6,12 +6,21 @@ float32 ones (atol 1e-5) where two computations differ only in the order of floa
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bulkinfer.models import decoder
+from bulkinfer.models.checkpoint import CheckpointError
+from bulkinfer.models.lm import LanguageModel
 
 LLAMA = {
     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
@@ -127,6 +136,48 @@ def test_config_refuses_what_it_does_not_compute():
         decoder.DecoderConfig.from_hf({**LLAMA, "num_key_value_heads": 3})
 
 
+def test_config_reads_both_rope_layouts_family_biases_and_window_layers():
+    old = decoder.DecoderConfig.from_hf({**LLAMA, "rope_theta": 500000.0,
+                                         "rope_scaling": {"type": "linear", "factor": 2.0}})
+    new = decoder.DecoderConfig.from_hf({**LLAMA, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "linear",
+                                                                      "factor": 2.0}})
+    assert old == new and new.rope_theta == 500000.0 and new.rope_scaling == (("factor", 2.0), ("rope_type", "linear"))
+    plain = decoder.DecoderConfig.from_hf({**LLAMA, "rope_parameters": {"rope_theta": 10.0, "rope_type": "default"}})
+    assert plain.rope_scaling is None and plain.rope_theta == 10.0
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5 is not supported"):
+        decoder.DecoderConfig.from_hf({**LLAMA, "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match=r"rope_scaling type 'llama3' needs \['low_freq_factor'"):
+        decoder.DecoderConfig.from_hf({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    qwen2 = decoder.DecoderConfig.from_hf({**LLAMA, "model_type": "qwen2", "attention_bias": False,
+                                           "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1})
+    assert qwen2.attention_bias and not qwen2.attention_out_bias
+    assert qwen2.sliding_window == 4 and qwen2.layer_types == ("full_attention", "sliding_attention")
+    no_window = decoder.DecoderConfig.from_hf({**LLAMA, "model_type": "qwen2", "sliding_window": 4})
+    assert no_window.sliding_window is None  # use_sliding_window is false by default
+    mistral = decoder.DecoderConfig.from_hf({**LLAMA, "model_type": "mistral", "attention_bias": True,
+                                             "sliding_window": 4})
+    assert not mistral.attention_bias and mistral.layer_types == ("sliding_attention",) * 2
+    llama = decoder.DecoderConfig.from_hf({**LLAMA, "attention_bias": True, "mlp_bias": True, "sliding_window": 4})
+    assert llama.attention_out_bias and llama.mlp_bias and llama.sliding_window is None
+
+
+def test_sliding_window_sees_only_the_last_window_tokens():
+    """One layer with a window of 3: position p attends to p-2..p only, as a full-attention model over those
+    three tokens alone (RoPE scores depend on relative positions only).  (With more layers the receptive
+    field grows by the window per layer.)"""
+    one_layer = {**LLAMA, "model_type": "mistral", "num_hidden_layers": 1}
+    window = decoder.DecoderConfig.from_hf({**one_layer, "sliding_window": 3})
+    full, params = _model(one_layer)
+    tokens = [5, 9, 2, 33, 7, 1]
+    logits, _ = _forward(params, _i32([tokens]), _i32([range(6)]), decoder.init_cache(window, slots=1, max_len=8),
+                         _i32([0]), config=window)
+    last3, _ = _forward(params, _i32([tokens[3:]]), _i32([range(3)]), decoder.init_cache(full, slots=1, max_len=8),
+                        _i32([0]), config=full)
+    np.testing.assert_allclose(np.asarray(logits[0, 5]), np.asarray(last3[0, 2]), atol=1e-4, rtol=0)
+    assert np.abs(np.asarray(logits[0, 5]) - np.asarray(_forward(params, _i32([tokens]), _i32([range(6)]),
+           decoder.init_cache(full, slots=1, max_len=8), _i32([0]), config=full)[0][0, 5])).max() > 1e-2
+
+
 def test_params_from_hf_names_missing_unexpected_and_misshapen_tensors():
     config = decoder.DecoderConfig.from_hf(LLAMA)
     tensors = decoder.random_hf_tensors(config)
@@ -138,3 +189,173 @@ def test_params_from_hf_names_missing_unexpected_and_misshapen_tensors():
     wrong = {**tensors, "model.layers.0.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)}
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight: \(32, 32\) \(expected \(16, 32\)\)"):
         decoder.params_from_hf(config, wrong)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference checks against transformers (fixtures from scripts/make_decoder_fixtures.py).
+# Prefill logits: atol 1e-4, rtol 1e-4 (float32 on both sides; the differences are summation order).
+# Greedy ids: token for token.  All prompts of a family run as one batch, right-padded to one prefill
+# length (padding positions -1), then decode together: two compiles per family.
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "decoders"
+FAMILY_FIXTURES = ("llama", "llama-rope-llama3", "llama-rope-dynamic", "qwen2", "mistral", "gpt2")
+PROMPTS = json.loads((FIXTURES / "prompts.json").read_text())
+PREFILL_LEN, MAX_LEN = 32, 64
+
+
+def _reference(family: str) -> dict[str, np.ndarray]:
+    with np.load(FIXTURES / family / "reference.npz") as z:
+        return dict(z)
+
+
+def _prefill_and_greedy(lm, prompts: list[list[int]], steps: int):
+    """(prefill logits [B, PREFILL_LEN, V], greedy ids [B, steps]) for all prompts in one batch."""
+    config, params = lm.config, lm.params
+    b = len(prompts)
+    tokens = np.zeros((b, PREFILL_LEN), np.int32)
+    positions = np.full((b, PREFILL_LEN), -1, np.int32)
+    for i, ids in enumerate(prompts):
+        tokens[i, :len(ids)] = ids
+        positions[i, :len(ids)] = np.arange(len(ids))
+    slots = _i32(range(b))
+    cache = decoder.init_cache(config, slots=b, max_len=MAX_LEN)
+    logits, cache = _forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, slots, config=config)
+    lengths = np.array([len(ids) for ids in prompts])
+    nxt = np.asarray(logits)[np.arange(b), lengths - 1].argmax(-1)
+    out = [nxt]
+    for step in range(steps - 1):
+        step_logits, cache = _forward(params, _i32(nxt[:, None]), _i32((lengths + step)[:, None]), cache, slots,
+                                      config=config)
+        nxt = np.asarray(step_logits)[:, 0].argmax(-1)
+        out.append(nxt)
+    return np.asarray(logits), np.stack(out, axis=1)
+
+
+@pytest.fixture(scope="module", params=FAMILY_FIXTURES)
+def family_run(request):
+    family = request.param
+    lm = LanguageModel.from_name(str(FIXTURES / family)).load()
+    ref = _reference(family)
+    prompts = [ref[f"ids_{i}"].tolist() for i in range(len(PROMPTS))]
+    logits, greedy = _prefill_and_greedy(lm, prompts, steps=16)
+    return family, lm, ref, logits, greedy
+
+
+def test_tokenizer_matches_transformers(family_run):
+    family, lm, ref, _, _ = family_run
+    for i, prompt in enumerate(PROMPTS):
+        assert lm.encode(prompt) == ref[f"ids_{i}"].tolist(), (family, prompt)
+
+
+def test_prefill_logits_match_transformers(family_run):
+    family, _, ref, logits, _ = family_run
+    for i in range(len(PROMPTS)):
+        expected = ref[f"logits_{i}"]  # [L, V]
+        np.testing.assert_allclose(logits[i, :len(expected)], expected, atol=1e-4, rtol=1e-4,
+                                   err_msg=f"{family} prompt {i}")
+
+
+def test_greedy_matches_transformers_token_for_token(family_run):
+    family, _, ref, _, greedy = family_run
+    for i in range(len(PROMPTS)):
+        expected = ref[f"greedy_{i}"]  # <= 16 ids: transformers stops after an EOS
+        assert greedy[i, :len(expected)].tolist() == expected.tolist(), (family, i)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF directories (models/lm.py): loading, special tokens, chat template, refusals.
+
+
+def _copy(family: str, tmp_path: Path) -> Path:
+    directory = tmp_path / family
+    shutil.copytree(FIXTURES / family, directory)
+    return directory
+
+
+def _rewrite_weights(directory: Path, change) -> None:
+    """Rewrites model.safetensors with `change(tensors)` applied."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(directory / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(directory / "model.safetensors"))
+
+
+def test_special_tokens_and_generation_config_come_from_the_directory(family_run):
+    family, lm, _, _, _ = family_run
+    expected_eos = {"gpt2": "<|endoftext|>", "qwen2": "<|im_end|>"}.get(family, "</s>")
+    assert lm.eos_token_ids == (lm.tokenizer.token_to_id(expected_eos),)
+    assert lm.bos_token_id == (None if family == "qwen2" else lm.tokenizer.token_to_id(
+        "<|endoftext|>" if family == "gpt2" else "<s>"))
+    assert lm.generation_config["eos_token_id"] == lm.eos_token_ids[0]
+
+
+def test_chat_template_renders_as_transformers():
+    reference = json.loads((FIXTURES / "qwen2" / "reference_chat.json").read_text())
+    lm = LanguageModel.from_name(str(FIXTURES / "qwen2")).load()
+    assert lm.apply_chat_template(reference["messages"]) == reference["text"]
+    assert lm.decode(lm.encode(reference["text"], add_special_tokens=False), skip_special_tokens=False) == \
+        reference["text"]
+
+
+def test_model_spec_resolves_decoder_directories_to_language_models(tmp_path):
+    from bulkinfer.models.resolve import model_spec
+    from bulkinfer.models.text import TextEmbedder
+
+    spec = model_spec(str(FIXTURES / "llama"), dtype="bfloat16")
+    assert isinstance(spec, LanguageModel) and spec.name == "llama" and spec.dtype == "bfloat16"
+    assert pickle.loads(pickle.dumps(spec)) == spec and hash(spec) == hash(dataclasses.replace(spec, path="/moved"))
+    assert isinstance(model_spec(str(FIXTURES.parent / "roberta" / "model")), TextEmbedder)
+    with pytest.raises(ValueError, match=r"settings \['max_length'\] do not apply to a decoder LM"):
+        model_spec(str(FIXTURES / "llama"), max_length=16)
+    directory = _copy("llama", tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
+    with pytest.raises(CheckpointError, match="model_type 'falcon' is not supported; text encoders: bert, .*; "
+                                              "decoder LMs: llama, mistral, qwen2, gpt2"):
+        model_spec(str(directory))
+
+
+def test_bfloat16_parameters_give_float32_logits_near_the_reference():
+    lm = LanguageModel.from_name(str(FIXTURES / "llama"), dtype="bfloat16").load()
+    assert {leaf.dtype for leaf in jax.tree.leaves(lm.params)} == {jnp.dtype(jnp.bfloat16)}
+    ref = _reference("llama")
+    ids = ref["ids_2"]
+    cache = decoder.init_cache(lm.config, slots=1, max_len=32, dtype=jnp.bfloat16)
+    logits, _ = _forward(lm.params, _i32([ids]), _i32([range(len(ids))]), cache, _i32([0]), config=lm.config)
+    assert logits.dtype == jnp.float32
+    spread = ref["logits_2"].std()
+    assert np.abs(np.asarray(logits[0]) - ref["logits_2"]).max() < 0.25 * spread  # bf16: ~3 significant digits
+
+
+def test_sharded_checkpoint_refusals_name_the_shard(tmp_path):
+    directory = _copy("qwen2", tmp_path)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 4  # the fixture is sharded
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (directory / shard).unlink()
+    with pytest.raises(CheckpointError, match=f"names shards that are missing: {shard}"):
+        LanguageModel.from_name(str(directory))
+    directory = _copy("qwen2", tmp_path / "moved")
+    name, first = next(iter(index["weight_map"].items()))
+    other = next(f for f in set(index["weight_map"].values()) if f != first)
+    index["weight_map"][name] = other
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"{other}: lacks tensors that .* puts there: {re.escape(name)}"):
+        LanguageModel.from_name(str(directory))
+
+
+def test_bad_checkpoints_are_refused_naming_the_tensor(tmp_path):
+    directory = _copy("llama", tmp_path)
+    _rewrite_weights(directory, lambda t: t.pop("model.layers.1.self_attn.v_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors model\.layers\.1\.self_attn\.v_proj\.weight"):
+        LanguageModel.from_name(str(directory))
+    directory = _copy("gpt2", tmp_path)
+    fc = "transformer.h.0.mlp.c_fc.weight"  # as GPT2LMHeadModel saves it
+    _rewrite_weights(directory, lambda t: t.update({fc: t[fc].T.copy()}))
+    with pytest.raises(CheckpointError, match=r"wrong shapes transformer\.h\.0\.mlp\.c_fc\.weight: \(128, 32\) \(expected \(32, 128\)\)"):
+        LanguageModel.from_name(str(directory))
+    directory = _copy("mistral", tmp_path)
+    (directory / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json: file is missing"):
+        LanguageModel.from_name(str(directory))
