@@ -153,3 +153,22 @@ def test_serve_takes_sampling_settings_as_request_parameters():
         assert status == 400 and "top_p=0 is out of range" in reply["error"]
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_engine_greedy_equals_transformers_generate(family):
+    """The generation engine (2 slots for 4 prompts: slots are refilled) against transformers'
+    generate(do_sample=False) on the same checkpoint (tests/fixtures/decoders, scripts/make_decoder_fixtures.py)."""
+    root = Path(LLAMA).parent
+    gen = Generator(model=generate.language_model(str(root / family)), slots=2, max_len=64, prefill_lengths=(16, 32),
+                    sampling=SamplingParams(temperature=0, max_new_tokens=16))
+    loaded = gen.load()
+    with np.load(root / family / "reference.npz") as ref:
+        prompts = [ref[f"ids_{i}"].tolist() for i in range(4)]
+        expected = [ref[f"greedy_{i}"].tolist() for i in range(4)]
+    out = loaded.engine.generate(prompts, row_ids=list(range(4)), params=gen.sampling)
+    for want, [c] in zip(expected, out):
+        if len(want) < 16:  # transformers stopped on an EOS, which ends ours too and is not part of it
+            assert want[-1] in loaded.lm.eos_token_ids and (c.tokens, c.finish_reason) == (want[:-1], "stop")
+        else:
+            assert (c.tokens, c.finish_reason) == (want, "length")
