@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 TEXTS = ["the cat sat on the mat", "hello world!", "a b c 123", "<|im_start|>user\nhi<|im_end|>\n", "  two  spaces"]
