@@ -28,17 +28,19 @@ _FROM_GENERATION_CONFIG = ("max_new_tokens", "temperature", "top_k", "top_p", "m
 
 
 def language_model(model, **settings):
-    """A language-model spec for a built-in name (smollm2), a decoder directory or a GGUF file, or the spec
-    itself.  Raises ValueError naming the value when it is not a decoder LM (an embedding model, say)."""
-    from bulkinfer.models.resolve import model_spec
+    """A language-model spec: for a string, `LanguageModel.from_name` (the built-in smollm2, an HF
+    llama/mistral/qwen2/gpt2 directory or a GGUF file, local or a URL); a spec is returned as it is (a
+    Generator's own model).  Raises CheckpointError (a ValueError) naming the value when it is not a
+    decoder LM, and TypeError for an object that is not a spec."""
+    if isinstance(model, Generator):
+        return model.model
+    if hasattr(model, "load"):
+        return model
+    if not isinstance(model, str):
+        raise TypeError(f"model {model!r} is neither a name, a path nor a language-model spec")
+    from bulkinfer.models.lm import LanguageModel
 
-    spec = model_spec(model, **settings)
-    if isinstance(spec, Generator):
-        return spec.model
-    if not hasattr(spec, "load") or not type(spec).__name__.endswith("LanguageModel"):
-        raise ValueError(f"model {model!r} is not a decoder language model ({type(spec).__name__}); "
-                         "bulkinfer generate takes smollm2, a llama/mistral/qwen2/gpt2 directory or a GGUF file")
-    return spec
+    return LanguageModel.from_name(model, **settings)
 
 
 def sampling_defaults(model) -> dict:
