@@ -63,6 +63,7 @@ class GGUFCheckpoint:
     config: config.json keys (model_type, vocab_size, hidden_size, ..., bos_token_id, eos_token_id).
     tensors: HF state-dict name -> float32 array ([out, in] for linear weights); empty when read without
       tensors.
+    shapes: HF state-dict name -> the tensor's shape once dequantized (known without reading the data).
     tokenizer: a `tokenizers.Tokenizer` built from the metadata.
     bos_token_id, eos_token_ids, pad_token_id: from tokenizer.ggml.*_token_id (eos also eot/eom ids).
     add_bos_token: whether `tokenizer.encode` adds BOS (tokenizer.ggml.add_bos_token).
@@ -72,6 +73,7 @@ class GGUFCheckpoint:
 
     config: dict
     tensors: dict[str, np.ndarray]
+    shapes: dict[str, tuple[int, ...]]
     tokenizer: Any
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
@@ -243,7 +245,7 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from e
     out: dict[str, np.ndarray] = {}
-    seen: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     for tensor in reader.tensors:
         try:
             name = hf_name(tensor.name)
@@ -251,9 +253,9 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
             raise CheckpointError(f"{path}: {e}") from e
         if name is None:
             continue
-        if name in seen:
+        if name in shapes:
             raise CheckpointError(f"{path}: tensor {tensor.name!r} appears twice")
-        seen.add(name)
+        shapes[name] = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
         if tensors:
             out[name] = _dequantized(path, tensor, config)
     eos = metadata.get("tokenizer.ggml.eos_token_id")
@@ -266,7 +268,7 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> GGUFCheckpoin
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama"))
     big = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
     return GGUFCheckpoint(
-        config=config, tensors=out, tokenizer=tokenizer,
+        config=config, tensors=out, shapes=shapes, tokenizer=tokenizer,
         bos_token_id=None if bos is None else int(bos), eos_token_ids=tuple(eos_ids),
         pad_token_id=None if pad is None else int(pad), add_bos_token=add_bos,
         chat_template=metadata.get("tokenizer.chat_template"),

@@ -1,4 +1,4 @@
-"""Decoder language models from HF directories: the spec (`LanguageModel`) and the loaded model.
+"""Decoder language models from HF directories and GGUF files: the spec (`LanguageModel`) and the loaded model.
 
 A directory holds, as `save_pretrained` writes it: config.json (model_type llama, mistral, qwen2 or gpt2),
 model.safetensors or a sharded model.safetensors.index.json with its shards, tokenizer.json,
@@ -10,6 +10,10 @@ writes the template there) and generation_config.json (sampling defaults, eos id
     >>> prompt = lm.apply_chat_template([{"role": "user", "content": "Hi"}])
     >>> ids = lm.encode(prompt, add_special_tokens=False)                 # the template holds the BOS
     >>> logits, cache = decoder.forward(lm.params, tokens, positions, cache, slots, config=lm.config)
+
+A GGUF file (llama.cpp's format; `models/gguf_file.py`) loads the same way: `LanguageModel.from_name("smollm2")`
+(the built-in SmolLM2-135M-Instruct) or `from_name("path/to/model.Q4_K_M.gguf")`; its weights are dequantized
+to float32 at load and its tokenizer and chat template come from the file's metadata.
 
 The generation loop (runtime/generate.py) drives `decoder.forward` with `LoadedLanguageModel.params`.
 """
@@ -27,7 +31,7 @@ import numpy as np
 
 from bulkinfer.models import decoder, weights
 from bulkinfer.models.checkpoint import CheckpointError, read_json
-from bulkinfer.models.registry import BUILTIN_MODELS, model_dir_here, resolve_model_dir
+from bulkinfer.models.registry import BUILTIN_LANGUAGE_MODELS, model_dir_here, resolve_language_model
 
 _DTYPES = ("float32", "bfloat16")
 INDEX = "model.safetensors.index.json"
@@ -38,7 +42,7 @@ SINGLE = "model.safetensors"
 class LanguageModel:
     """What to load: a picklable, hashable description of a decoder LM, cheap to send to workers.
 
-    path: the model directory on the machine that made the spec.  `path` and `source` are not part of the
+    path: the model directory (or GGUF file) on the machine that made the spec.  `path` and `source` are not part of the
       spec's identity (compare=False; `digest` is): a job resumes after the directory moves.
     name: the model's name in reports and on the server.
     source: what the user gave (a path, a URL such as gs://bucket/model-dir); a worker where `path` does
@@ -68,21 +72,26 @@ class LanguageModel:
 
     @classmethod
     def from_name(cls, name_or_path: str, **settings) -> LanguageModel:
-        """A path to an HF decoder directory, or a URL of one on any Beam filesystem.  Checks the directory
-        (`check`).  Raises CheckpointError naming the value and what is wrong."""
+        """A built-in name (`smollm2`), a path to an HF decoder directory or a `.gguf` file, or a URL of
+        either on any Beam filesystem.  Checks the checkpoint (`check`).  Raises CheckpointError naming the
+        value and what is wrong."""
         known = {f.name for f in dataclasses.fields(cls)} - {"path", "name", "source", "digest"}
         if set(settings) - known:
             raise ValueError(f"settings {sorted(set(settings) - known)} do not apply to a decoder LM "
                              f"({name_or_path}); it takes {sorted(known)}")
-        name, path = resolve_model_dir(name_or_path)
-        source = name_or_path if name_or_path in BUILTIN_MODELS or "://" in name_or_path else str(path)
+        name, path = resolve_language_model(name_or_path)
+        source = name_or_path if name_or_path in BUILTIN_LANGUAGE_MODELS or "://" in name_or_path else str(path)
         spec = cls(path=str(path), name=name, source=source, digest=weights.fingerprint(path), **settings)
         spec.check()
         return spec
 
     def check(self) -> None:
-        """Validates the directory without reading the weights' data: config.json, the tokenizer files, and
-        every tensor's name and shape (safetensors headers), so a bad checkpoint fails before a pipeline."""
+        """Validates the checkpoint without reading the weights' data: config.json, the tokenizer files, and
+        every tensor's name and shape (safetensors headers; a GGUF's metadata and tensor list), so a bad
+        checkpoint fails before a pipeline."""
+        if is_gguf(self.path):
+            check_gguf(Path(self.path))
+            return
         directory = Path(self.path)
         config = read_config(directory)
         TokenizerFiles.read(directory)
@@ -93,7 +102,8 @@ class LanguageModel:
 
     def load(self) -> LoadedLanguageModel:
         local = model_dir_here(path=self.path, source=self.source, digest=self.digest)
-        return load_directory(dataclasses.replace(self, path=str(local)))
+        spec = dataclasses.replace(self, path=str(local))
+        return load_gguf(spec) if is_gguf(local) else load_directory(spec)
 
 
 def read_config(directory: Path) -> decoder.DecoderConfig:
@@ -353,3 +363,51 @@ def load_directory(spec: LanguageModel) -> LoadedLanguageModel:
         bos_token_id=bos_id, eos_token_ids=eos_ids, chat_template=files.chat_template,
         generation_config=files.generation_config, bos_token=files.bos_token, eos_token=files.eos_token,
         load_s=time.perf_counter() - t0)
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A GGUF file (rather than an HF directory): a file named *.gguf."""
+    return Path(path).is_file() and Path(path).suffix == ".gguf"
+
+
+def check_gguf(path: Path) -> None:
+    """Validates a GGUF file without dequantizing: its metadata (architecture, config, tokenizer) and every
+    tensor's name and shape.  Raises CheckpointError naming the file."""
+    from bulkinfer.models.gguf_file import read_gguf
+
+    checkpoint = read_gguf(path, tensors=False)
+    try:
+        decoder.check_hf_shapes(decoder.DecoderConfig.from_hf(checkpoint.config), checkpoint.shapes)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_gguf(spec: LanguageModel) -> LoadedLanguageModel:
+    """Loads a GGUF file (spec.path, on this machine): weights dequantized to float32 and cast to the spec's
+    dtype, the tokenizer, special tokens and chat template from the metadata; no generation defaults (a GGUF
+    has no generation_config).  Raises CheckpointError naming the file and what is wrong."""
+    import jax
+
+    from bulkinfer.models.gguf_file import read_gguf
+
+    t0 = time.perf_counter()
+    if spec.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", spec.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    path = Path(spec.path)
+    checkpoint = read_gguf(path)
+    dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[spec.dtype]
+    try:
+        config = decoder.DecoderConfig.from_hf(checkpoint.config)
+        params = decoder.params_from_hf(config, checkpoint.tensors, dtype=dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    bad = [i for i in (checkpoint.bos_token_id, *checkpoint.eos_token_ids) if i is not None and i >= config.vocab_size]
+    if bad:
+        raise CheckpointError(f"{path}: special token ids {bad} are outside the vocabulary ({config.vocab_size})")
+    return LoadedLanguageModel(
+        name=spec.name, config=config, params=jax.device_put(params), tokenizer=checkpoint.tokenizer,
+        bos_token_id=checkpoint.bos_token_id, eos_token_ids=checkpoint.eos_token_ids,
+        chat_template=checkpoint.chat_template, load_s=time.perf_counter() - t0)

@@ -20,6 +20,7 @@ from bulkinfer.models import decoder
 from bulkinfer.models.checkpoint import CheckpointError
 from bulkinfer.models.gguf_file import _unpermute, hf_config, hf_name, read_gguf, read_metadata
 from bulkinfer.models.gguf_tokenizer import tokenizer_from_metadata
+from bulkinfer.models.lm import LanguageModel
 from bulkinfer.models.registry import BUILTIN_LANGUAGE_MODELS, resolve_language_model, resolve_model_dir
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -145,6 +146,40 @@ def test_a_missing_builtin_package_says_how_to_install_it(monkeypatch):
         resolve_language_model("ghost")
 
 
+def test_language_model_from_a_gguf_path_loads_and_renders_its_chat_template():
+    spec = LanguageModel.from_name(str(FIXTURES / "tiny-llama.gguf"))
+    assert spec.name == "tiny-llama" and len(spec.digest) == 64
+    lm = spec.load()
+    assert lm.config.model_type == "llama" and lm.config.num_key_value_heads == 2
+    assert (lm.bos_token_id, lm.eos_token_ids, lm.bos_token, lm.eos_token) == (1, (2,), "<s>", "</s>")
+    prompt = TINY["llama"]["prompts"][0]
+    prefill, ids = greedy(lm.params, lm.config, lm.encode(TINY["llama"]["texts"][0]["text"]), len(prompt["greedy"]),
+                          max_len=32, bucket=16)
+    assert ids == prompt["greedy"]
+    text = lm.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert lm.encode(text, add_special_tokens=False)[0] == lm.tokenizer.token_to_id("<|im_start|>")
+
+
+def test_a_gguf_whose_tensors_do_not_fit_its_config_fails_the_check(tmp_path):
+    import gguf
+
+    source = gguf.GGUFReader(FIXTURES / "tiny-qwen2.gguf")
+    writer = gguf.GGUFWriter(tmp_path / "bad.gguf", "qwen2")
+    for key, field in source.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":  # the writer adds those itself
+            sub = field.types[1] if len(field.types) > 1 else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    vocab = source.fields["qwen2.vocab_size"].contents()
+    writer.add_tensor("token_embd.weight", np.zeros((vocab, 32), np.float32))  # the file's hidden size is 64
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"bad.gguf: .*wrong shapes model\.embed_tokens\.weight: \(339, 32\)"):
+        LanguageModel.from_name(str(tmp_path / "bad.gguf"))
+
+
 # ------------------------------------------------------------------------------------------------ smollm2
 SMOLLM2 = json.loads((FIXTURES / "smollm2_reference.json").read_text(encoding="utf-8"))
 
@@ -170,15 +205,16 @@ def test_smollm2_tokenizer_encodes_as_transformers(smollm2_metadata_only):
 
 @pytest.mark.slow
 def test_smollm2_greedy_completions_equal_transformers():
-    _, path = resolve_language_model("smollm2")
-    checkpoint = read_gguf(path)
-    config = decoder.DecoderConfig.from_hf(checkpoint.config)
-    params = jax.tree.map(jnp.asarray, decoder.params_from_hf(config, checkpoint.tensors))
+    lm = LanguageModel.from_name("smollm2").load()
+    assert lm.name == "smollm2" and lm.eos_token_ids == (SMOLLM2["eos_token_id"],)
     for prompt in SMOLLM2["prompts"]:
-        ids = checkpoint.tokenizer.encode(prompt["text"]).ids
+        text = lm.apply_chat_template(prompt["messages"])
+        assert text == prompt["text"]
+        ids = lm.encode(text, add_special_tokens=False)
         assert ids == prompt["ids"]
-        prefill, out = greedy(params, config, ids, SMOLLM2["new_tokens"], max_len=64, bucket=48,
-                              eos=checkpoint.eos_token_ids)
-        assert out == prompt["greedy"], (prompt["messages"], checkpoint.tokenizer.decode(out))
+        prefill, out = greedy(lm.params, lm.config, ids, SMOLLM2["new_tokens"], max_len=64, bucket=48,
+                              eos=lm.eos_token_ids)
+        assert out == prompt["greedy"], (prompt["messages"], lm.decode(out))
+        assert lm.decode(out) == prompt["completion"]
         assert list(np.argsort(-prefill[-1])[:5]) == prompt["top_ids"][:5]
         np.testing.assert_allclose(prefill[-1][prompt["top_ids"]], prompt["top_logits"], atol=1e-3, rtol=0)
