@@ -266,10 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Beam warns on import about optional Google Cloud clients that local jobs never use.
     logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
-    if args.command == "run":
+    if args.command in ("run", "generate"):
         unknown = _unknown_beam_flags(beam_args)
         if unknown:
-            ours = {o for a in _parser().commands["run"]._actions for o in a.option_strings}
+            ours = {o for a in _parser().commands[args.command]._actions for o in a.option_strings}
             hints = [f"{u} (did you mean {u.replace('_', '-')}?)" if u.replace("_", "-") in ours else u
                      for u in unknown]
             stray = [u for u in unknown if not u.startswith("-")]
@@ -278,11 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             if stray:  # most often the shell expanded an unquoted --input glob into many file names
                 why = "; ".join(filter(None, [why, "quote the --input glob ('data/*.jsonl') so that the shell "
                                                    "does not expand it into file names"]))
-            print(f"bulkinfer run: error: unrecognized arguments: {', '.join(hints)}; {why}", file=sys.stderr)
+            print(f"bulkinfer {args.command}: error: unrecognized arguments: {', '.join(hints)}; {why}", file=sys.stderr)
             return 2
-        return _run(args, beam_args)
-    if args.command == "generate":
-        return _generate(args, beam_args)
+        return _run(args, beam_args) if args.command == "run" else _generate(args, beam_args)
     if args.command == "serve":
         if beam_args:
             print(f"bulkinfer serve: error: unrecognized arguments: {' '.join(beam_args)}", file=sys.stderr)
