@@ -39,8 +39,8 @@ KEY = "key"  # a row's identity: a string or an integer, taken as its str() (a v
 # numpy dtype name -> Open Inference Protocol (KServe v2) datatype
 V2_DATATYPES = {
     "bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
-    "float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "float64": "FP64", TEXT: "BYTES", KEY: "BYTES",
-}
+    "float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "float64": "FP64", KEY: "BYTES", TEXT: "BYTES",
+}  # BYTES comes back from a server's metadata as text (the last entry wins when inverted)
 
 
 @dataclasses.dataclass(frozen=True)
