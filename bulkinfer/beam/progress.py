@@ -11,13 +11,15 @@ import threading
 import time
 
 _done = 0
+_tokens = 0  # model tokens (a generator's generated tokens), shown as tokens/s once there are any
 _lock = threading.Lock()
 
 
-def advance(n: int) -> None:
-    global _done
+def advance(n: int, tokens: int = 0) -> None:
+    global _done, _tokens
     with _lock:
         _done += n
+        _tokens += tokens
 
 
 class Progress:
@@ -30,8 +32,8 @@ class Progress:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self):
-        global _done
-        _done = 0
+        global _done, _tokens
+        _done, _tokens = 0, 0
         self._t0 = time.perf_counter()
         if self._stream.isatty():
             self._thread.start()
@@ -52,6 +54,8 @@ class Progress:
             text = f"{n:,}/{self._total:,} rows ({100 * n / self._total:.0f}%)  {rate:,.0f} rows/s"
             if rate > 0 and n < self._total:
                 text += f"  ETA {_clock((self._total - n) / rate)}"
+        if _tokens:
+            text += f"  {_tokens / elapsed:,.0f} tokens/s"
         return text
 
     def _loop(self):

@@ -195,6 +195,7 @@ class _InferDoFn(beam.DoFn):
         stats = EngineStats()
         preds, errors = predict_isolating(self._loaded, inputs, n, stats)
         report_engine_stats(stats)
+        progress.advance(0, tokens=stats.real_tokens)
         offset = 0
         for batch, valid, _, k in pending:
             out, failed = attach(batch, valid, preds, errors, offset, self._out_fields, self._keep)

@@ -34,12 +34,13 @@ import numpy as np
 import pyarrow as pa
 
 TEXT = "string"  # the dtype of a text input or output (a v2 BYTES tensor)
+KEY = "key"  # a row's identity: a string or an integer, taken as its str() (a v2 BYTES tensor)
 
 # numpy dtype name -> Open Inference Protocol (KServe v2) datatype
 V2_DATATYPES = {
     "bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
-    "float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "float64": "FP64", TEXT: "BYTES",
-}
+    "float16": "FP16", "bfloat16": "BF16", "float32": "FP32", "float64": "FP64", KEY: "BYTES", TEXT: "BYTES",
+}  # BYTES comes back from a server's metadata as text (the last entry wins when inverted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +66,8 @@ class TensorSpec:
                              f"expected one of {sorted(V2_DATATYPES)}")
         if sum(d is None for d in self.shape) > 1 or any(d is not None and d < 1 for d in self.shape):
             raise ValueError(f"tensor {self.name!r}: shape {self.shape} must hold positive sizes and at most one None")
-        if self.dtype == TEXT and self.shape:
-            raise ValueError(f"tensor {self.name!r}: a text tensor holds one string per row (shape ())")
+        if self.dtype == KEY and self.shape:
+            raise ValueError(f"tensor {self.name!r}: a key tensor holds one value per row (shape ())")
 
     @property
     def variable(self) -> bool:
@@ -84,7 +85,9 @@ class TensorSpec:
     def describe(self) -> str:
         """'float32[8, 8]', 'int32[?]', 'a string'."""
         if self.dtype == TEXT:
-            return "a string"
+            return "a string" if not self.shape else f"strings[{', '.join(map(str, self.shape))}]"
+        if self.dtype == KEY:
+            return "a string or an integer"
         return f"{self.dtype}[{', '.join('?' if d is None else str(d) for d in self.shape)}]"
 
     def check(self, value, field: str | None = None) -> tuple[object, str | None]:
@@ -95,10 +98,16 @@ class TensorSpec:
         field: the row field named in errors (default: the tensor's name).
         """
         field = field or self.name
-        if self.dtype == TEXT:
+        if self.dtype == KEY:
+            if isinstance(value, str) or (isinstance(value, int | np.integer) and not isinstance(value, bool)):
+                return str(value), None
+            return None, f"field {field!r} is {_kind(value)}, expected a string or an integer"
+        if self.dtype == TEXT and not self.shape:
             if isinstance(value, str):
                 return value, None
             return None, f"field {field!r} is {_kind(value)}, expected a string"
+        if self.dtype == TEXT:
+            return None, f"field {field!r}: {self.describe()} is an output only"
         if value is None or isinstance(value, str | bytes | dict):
             return None, f"field {field!r} is {_kind(value)}, expected {self.describe()}"
         try:
@@ -125,7 +134,7 @@ class TensorSpec:
     def empty(self) -> np.ndarray | list:
         """Zero rows of this tensor: an array [0, *shape] (a variable axis 0 long); bfloat16 as float32,
         text as an object array."""
-        dtype = {TEXT: object, "bfloat16": np.float32}.get(self.dtype, self.dtype)
+        dtype = {TEXT: object, KEY: object, "bfloat16": np.float32}.get(self.dtype, self.dtype)
         return np.zeros((0, *(d or 0 for d in self.shape)), dtype)
 
     @property
@@ -147,7 +156,7 @@ class TensorSpec:
 
     def stack(self, values: list) -> np.ndarray | list:
         """Checked values of N rows in the form `predict` takes: [N, *shape] array, or the list itself."""
-        if self.dtype == TEXT or self.variable:
+        if self.dtype in (TEXT, KEY) or self.variable:
             return values
         target = np.dtype(self.dtype) if self.dtype != "bfloat16" else np.dtype(np.float32)
         if not values:
@@ -174,6 +183,11 @@ class TensorSpec:
             if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
                 return None
             return column.to_pylist(), errors
+        if self.dtype == KEY:
+            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                    or pa.types.is_integer(column.type)):
+                return None
+            return [None if v is None else str(v) for v in column.to_pylist()], errors
         dense = None if self.variable else _dense(column)
         if dense is None:
             return None
@@ -228,7 +242,7 @@ def signature(inputs: Mapping[str, tuple[Sequence[int | None], str]]) -> tuple[T
         if not (isinstance(shape, tuple | list) and all(d is None or isinstance(d, int) for d in shape)
                 and isinstance(dtype, str | type | np.dtype)):
             raise ValueError(f"input {name!r}: expected (shape, dtype), e.g. ((8, 8), 'float32'), got {entry!r}")
-        if dtype not in (TEXT, "bfloat16"):
+        if dtype not in (TEXT, KEY, "bfloat16"):
             try:
                 dtype = np.dtype(dtype).name
             except TypeError:

@@ -200,6 +200,14 @@ class Handler(BaseHTTPRequestHandler):
             raise _Reply(413, f"the request has {n} rows; this server takes at most "
                          f"{app.config.max_queue_rows} per request (send fewer rows per request)")
         wanted = _requested_outputs(request, model.outputs)
+        settings = getattr(model, "row_settings", None)  # a generator: sampling settings as request parameters
+        if settings:
+            chosen = {k: v for k, v in (request.get("parameters") or {}).items() if k in settings}
+            try:
+                model.row_params([chosen], 1)
+            except (TypeError, ValueError) as e:
+                raise _Reply(400, f"request parameters: {e}") from None
+            inputs = {**inputs, "parameters": [chosen] * n}
         if "id" in request and not isinstance(request["id"], str):
             raise ProtocolError(f"'id' must be a string, got {show(request['id'])}")
         if n:

@@ -334,6 +334,9 @@ def make_report(records: dict[str, dict], plan: Plan, c: dict[str, float], *, el
         "units_reprocessed": plan.reprocessed,
         "elapsed_s": round(elapsed, 3),
         "rows_per_s": round(this_run_out / elapsed, 1) if elapsed > 0 else None,
+        # This run's model tokens: a text model's input tokens, a generator's generated tokens.
+        "tokens": int(c.get("real_tokens", 0)),
+        "tokens_per_s": round(c.get("real_tokens", 0) / elapsed, 1) if elapsed > 0 else None,
         "this_run_rows_in": this_run_in,
         "model": model,
         "runner": runner,
