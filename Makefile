@@ -21,7 +21,25 @@ demo: $(STAMP)
 	$(BIN)/bulkinfer run --model minilm --input 'data/sample/*.jsonl' --output out/demo
 	$(BIN)/python -m json.tool out/demo/report.json
 
-.PHONY: demo demo-generate cluster-demo test lint bench bench-remote bench-memory bench-generate fixtures clean
+# Text generation with the built-in SmolLM2-135M-Instruct (a 4-bit GGUF file, dequantized at load) on a few prompts.
+demo-generate: $(STAMP)
+	rm -rf out/demo-generate
+	$(BIN)/bulkinfer generate --model smollm2 --chat --input 'data/prompts/*.jsonl' --output out/demo-generate \
+		--format jsonl --max-new-tokens 48 --temperature 0.7 --top-p 0.9 --seed 1
+	cat out/demo-generate/part-*.jsonl
+	$(BIN)/python -m json.tool out/demo-generate/report.json
+
+# Headless Chromium (Debian's package) renders the HTML reports in tests; installed when missing and
+# apt-get works (root), else those tests skip saying why.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	-apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+# The sample job on a local portable Beam cluster (job service + two external worker pools, stopped after).
+cluster-demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/cluster_demo.py --output out/cluster-demo
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
