@@ -592,7 +592,18 @@ def _job_model(args):
         raise ValueError("--server-token needs --server URL")
     if args.server_retry_budget_s is not None:
         raise ValueError("--server-retry-budget-s needs --server URL")
-    return _model(args)
+    return _prediction_model(args)
+
+
+def _prediction_model(args):
+    """`_model`, refusing a decoder LM: it generates text (`bulkinfer generate`), it does not predict."""
+    from bulkinfer.models.lm import LanguageModel
+
+    model = _model(args)
+    if isinstance(model, LanguageModel):
+        raise ValueError(f"{args.model!r} is a decoder language model: generate text with `bulkinfer generate "
+                         f"--model {args.model} ...`; `bulkinfer {args.command}` takes embedders and classifiers")
+    return model
 
 
 def _job_spec(args, *, output: str | None = None, keep_fields: tuple[str, ...] = ()):
@@ -813,6 +824,9 @@ def _stats(args, beam_args) -> int:
         print(f"bulkinfer stats: error: no prediction rows to summarize: all {result['rows_in']} input rows failed "
               f"(see {out}/predictions/failed-*.jsonl)", file=sys.stderr)
         return 1
+    return 0
+
+
 def _plan(args) -> int:
     from bulkinfer.models import CheckpointError
     from bulkinfer.tasks import plan
@@ -825,7 +839,7 @@ def _plan(args) -> int:
                            **({} if args.unit_size is None else {"unit_size": args.unit_size}))
         settings = plan.PlanSpec(sample=args.sample, deadline_s=args.deadline, price_per_hour=args.price_per_hour,
                                  accelerator=args.accelerator, rows_per_s=args.rows_per_s)
-        report = plan.plan(_model(args), spec, settings)
+        report = plan.plan(_prediction_model(args), spec, settings)
     except job.JobFailed as e:
         print(f"bulkinfer plan: error: {e}", file=sys.stderr)
         return 1

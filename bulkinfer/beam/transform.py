@@ -41,8 +41,10 @@ class BulkInference(beam.PTransform):
     default the pipeline fails on the first one; after `.with_exception_handling()` the transform returns
     `(predictions, dead_letters)` and the job goes on.
 
-    model: a built-in name (`minilm`, `digits`), a model directory (any Beam filesystem), or a model spec
-      such as `JaxModel(fn, params=..., inputs=...)`; anything else raises ValueError here, not on a worker.
+    model: a built-in name (`minilm`, `digits`, `smollm2`), a model directory or GGUF file (any Beam
+      filesystem), or a model spec such as `JaxModel(fn, params=..., inputs=...)` or
+      `Generator(LanguageModel..., sampling=...)`; a decoder LM given by name or path generates greedily
+      (`Generator`'s defaults).  Anything else raises ValueError here, not on a worker.
     input_field: the row field a single-input model reads (default: the input's name, "text" for text
       models).  Models with several inputs read the fields named like their inputs.
     output_field: the row field a single-output model writes (default: the output's name, e.g.
@@ -89,6 +91,12 @@ class BulkInference(beam.PTransform):
             model = RemoteModel.for_model(server, model, token=server_token)
         else:
             model = model_spec(model)
+            from bulkinfer.models.lm import LanguageModel
+
+            if isinstance(model, LanguageModel):  # a decoder LM by name or path: greedy generation
+                from bulkinfer.models.generator import Generator
+
+                model = Generator(model=model)
         if keep_fields is not None:
             keep_fields = list(dict.fromkeys(([id_field] if id_field else []) + list(keep_fields)))
         self._model = model

@@ -135,6 +135,10 @@ class LoadedGenerator:
         self.lm = spec.model.load()
         config = self.lm.config
         max_len = spec.max_len or min(config.max_position_embeddings, 1024)
+        if config.model_type == "gpt2" and max_len > config.max_position_embeddings:
+            # Learned positions: a table of n_positions rows, past which there is nothing to look up.
+            raise ValueError(f"max_len {max_len} exceeds {spec.model.name}'s {config.max_position_embeddings} "
+                             "learned positions (n_positions); pass --max-len at most that")
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[spec.dtype]
         params = jax.tree.map(lambda a: jnp.asarray(a, dtype), self.lm.params)
         self.engine = GenerationEngine(

@@ -172,3 +172,22 @@ def test_engine_greedy_equals_transformers_generate(family):
             assert want[-1] in loaded.lm.eos_token_ids and (c.tokens, c.finish_reason) == (want[:-1], "stop")
         else:
             assert (c.tokens, c.finish_reason) == (want, "length")
+
+
+def test_a_decoder_lm_is_refused_by_the_prediction_jobs_and_generates_in_bulk_inference(tmp_path, capsys):
+    # `bulkinfer run|eval|stats|distill|plan` take embedders and classifiers: a decoder LM is a bad flag
+    # (exit 2, naming `bulkinfer generate`), never a worker crash counted as an outage.
+    for command in (["run", "--output", str(tmp_path / "o")], ["plan"]):
+        assert cli.main([*command, "--model", LLAMA, "--input", str(tmp_path / "*.jsonl")]) == 2
+        assert "bulkinfer generate" in capsys.readouterr().err
+    # In a pipeline, the same path generates (greedy, Generator's defaults).
+    transform = BulkInference(LLAMA)
+    assert isinstance(transform._model, Generator) and transform._model.sampling == SamplingParams()
+
+
+def test_gpt2_context_past_its_learned_positions_is_refused():
+    from bulkinfer.models.lm import LanguageModel
+
+    gpt2 = LanguageModel.from_name(str(Path(LLAMA).parent / "gpt2"))
+    with pytest.raises(ValueError, match="learned positions"):
+        Generator(model=gpt2, max_len=gpt2.load().config.max_position_embeddings + 1).load()
