@@ -227,7 +227,7 @@ def id_hash(row_id, seed: int = 0) -> int:
     Parquet stores a column of mixed integer and text ids as text, and a file's storage must not change
     which rows are sampled.
     """
-    return _hash_text(_id_text(row_id), seed.to_bytes(8, "little", signed=False))
+    return _hash_text(_id_text(row_id), seed.to_bytes(8, "little", signed=True))  # == unsigned for seeds >= 0
 
 
 def _hash_text(text: str, key: bytes) -> int:
@@ -258,7 +258,7 @@ class BottomKSample:
         vectors = np.asarray(vectors, np.float32)
         if vectors.shape != (len(ids), self.dim):
             raise ValueError(f"expected {len(ids)} vectors of {self.dim} values, got shape {vectors.shape}")
-        seed = self.seed.to_bytes(8, "little", signed=False)
+        seed = self.seed.to_bytes(8, "little", signed=True)  # == unsigned for seeds >= 0
         limit = self.keys[-1] if len(self.keys) == self.k else None  # a full sample takes only smaller keys
         keep, keys = [], []
         for i, row_id in enumerate(ids):
