@@ -646,6 +646,7 @@ def _generate(args, beam_args) -> int:
 
 
 def _exit_status(report: dict, output: str) -> int:
+    """A finished run's exit status: 1 (with the reason) when its counts do not reconcile or units are left."""
     if not report["reconciled"]:
         print(f"bulkinfer: error: rows_in {report['rows_in']} != rows_out {report['rows_out']} + rows_failed "
               f"{report['rows_failed']}; see {output}/report.json", file=sys.stderr)
@@ -660,8 +661,10 @@ def _exit_status(report: dict, output: str) -> int:
 def _served(args):
     """The model spec to serve: a decoder LM is served as a generator (v2: prompt BYTES in, completion
     BYTES out, sampling settings as request parameters, keyed by the prompt's text)."""
+    from bulkinfer.models.lm import LanguageModel
+
     spec = _model(args)
-    if type(spec).__name__.endswith("LanguageModel"):
+    if isinstance(spec, LanguageModel):
         from bulkinfer.tasks import generate
 
         return generate.generator(spec, id_field=None, warmup=args.warmup)
@@ -684,15 +687,7 @@ def _run(args, beam_args) -> int:
         print(f"bulkinfer: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: report[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_per_s", "elapsed_s")}))
-    if not report["reconciled"]:
-        print(f"bulkinfer: error: rows_in {report['rows_in']} != rows_out {report['rows_out']} + rows_failed "
-              f"{report['rows_failed']}; see {args.output}/report.json", file=sys.stderr)
-        return 1
-    if report["units_done"] != report["units"]:
-        print(f"bulkinfer: error: only {report['units_done']} of {report['units']} units of work were committed; "
-              "rerun the same command to finish them", file=sys.stderr)
-        return 1
-    return 0
+    return _exit_status(report, args.output)
 
 
 def _distill(args, beam_args) -> int:
