@@ -497,7 +497,8 @@ def estimate(costs: Costs, *, rows: int, units: int, waves: int, spec: PlanSpec)
     for the deadline and cost.  Pure arithmetic (tested apart from the measurement).
 
     A job split over A accelerators: each pays the per-run cost and the model's load and compile once;
-    rows, units and waves divide.  A = ceil(divisible / (deadline - per-accelerator fixed)).
+    rows, units and waves divide.  A = ceil(divisible / (deadline - per-accelerator fixed)), at most the
+    number of units (a unit runs on one worker; `deadline_problem` says so when that is not enough).
     """
     predicted = costs.seconds(rows=rows, units=units, waves=waves)
     per_row = costs.per_row_s if spec.rows_per_s is None else 1.0 / spec.rows_per_s
@@ -525,6 +526,12 @@ def estimate(costs: Costs, *, rows: int, units: int, waves: int, spec: PlanSpec)
                 "accelerators meets it")
         else:
             needed = max(1, math.ceil(divisible / (spec.deadline_s - fixed) - 1e-9))
+            if needed > units:  # a unit of work runs on one worker: the job splits no finer than its units
+                needed = units
+                answer["deadline_problem"] = (
+                    f"the job has {units} unit(s) of work, and one accelerator each ends after about "
+                    f"{fixed + divisible / units:.1f} s, past the deadline ({spec.deadline_s:g} s); a smaller "
+                    "--unit-size splits large files into more units")
             answer["accelerators_needed"] = needed
             answer["wall_seconds_with_accelerators"] = round(fixed + divisible / needed, 1)
             answer["accelerator_hours"] = round((needed * fixed + divisible) / 3600, 4)
@@ -632,6 +639,8 @@ def summary(report: dict) -> str:
         else:
             lines.append(f"deadline {report['deadline_seconds']:g} s: {report['accelerators_needed']} accelerator(s), "
                          f"done in about {report['wall_seconds_with_accelerators']:,.0f} s")
+            if report.get("deadline_problem"):
+                lines.append(f"deadline not met: {report['deadline_problem']}")
     if report["cost"] is not None:
         lines.append(f"cost at {report['price_per_hour']:g} per accelerator-hour: {report['cost']:,.2f}")
     lines.append("assumptions:")

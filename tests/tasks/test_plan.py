@@ -123,6 +123,10 @@ def test_deadline_and_cost_arithmetic():
     # A deadline no number of accelerators meets.
     answer = planner.estimate(costs, rows=10, units=1, waves=1, spec=planner.PlanSpec(deadline_s=4))
     assert answer["accelerators_needed"] is None and "not longer than" in answer["deadline_problem"]
+    # More accelerators than units of work split nothing further: capped at the units, with the reason.
+    answer = planner.estimate(costs, rows=1_000_000, units=3, waves=1, spec=planner.PlanSpec(deadline_s=60))
+    assert answer["accelerators_needed"] == 3 and "--unit-size" in answer["deadline_problem"]
+    assert answer["wall_seconds_with_accelerators"] > 60
     # --rows-per-s measured on the target: its rate for hours and accelerators, not for predicted_seconds.
     spec = planner.PlanSpec(accelerator="nvidia-h200", rows_per_s=20_000, deadline_s=60)
     answer = planner.estimate(costs, rows=1_000_000, units=100, waves=2, spec=spec)
