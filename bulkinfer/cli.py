@@ -646,7 +646,8 @@ def _generate(args, beam_args) -> int:
 
 
 def _exit_status(report: dict, output: str) -> int:
-    """A finished run's exit status: 1 (with the reason) when its counts do not reconcile or units are left."""
+    """A finished run's exit status: 1 (with the reason) when its counts do not reconcile, units are left, or
+    no row succeeded."""
     if not report["reconciled"]:
         print(f"bulkinfer: error: rows_in {report['rows_in']} != rows_out {report['rows_out']} + rows_failed "
               f"{report['rows_failed']}; see {output}/report.json", file=sys.stderr)
@@ -654,6 +655,10 @@ def _exit_status(report: dict, output: str) -> int:
     if report["units_done"] != report["units"]:
         print(f"bulkinfer: error: only {report['units_done']} of {report['units']} units of work were committed; "
               "rerun the same command to finish them", file=sys.stderr)
+        return 1
+    if report["rows_in"] and not report["rows_out"]:  # a small job (under the failure limit's minimum) that did nothing
+        print(f"bulkinfer: error: every one of the {report['rows_in']} rows failed; their errors are in "
+              f"{output}/failed-*.jsonl (a wrong input field?)", file=sys.stderr)
         return 1
     return 0
 

@@ -92,6 +92,16 @@ def test_a_lone_surrogate_row_is_one_dead_letter_and_the_job_succeeds(tmp_path, 
     assert bulkinfer(*args).returncode == 0  # a rerun finds it committed
 
 
+def test_a_small_job_whose_every_row_fails_exits_1_naming_the_dead_letters(tmp_path, capsys):
+    # Under the failure limit's minimum (100 rows) the job runs to the end; it still did nothing.
+    from bulkinfer.cli import main
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "image": [0] * 64}) + "\n" for i in range(3)))
+    assert main(["run", "--model", "digits", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o")]) == 1
+    assert "every one of the 3 rows failed" in capsys.readouterr().err
+    assert len((tmp_path / "o" / "report.json").read_text()) and list((tmp_path / "o").glob("failed-*.jsonl"))
+
+
 def test_digits_labels_held_out_images_with_their_targets_kept(tmp_path):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
