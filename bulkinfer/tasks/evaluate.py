@@ -496,9 +496,12 @@ def evaluate(model, job: run_job.JobSpec, spec: EvalSpec, pipeline_args: list[st
 
     write_report(metrics, out)
     if baseline is not None and not metrics["baseline"]["passed"]:
-        failed = [k for k, v in metrics["baseline"]["metrics"].items() if v["failed"]]
-        raise GateFailed(f"{', '.join(failed)} dropped below the baseline {spec.baseline} by more than "
-                         f"max_drop {spec.max_drop} beyond the interval; see {out}/metrics.json", metrics)
+        compared = metrics["baseline"]["metrics"]
+        failed = ", ".join(f"{k} {v['value']:.4g} vs {v['baseline']:.4g} ({'lower' if v['higher_is_better'] else 'higher'}"
+                           " is worse)" for k, v in compared.items() if v["failed"])
+        margin = "its bootstrap interval" if spec.bootstrap else "the value itself (no --bootstrap interval)"
+        raise GateFailed(f"worse than the baseline {spec.baseline} by more than max_drop {spec.max_drop:g}, judged "
+                         f"on {margin}: {failed}; see {out}/metrics.json", metrics)
     return metrics
 
 
