@@ -602,6 +602,12 @@ def gate(metrics: dict, baseline: dict, *, max_drop: float, directory: str | Non
             "metrics": compared}
 
 
+def empty_slice_warnings(result: dict) -> list[str]:
+    """A line for each slice field that no row had (its one slice is "null": a misspelt --slice-field)."""
+    return [f"warning: --slice-field {field} is missing or null in every row (its only slice is null); "
+            "check the field's name" for field, values in result.get("slices", {}).items() if list(values) == ["null"]]
+
+
 def summary(metrics: dict) -> str:
     """A few lines of text with the headline numbers (what the CLI prints)."""
     intervals = metrics.get("bootstrap", {}).get("intervals", {})
@@ -616,4 +622,4 @@ def summary(metrics: dict) -> str:
         b = metrics["baseline"]
         bad = [k for k, v in b["metrics"].items() if v["failed"]]
         lines.append("baseline: passed" if b["passed"] else f"baseline: FAILED ({', '.join(bad)})")
-    return "\n".join(lines)
+    return "\n".join(lines + empty_slice_warnings(metrics))

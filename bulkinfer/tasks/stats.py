@@ -44,7 +44,7 @@ from bulkinfer.metrics.drift import stats_drift
 from bulkinfer.metrics.prediction_stats import DEFAULT_SAMPLE, QUANTILES, PredictionStats
 from bulkinfer.metrics.sketches import DEFAULT_K
 from bulkinfer.tasks import run as run_job
-from bulkinfer.tasks.evaluate import RenameFields
+from bulkinfer.tasks.evaluate import RenameFields, empty_slice_warnings
 from bulkinfer.tasks.run import JobFailed, JobSpec
 
 log = logging.getLogger(__name__)
@@ -533,7 +533,7 @@ def summary(result: dict) -> list[str]:
     if "drift" in result:
         d = result["drift"]["overall"]
         lines.append("drift (JS distance): " + (", ".join(f"{k} {_fmt(v)}" for k, v in d.items()) or "none comparable"))
-    return lines
+    return lines + empty_slice_warnings(result)
 
 
 def _fmt(value) -> str:

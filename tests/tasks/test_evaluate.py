@@ -242,3 +242,9 @@ def test_eval_help_defines_the_gate_and_the_exit_status():
     text = " ".join(cli._parser().commands["eval"].format_help().split())
     assert "fails when the upper end of its interval (the value itself without --bootstrap) is below baseline - --max-drop" in text
     assert "3 the baseline gate failed" in text and "scale_by_half=False" in text
+
+
+def test_a_slice_field_no_row_has_is_warned_about():
+    result = {"slices": {"lang": {"null": {"rows": 9}}, "label": {"0": {"rows": 5}, "null": {"rows": 4}}}}
+    [warning] = ev.empty_slice_warnings(result)
+    assert "--slice-field lang is missing or null in every row" in warning
