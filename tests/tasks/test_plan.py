@@ -223,8 +223,8 @@ def test_a_planned_job_runs_within_the_stated_tolerance(tmp_path, minilm_spec):
     pq.write_table(pa.table({"id": list(range(3500, 6000)), "text": texts[3500:]}), src / "b.parquet",
                    row_group_size=1000)
     spec = job.JobSpec(input=str(src / "*"), output=str(tmp_path / "out"))
-    report = planner.plan(minilm_spec, spec, planner.PlanSpec(sample=600))
-    assert report["rows"] == 6001 and report["sample_rows"] == 600
+    report = planner.plan(minilm_spec, spec, planner.PlanSpec(sample=2000))
+    assert report["rows"] == 6001 and report["sample_rows"] == 2000
     t0 = time.perf_counter()
     done = job.run(minilm_spec, spec)
     actual = time.perf_counter() - t0
