@@ -11,6 +11,12 @@ class ModelUnavailable(RuntimeError):
     """
 
 
+class BadSettings(ValueError):
+    """A job setting that no rerun can fix, found where the model is loaded (a worker's DoFn.setup): e.g. a
+    kept field that a model output of the same name would overwrite.  The run job reports it as bad
+    settings (the CLI's exit 2), not as a failed wave to resume."""
+
+
 # XLA statuses that a batch's own rows can cause: out of memory on a too-large batch (the engine backs
 # off and retries smaller ones first) and an invalid input.  Any other device error (INTERNAL,
 # UNAVAILABLE, DATA_LOSS, ...) means the device or its runtime failed.

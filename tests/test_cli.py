@@ -321,3 +321,14 @@ def test_sizes_are_read_in_bytes_or_binary_units():
     for bad in ("lots", "0", "-5MiB"):
         with pytest.raises(argparse.ArgumentTypeError, match="size"):
             _size(bad)
+
+
+def test_a_kept_field_an_output_would_overwrite_is_a_bad_setting_not_a_wave_to_resume(tmp_path, capsys):
+    # digits outputs "label"; keeping the input's "label" beside it cannot work, and no rerun fixes it.
+    from bulkinfer.cli import main
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "pixels": [0] * 64, "label": 3}) + "\n")
+    assert main(["run", "--model", "digits", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"),
+                 "--keep-fields", "label"]) == 2
+    err = capsys.readouterr().err
+    assert "keep_fields ['label'] would be overwritten" in err and "rerun" not in err

@@ -28,6 +28,7 @@ from bulkinfer.beam.inputs import model_inputs
 from bulkinfer.beam.isolate import predict_isolating
 from bulkinfer.beam.loading import load_shared, report_engine_stats, report_load
 from bulkinfer.beam.outputs import attach
+from bulkinfer.errors import BadSettings
 from bulkinfer.models.resolve import model_spec
 from bulkinfer.runtime import EngineStats
 from bulkinfer.runtime.process import share_accelerator_memory
@@ -155,8 +156,8 @@ class _InferDoFn(beam.DoFn):
         self._out_fields = field_names(self._loaded.outputs, self._output_field, "output_field")
         clash = sorted(set(self._keep or ()) & set(self._out_fields.values()))
         if clash:
-            raise ValueError(f"keep_fields {clash} would be overwritten by the model's outputs of the same names; "
-                             "rename those input fields first")
+            raise BadSettings(f"keep_fields {clash} would be overwritten by the model's outputs of the same names; "
+                              "rename those input fields first, or keep other fields")
 
     def start_bundle(self):
         report_load(self._model)

@@ -30,6 +30,7 @@ from bulkinfer.beam import commit, io, progress, writers
 from bulkinfer.beam.batch import FAILED, NAMESPACE
 from bulkinfer.beam.transform import BulkInference
 from bulkinfer.beam.units import UNIT_SIZE, Unit, delete, escape_glob, plan_units
+from bulkinfer.errors import BadSettings
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
@@ -252,8 +253,11 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
                 result = p.run()
                 result.wait_until_finish()
             except Exception as e:  # noqa: BLE001 -- any pipeline failure: say what failed, keep what committed
+                cause = _cause(e)
+                if cause.startswith(("BadSettings", "bulkinfer.errors.BadSettings")):  # no rerun fixes it
+                    raise BadSettings(cause.split(": ", 1)[-1]) from e
                 raise JobFailed(
-                    f"wave {k + 1} of {len(waves)} failed: {_cause(e)}; units committed so far are kept "
+                    f"wave {k + 1} of {len(waves)} failed: {cause}; units committed so far are kept "
                     f"({len(commit.committed(job.out))}); rerun the same command to resume") from e
             for record in commit.records_of(job.out, [u.key for u in wave]):
                 seen, failed = seen + record["rows_in"], failed + record["rows_failed"]
@@ -282,7 +286,7 @@ def _default_runner(options: PipelineOptions):
 def _cause(error: BaseException) -> str:
     """The line of a pipeline failure that names its cause (runners wrap it in tracebacks and context)."""
     lines = [line.strip() for line in f"{type(error).__name__}: {error}".splitlines() if line.strip()]
-    for marker in ("UnitNotReconciled", "TooManyFailures", "ModelUnavailable", "JaxRuntimeError"):
+    for marker in ("BadSettings", "UnitNotReconciled", "TooManyFailures", "ModelUnavailable", "JaxRuntimeError"):
         hits = [line for line in lines if marker in line]
         if hits:
             return hits[-1].split(" [while running", 1)[0]
