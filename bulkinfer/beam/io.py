@@ -23,6 +23,8 @@ import os
 import socket
 import sys
 import uuid
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -176,7 +178,7 @@ class _ReadUnit(beam.DoFn):
 
     def _dict_parts(self, unit: Unit, fmt: str):
         """Batches of dict rows, and (position, error, raw record) for each unreadable record."""
-        records = _jsonl_records(unit) if fmt == "jsonl" else _csv_records(unit.source)
+        records = _jsonl_records(unit) if fmt == "jsonl" else _csv_rows(unit.source)
         rows, positions = [], []
         for position, row, error, raw in records:
             if error is not None:
@@ -224,10 +226,29 @@ def _jsonl_records(unit: Unit):
             yield n, row, None, None
 
 
-def _csv_records(path: str):
-    # Bytes that are not UTF-8 decode to lone surrogates (surrogateescape), so one bad byte costs only
-    # the row it is in; a strict decoder would fail on a read-ahead block and lose the rows around it.
-    # utf-8-sig skips a byte-order mark (else it would become part of the first column's name).
+class CsvRecord(NamedTuple):
+    """One record after a CSV file's header, as the reader parses it (see `csv_records`)."""
+
+    line: int  # 1-based line number where the record ends (a quoted field may span lines)
+    header: list[str]  # the file's column names
+    values: list[str] | None  # the record's values; None where the csv module cannot parse it
+    error: str | None  # why the record is not a row (a dead letter), or None
+
+
+def csv_records(path: str) -> Iterator[CsvRecord]:
+    """Every record after the header of a CSV file on any Beam filesystem, as `ReadDataset` reads it.
+
+    UTF-8; a byte-order mark is skipped (else it would become part of the first column's name).  Bytes
+    that are not UTF-8 decode to lone surrogates (surrogateescape), so one bad byte costs only the record
+    it is in; a strict decoder would fail on a read-ahead block and lose the records around it.  Empty
+    lines are skipped.  A record is a dead letter (`error` set) when the csv module cannot parse it, when
+    it holds bytes that are not UTF-8, when its column count differs from the header's, or when the
+    header itself is not UTF-8 (no row can be read without its column names).  Fields up to
+    CSV_FIELD_LIMIT characters.  Raises OSError when the file cannot be opened.
+
+        >>> for line, header, values, error in csv_records("data/in.csv"):
+        ...     row = dict(zip(header, values)) if error is None else None
+    """
     csv.field_size_limit(min(CSV_FIELD_LIMIT, sys.maxsize))
     with FileSystems.open(path) as f:
         text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
@@ -236,29 +257,38 @@ def _csv_records(path: str):
             header = next(reader)
         except StopIteration:
             return
-        if any(_has_surrogate(h) for h in header):
-            for _ in reader:  # no row can be read without its column names; each is a dead letter
-                yield reader.line_num, None, "unreadable: the file's header is not valid UTF-8", None
-            return
+        unreadable = "unreadable: the file's header is not valid UTF-8" if any(
+            _has_surrogate(h) for h in header) else None
         while True:
             try:
                 values = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
-                yield reader.line_num, None, f"malformed CSV ({e})", None
+                yield CsvRecord(reader.line_num, header, None, unreadable or f"malformed CSV ({e})")
                 continue
             if not values:
                 continue
-            raw = ",".join(values)
-            if any(_has_surrogate(v) for v in values):
-                yield reader.line_num, None, "invalid UTF-8", raw.encode("utf-8", "surrogateescape").decode(
-                    "utf-8", "replace")
-                continue
-            if len(values) != len(header):
-                yield reader.line_num, None, f"{len(values)} columns, the header has {len(header)}", raw
-                continue
-            yield reader.line_num, dict(zip(header, values)), None, None
+            if unreadable:
+                error = unreadable
+            elif any(_has_surrogate(v) for v in values):
+                error = "invalid UTF-8"
+            elif len(values) != len(header):
+                error = f"{len(values)} columns, the header has {len(header)}"
+            else:
+                error = None
+            yield CsvRecord(reader.line_num, header, values, error)
+
+
+def _csv_rows(path: str):
+    for line, header, values, error in csv_records(path):
+        if error is None:
+            yield line, dict(zip(header, values)), None, None
+        elif values is None:
+            yield line, None, error, None
+        else:  # the record's text, undecodable bytes shown as U+FFFD
+            raw = ",".join(values).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            yield line, None, error, raw
 
 
 def _has_surrogate(value: str) -> bool:

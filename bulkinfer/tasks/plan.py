@@ -11,7 +11,7 @@ How it answers:
 1. **Rows.**  Counted as a run counts its rows_in (`count_rows`): Parquet from the files' footers; JSONL
    by a scan of the bytes for lines that are not blank (no JSON parsing); CSV by counting lines, or, for
    a file holding a quote character or a carriage return (a quoted field may hold a newline), by
-   parsing it with the csv module as the reader does.
+   parsing it with the reader's own parser (`io.csv_records`).
 2. **A sample of the real rows** (`sample_rows`): `sample` rows spread over the files in proportion to
    their rows, evenly spaced within each file (long files: evenly spaced runs of consecutive rows, read
    with seeks), so the sample has the input's length distribution and its share of bad rows.  The rows
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io as _io
 import math
 import os
 import re
@@ -67,7 +66,6 @@ TOLERANCE = 0.3  # the stated relative error of predicted_seconds (see tests/tas
 CALIBRATION_UNITS = 4  # k one-row units of runs R5 and R6
 WHOLE_FILE_BYTES = 64 << 20  # files up to this size are read whole when sampling; larger ones by runs
 RUN_ROWS = 64  # consecutive rows per run when sampling a large file
-_CSV_FIELD_LIMIT = 1 << 30  # as the reader: Python's csv module refuses fields over 128 KiB by default
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -219,7 +217,7 @@ def _count_csv(path: str) -> int:
             if first:
                 chunk, first = chunk.removeprefix(io.BOM), False
             if b'"' in chunk or b"\r" in chunk:
-                return sum(1 for _ in _csv_records(path))
+                return sum(1 for _ in io.csv_records(path))
             data = rest + chunk
             end = data.rfind(b"\n")
             if end < 0:
@@ -237,29 +235,6 @@ def _count_csv(path: str) -> int:
 
 
 _EMPTY_LINE = re.compile(rb"\n(?=\n)")
-
-
-def _csv_records(path: str):
-    """(header, each record after it: a list of values, or None where the csv module fails) as the reader
-    parses the file: UTF-8 (a byte-order mark skipped), undecodable bytes kept, empty lines skipped."""
-    csv.field_size_limit(min(_CSV_FIELD_LIMIT, 2**31 - 1))
-    with FileSystems.open(path) as f:
-        text = _io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        reader = csv.reader(text)
-        try:
-            header = next(reader)
-        except StopIteration:
-            return
-        while True:
-            try:
-                values = next(reader)
-            except StopIteration:
-                return
-            except csv.Error:
-                yield header, None
-                continue
-            if values:
-                yield header, values
 
 
 # -------------------------------------------------------------------------------------------- sample
@@ -388,9 +363,9 @@ def _sample_csv(path: str, count: int, n: int):
     """(header, values) of n evenly spaced records of a CSV file (parsed whole: rows cannot be found by
     seeking); records the csv module cannot parse are not copied."""
     chosen = set(_spread(count, n).tolist())
-    for i, (header, values) in enumerate(_csv_records(path)):
-        if i in chosen and values is not None:
-            yield header, values
+    for i, record in enumerate(io.csv_records(path)):
+        if i in chosen and record.values is not None:
+            yield record.header, record.values
 
 
 def _one_row_copy(path: str, destination: str) -> None:
@@ -407,10 +382,9 @@ def _one_row_copy(path: str, destination: str) -> None:
         with open(path, "rb") as f:
             head = b"".join([f.readline(), f.readline()])
         if b'"' in head:  # a quoted field may span lines: copy the first record as the csv module reads it
-            records = _csv_records(path)
-            header, values = next(records)
+            first = next(io.csv_records(path))
             with open(destination, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-                csv.writer(f).writerows([header, values])
+                csv.writer(f).writerows([first.header, first.values])
         else:
             with open(destination, "wb") as f:
                 f.write(head)

@@ -27,6 +27,7 @@ def _messy_inputs(root):
     with open(root / "quoted.csv", "w", newline="") as f:
         f.write('id,text\r\n1,"a field\nover two lines"\r\n\r\n2,"said ""hi"""\r\n3,b\r\n')
     (root / "header-only.csv").write_text("id,text\n")
+    (root / "bad-header.csv").write_bytes(b"i\xffd,text\n1,a\n\n2,b\n")  # each record a dead letter; not the empty line
     table = pa.table({"id": list(range(2500)), "text": [f"row {i}" for i in range(2500)]})
     pq.write_table(table, root / "groups.parquet", row_group_size=1000)
     return sorted(p for p in root.iterdir())
@@ -43,7 +44,8 @@ def test_row_counts_are_exactly_what_a_run_reads_per_file(tmp_path):
     assert counted == {str(f): read.get(str(f), 0) for f in files}
     # And the numbers themselves, by construction of the files above:
     assert [counted[str(tmp_path / "in" / name)] for name in
-            ("a.jsonl", "plain.csv", "quoted.csv", "header-only.csv", "groups.parquet")] == [6, 5, 3, 0, 2500]
+            ("a.jsonl", "plain.csv", "quoted.csv", "header-only.csv", "bad-header.csv", "groups.parquet")
+            ] == [6, 5, 3, 0, 2, 2500]
 
 
 def test_the_sample_is_deterministic_spread_and_proportional(tmp_path):
