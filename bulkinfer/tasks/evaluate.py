@@ -39,6 +39,7 @@ from bulkinfer.beam.units import escape_glob
 from bulkinfer.metrics.bootstrap import percentile_interval, poisson_weights, row_key
 from bulkinfer.metrics.classification import HEADLINE, HIGHER_IS_BETTER, ClassificationCounts
 from bulkinfer.tasks import run as run_job
+from bulkinfer.tasks.fields import column, vectors
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class _Prepare(beam.DoFn):
         errors: dict[int, str] = {}
         labels = self._labels(batch, errors)
         probs = _probs(batch, self._probs, self._c, errors)
-        ids = _column(batch, self._id) if (self._id and (self._seed is not None or errors)) else [None] * n
+        ids = column(batch, self._id) if (self._id and (self._seed is not None or errors)) else [None] * n
         keys = None
         if self._seed is not None:
             keys = np.zeros(n, np.uint64)
@@ -211,7 +212,7 @@ class _Prepare(beam.DoFn):
         labels, probs = labels[good], probs[good]
         yield labels, probs, None if keys is None else keys[good]
         for field in self._slices:
-            values = _column(batch, field)
+            values = column(batch, field)
             groups: dict[str, list[int]] = {}
             for j, i in enumerate(good.tolist()):
                 groups.setdefault(_slice_value(values[i]), []).append(j)
@@ -230,7 +231,7 @@ class _Prepare(beam.DoFn):
                 errors[i] = f"field {shown} holds {int(labels[i])}, outside the classes 0..{c - 1}"
             return np.where((labels < 0) | (labels >= c), 0, labels)
         labels = np.zeros(len(batch), np.int64)
-        for i, v in enumerate(_column(batch, field)):
+        for i, v in enumerate(column(batch, field)):
             if v is None:
                 errors[i] = f"field {shown} is missing or null; set --label-field to the field holding the true class"
             elif isinstance(v, str) and v in self._index:
@@ -246,14 +247,6 @@ class _Prepare(beam.DoFn):
         return labels
 
 
-def _column(batch: Batch, field: str) -> list:
-    """The field's values as a Python list (None where missing)."""
-    t = batch.table
-    if t is not None:
-        return t.column(field).to_pylist() if field in t.column_names else [None] * len(batch)
-    return [row.get(field) for row in batch.rows]
-
-
 def _slice_value(value) -> str:
     if value is None:
         return "null"
@@ -262,37 +255,13 @@ def _slice_value(value) -> str:
 
 
 def _probs(batch: Batch, field: str, c: int, errors: dict[int, str]) -> np.ndarray:
-    """float32 [n, C]: from a fixed-size list column without per-row Python, else row by row.
+    """float32 [n, C] (`fields.vectors`: a fixed-size list column without per-row Python, else row by row).
 
-    Rows whose probabilities are missing, of another width, not finite, outside [0, 1] or not summing
-    to 1 (within PROBS_TOLERANCE) get an error; their row of the result is uniform, never used.
+    Rows whose probabilities are missing, not C numbers, not finite, outside [0, 1] or not summing to 1
+    (within PROBS_TOLERANCE) get an error; their row of the result is never used.
     """
-    n = len(batch)
-    t = batch.table
-    out = None
-    if t is not None and field in t.column_names:
-        col = t.column(field)
-        if pa.types.is_fixed_size_list(col.type) and col.type.list_size == c and col.null_count == 0:
-            values = col.combine_chunks().flatten() if col.num_chunks else pa.array([], pa.float32())
-            if values.null_count == 0 and (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
-                out = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, c)
-    if out is None:
-        out = np.full((n, c), 1.0 / c, np.float32)
-        for i, v in enumerate(_column(batch, field)):
-            if v is None:
-                errors.setdefault(i, f"field {field!r} is missing or null; set --probs-field to the model's "
-                                     "probabilities output")
-                continue
-            try:
-                a = np.asarray(v, np.float32)
-            except (TypeError, ValueError):
-                errors.setdefault(i, f"field {field!r} is not a list of numbers")
-                continue
-            if a.shape != (c,):
-                errors.setdefault(i, f"field {field!r} has shape {list(a.shape)}, expected [{c}] (one probability "
-                                     "per class)")
-                continue
-            out[i] = a
+    out = vectors(batch, field, c, "float32", errors,
+                  missing="; set --probs-field to the model's probabilities output")  # [n, C]
     finite = np.isfinite(out).all(axis=1)
     in_range = ((out >= 0) & (out <= 1 + PROBS_TOLERANCE)).all(axis=1)
     sums = out.astype(np.float64).sum(axis=1)

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -45,6 +44,7 @@ from bulkinfer.metrics.prediction_stats import DEFAULT_SAMPLE, QUANTILES, Predic
 from bulkinfer.metrics.sketches import DEFAULT_K
 from bulkinfer.tasks import run as run_job
 from bulkinfer.tasks.evaluate import RenameFields, empty_slice_warnings
+from bulkinfer.tasks.fields import column, vectors
 from bulkinfer.tasks.run import JobFailed, JobSpec
 
 log = logging.getLogger(__name__)
@@ -321,13 +321,13 @@ class _Groups(beam.DoFn):
         errors: dict[int, str] = {}
         chunk = {"rows": len(batch)}
         if lay.num_classes is not None:
-            chunk["probs"] = _matrix(batch, lay.probs_field, lay.num_classes, errors)  # [N, C]
+            chunk["probs"] = vectors(batch, lay.probs_field, lay.num_classes, "float64", errors)  # [N, C]
         if lay.dim is not None:
-            chunk["embeddings"] = _matrix(batch, lay.embedding_field, lay.dim, errors)  # [N, D]
-            chunk["ids"] = _column(batch, lay.id_field)
+            chunk["embeddings"] = vectors(batch, lay.embedding_field, lay.dim, "float64", errors)  # [N, D]
+            chunk["ids"] = column(batch, lay.id_field)
         keep = list(range(len(batch)))
         if errors:
-            ids = _column(batch, lay.id_field)
+            ids = column(batch, lay.id_field)
             for i in sorted(errors):
                 yield beam.pvalue.TaggedOutput(FAILED, dead_letter(
                     stage="stats", error=f"{batch.where(i)}: {errors[i]}", record=batch.row(i), row_id=ids[i],
@@ -338,8 +338,8 @@ class _Groups(beam.DoFn):
         if not keep:
             return
         yield OVERALL, chunk
-        for column, field in lay.slices:
-            values = _column(batch, column)
+        for name, field in lay.slices:
+            values = column(batch, name)
             groups: dict[str, list[int]] = {}
             for j, i in enumerate(keep):
                 groups.setdefault(slice_value(values[i]), []).append(j)
@@ -364,45 +364,6 @@ def slice_value(value) -> str:
     if hasattr(value, "item"):
         value = value.item()
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
-
-
-def _column(batch: Batch, field: str) -> list:
-    if batch.table is not None:
-        return batch.table.column(field).to_pylist() if field in batch.table.column_names else [None] * len(batch)
-    return [row.get(field) for row in batch.rows]
-
-
-def _matrix(batch: Batch, field: str, width: int, errors: dict[int, str]) -> np.ndarray:
-    """Field `field` of every row as [N, width] float64; a row that does not fit gets an error in
-    `errors` (its row of the result is zeros)."""
-    table = batch.table
-    if table is not None and field in table.column_names:
-        column = table.column(field)
-        t = column.type
-        if pa.types.is_fixed_size_list(t) and t.list_size == width and not column.null_count:
-            flat = column.combine_chunks().flatten()
-            if not flat.null_count and (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)):
-                return flat.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(batch), width)
-    out = np.zeros((len(batch), width), np.float64)
-    for i, value in enumerate(_column(batch, field)):
-        if value is None:
-            errors.setdefault(i, f"field {field!r} is missing or null")
-            continue
-        try:
-            vector = np.asarray(value, np.float64)
-        except (TypeError, ValueError):
-            errors.setdefault(i, f"field {field!r} holds {_short(value)}, not {width} numbers")
-            continue
-        if vector.shape != (width,):
-            errors.setdefault(i, f"field {field!r} has shape {list(vector.shape)}, expected [{width}]")
-            continue
-        out[i] = vector
-    return out
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def aggregate(files: list[str], layout: Layout, spec: StatsSpec, pipeline_args: list[str] | None = None, *,

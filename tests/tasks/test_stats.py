@@ -248,6 +248,6 @@ def test_statistics_transform_sets_aside_rows_that_do_not_fit(tmp_path):
         assert_that(failed | beam.Map(lambda d: (d["id"], d["stage"], d["error"].split(": ", 1)[1])), equal_to([
             (100, "stats", "field 'probs' has shape [2], expected [3]"),
             (101, "stats", "field 'probs' is missing or null"),
-            (102, "stats", "field 'probs' holds 'high', not 3 numbers")]), label="failed")
+            (102, "stats", "field 'probs' is str, expected float64[3]")]), label="failed")
     with pytest.raises(ValueError, match="neither|probabilities .num_classes. or embeddings"):
         job.Statistics()
