@@ -14,6 +14,7 @@ from bulkinfer.beam import commit
 from bulkinfer.cli import main
 from bulkinfer.tasks import plan as planner
 from bulkinfer.tasks import run as job
+from bulkinfer.tasks.plan import sampling
 from bulkinfer.testing import CountingModel, synthetic_texts
 
 
@@ -82,15 +83,15 @@ def test_the_sample_is_deterministic_spread_and_proportional(tmp_path):
 
 
 def test_a_large_file_is_sampled_in_runs_without_reading_it_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(planner, "WHOLE_FILE_BYTES", 1000)  # every file is "large"
-    monkeypatch.setattr(planner, "RUN_ROWS", 5)
+    monkeypatch.setattr(sampling, "WHOLE_FILE_BYTES", 1000)  # every file is "large"
+    monkeypatch.setattr(sampling, "RUN_ROWS", 5)
     path = tmp_path / "big.jsonl"
     with open(path, "w") as f:
         f.writelines(json.dumps({"id": i, "text": "w " * (i % 7)}) + "\n" for i in range(2000))
     pq.write_table(pa.table({"id": list(range(2000))}), tmp_path / "big.parquet", row_group_size=300)
-    lines = planner._sample_jsonl(str(path), 2000, 40)
+    lines = sampling._sample_jsonl(str(path), 2000, 40)
     ids = [json.loads(line)["id"] for line in lines]
-    table = planner._sample_parquet(str(tmp_path / "big.parquet"), 2000, 40)
+    table = sampling._sample_parquet(str(tmp_path / "big.parquet"), 2000, 40)
     for got in (ids, table.column("id").to_pylist()):
         assert len(got) == 40 and len(set(got)) == 40
         runs = [got[i:i + 5] for i in range(0, 40, 5)]
