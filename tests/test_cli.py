@@ -1,5 +1,8 @@
-"""End-to-end: the real `bulkinfer` command in a subprocess, on real files."""
+"""End-to-end: the real `bulkinfer` command in a subprocess, on real files (`in_process` where the subject is
+not the process: reruns and row handling, each command also run for real here)."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -21,26 +24,37 @@ def bulkinfer(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=600)
 
 
+def in_process(*args):
+    """`bulkinfer ARGS` run by `main` in this process (the model loaded once for the session, no interpreter
+    start): (returncode, stdout, stderr) like `bulkinfer`'s.  For tests whose subject is not the process."""
+    from bulkinfer.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["bulkinfer", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def test_run_embeds_jsonl_rows_like_sentence_transformers(tmp_path, reference):
     texts, expected = reference
     n = len(texts)
     with open(tmp_path / "a.jsonl", "w", encoding="utf-8") as a, open(tmp_path / "b.jsonl", "w", encoding="utf-8") as b:
-        for i in range(4 * n):  # every reference text four times, over two files
+        for i in range(2 * n):  # every reference text twice, once in each file
             (a if i % 2 else b).write(json.dumps({"id": f"r{i}", "text": texts[i % n]}) + "\n")
         b.write('{"id": "bad-1", "text": 7}\n{"id": "bad-2"}\nnot json\n')
     out = tmp_path / "out"
     proc = bulkinfer("run", "--model", "minilm", "--input", tmp_path / "*.jsonl", "--output", out)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
-    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (4 * n + 3, 4 * n, 3)
+    assert (report["rows_in"], report["rows_out"], report["rows_failed"]) == (2 * n + 3, 2 * n, 3)
     assert report["model"] == "minilm" and report["runner"] == "FnApiRunner" and report["rows_per_s"] > 0
     table = pq.ParquetDataset(sorted(map(str, out.glob("part-*.parquet")))).read()
     assert table.column_names == ["id", "embedding"]
     rows = table.to_pydict()
     got = np.array(rows["embedding"], np.float32)
-    assert got.shape == (4 * n, 384)
+    assert got.shape == (2 * n, 384)
     order = np.array([int(i[1:]) % n for i in rows["id"]])
-    assert sorted(int(i[1:]) for i in rows["id"]) == list(range(4 * n))
+    assert sorted(int(i[1:]) for i in rows["id"]) == list(range(2 * n))
     assert cosine(got, expected[order]).min() >= 0.9999
     np.testing.assert_allclose(got, expected[order], atol=1e-5)
     failed = [json.loads(line) for f in out.glob("failed-*.jsonl") for line in f.read_text().splitlines()]
@@ -50,22 +64,23 @@ def test_run_embeds_jsonl_rows_like_sentence_transformers(tmp_path, reference):
 
 
 def test_jsonl_output_rerun_resumes_and_other_settings_need_overwrite(tmp_path):
+    """In process (`main`): the subprocess runs above and below show the real command's exit and output."""
     (tmp_path / "in.csv").write_text("key,body\nk1,hello world\nk2,second row\n")
     out = tmp_path / "out"
     args = ["run", "--model", "minilm", "--input", tmp_path / "in.csv", "--output", out, "--format", "jsonl",
             "--id-field", "key", "--text-field", "body"]
-    assert bulkinfer(*args).returncode == 0
+    assert in_process(*args).returncode == 0
     files = sorted(out.glob("part-*.jsonl"))
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
     assert sorted(r["key"] for r in rows) == ["k1", "k2"] and all(len(r["embedding"]) == 384 for r in rows)
-    again = bulkinfer(*args)  # everything is committed: nothing to redo
+    again = in_process(*args)  # everything is committed: nothing to redo
     assert again.returncode == 0, again.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["units_skipped"] == 1 and report["rows_out"] == 2
     assert sorted(out.glob("part-*.jsonl")) == files
-    other = bulkinfer(*args[:-6], "--id-field", "key", "--text-field", "body")  # parquet now
+    other = in_process(*args[:-6], "--id-field", "key", "--text-field", "body")  # parquet now
     assert other.returncode == 2 and "--overwrite" in other.stderr
-    assert bulkinfer(*args[:-6], "--id-field", "key", "--text-field", "body", "--overwrite").returncode == 0
+    assert in_process(*args[:-6], "--id-field", "key", "--text-field", "body", "--overwrite").returncode == 0
     assert not list(out.glob("part-*.jsonl")) and len(list(out.glob("part-*.parquet"))) == 1
 
 
@@ -76,7 +91,7 @@ def test_a_lone_surrogate_row_is_one_dead_letter_and_the_job_succeeds(tmp_path, 
                                        '{"id": "x\\udc00", "text": "second row"}\n', encoding="utf-8")
     out = tmp_path / "out"
     args = ["run", "--model", "minilm", "--input", tmp_path / "in.jsonl", "--output", out, "--format", fmt]
-    proc = bulkinfer(*args)
+    proc = in_process(*args)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert (report["rows_in"], report["rows_out"], report["rows_failed"], report["reconciled"]) == (3, 2, 1, True)
@@ -89,7 +104,7 @@ def test_a_lone_surrogate_row_is_one_dead_letter_and_the_job_succeeds(tmp_path, 
     else:
         ids = [json.loads(line)["id"] for f in out.glob("part-*.jsonl") for line in f.read_text("utf-8").splitlines()]
         assert sorted(ids) == ["a", "x\udc00"]  # a JSON escape: the very same string
-    assert bulkinfer(*args).returncode == 0  # a rerun finds it committed
+    assert in_process(*args).returncode == 0  # a rerun finds it committed
 
 
 def test_a_small_job_whose_every_row_fails_exits_1_naming_the_dead_letters(tmp_path, capsys):
