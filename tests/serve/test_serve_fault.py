@@ -30,13 +30,19 @@ def embedder32():
     return TextEmbedder.from_name("minilm", max_length=32).load()
 
 
+def _session_cache() -> str:
+    """The test session's persistent XLA cache (tests/conftest.py): a server started here compiles only the
+    shapes no earlier process of the session compiled."""
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
 def _stats(client: V2Client) -> dict:
     return client.model_stats("minilm")["model_stats"][0]
 
 
 def test_remote_run_survives_a_server_kill_with_every_row_exactly_once(tmp_path, server_process, embedder32):
-    cache = str(tmp_path / "xla-cache")  # the restarted server reuses the first one's compiled shapes
-    srv = server_process("--max-length", "32", "--compilation-cache", cache)
+    srv = server_process("--max-length", "32", "--compilation-cache", _session_cache())  # the restarted
+    # server reuses the first one's compiled shapes (and those of earlier tests in this session)
     data = tmp_path / "in.jsonl"
     texts = synthetic_texts(ROWS)
     data.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
@@ -111,13 +117,11 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(server_process, embe
     assert not client.ready()  # nothing listens any more
 
 
-def test_server_down_past_the_retry_budget_fails_the_job_and_a_rerun_finishes(tmp_path, server_process):
+def test_server_down_past_the_retry_budget_fails_the_job_and_a_rerun_finishes(tmp_path, server_process,
+                                                                              embedder32):
     """An outage is not the rows' fault: exit 1, nothing committed as failed; once the server is back the
     same command does the rest, every id once, embeddings as a local `predict`."""
-    from bulkinfer.models.text import TextEmbedder
-
-    cache = str(tmp_path / "xla-cache")
-    srv = server_process("--max-length", "32", "--compilation-cache", cache)
+    srv = server_process("--max-length", "32", "--compilation-cache", _session_cache())
     texts = synthetic_texts(600, seed=4)
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
@@ -151,6 +155,5 @@ def test_server_down_past_the_retry_budget_fails_the_job_and_a_rerun_finishes(tm
     rows = [json.loads(line) for f in out.glob("part-*.jsonl") for line in f.read_text().splitlines()]
     ids = [r["id"] for r in rows]
     assert sorted(ids) == list(range(600)) and not list(out.glob("failed-*"))
-    local = TextEmbedder.from_name("minilm", max_length=32).load()
     np.testing.assert_allclose(np.array([r["embedding"] for r in rows], np.float32),
-                               local.embed([texts[i] for i in ids]), atol=1e-6)
+                               embedder32.embed([texts[i] for i in ids]), atol=1e-6)
