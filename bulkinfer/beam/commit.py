@@ -39,7 +39,15 @@ from apache_beam.metrics import Metrics
 
 from bulkinfer.beam.batch import NAMESPACE, Batch, in_global_window, to_json
 from bulkinfer.beam.units import delete, escape_glob
-from bulkinfer.beam.writers import BYTES_PER_FILE, ShardBuffer, commit, ensure_dir, temp_name, write_temp
+from bulkinfer.beam.writers import (
+    BYTES_PER_FILE,
+    ShardBuffer,
+    commit,
+    ensure_dir,
+    temp_name,
+    use_system_memory_pool,
+    write_temp,
+)
 
 COMMITTED = "_committed"
 LETTERS_PER_FILE = 10_000  # dead letters a bundle holds in memory, over all units, before writing them out
@@ -178,6 +186,7 @@ class _WriteUnitParts(beam.DoFn):
         self._written = Metrics.counter(NAMESPACE, "part_rows_written")
 
     def setup(self):
+        use_system_memory_pool()
         ensure_dir(self._dir)
 
     def start_bundle(self):

@@ -39,7 +39,7 @@ from bulkinfer.beam.batch import (
     position_text,
 )
 from bulkinfer.beam.units import UNIT_SIZE, Unit, input_format, plan_units
-from bulkinfer.beam.writers import BYTES_PER_FILE, ShardBuffer, commit, ensure_dir
+from bulkinfer.beam.writers import BYTES_PER_FILE, ShardBuffer, commit, ensure_dir, use_system_memory_pool
 
 COUNTS = "counts"  # tag of the reader's per-unit counts: (unit key, ("read", rows, failed, Unit, "host:pid"))
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, as spreadsheet programs write it
@@ -323,6 +323,7 @@ class _WriteShards(beam.DoFn):
         self._written = Metrics.counter(NAMESPACE, "written_rows")
 
     def setup(self):
+        use_system_memory_pool()
         ensure_dir(self._dir)
 
     def start_bundle(self):
