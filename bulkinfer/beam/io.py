@@ -39,7 +39,7 @@ from bulkinfer.beam.batch import (
     position_text,
 )
 from bulkinfer.beam.units import UNIT_SIZE, Unit, input_format, plan_units
-from bulkinfer.beam.writers import BYTES_PER_FILE, ShardBuffer, commit, ensure_dir, use_system_memory_pool
+from bulkinfer.beam.writers import BYTES_PER_FILE, ShardWriter, commit, ensure_dir, use_system_memory_pool
 
 COUNTS = "counts"  # tag of the reader's per-unit counts: (unit key, ("read", rows, failed, Unit, "host:pid"))
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, as spreadsheet programs write it
@@ -327,20 +327,21 @@ class _WriteShards(beam.DoFn):
         ensure_dir(self._dir)
 
     def start_bundle(self):
-        self._buf = ShardBuffer(self._columns)
+        self._writer = ShardWriter(self._new_name, self._fmt, self._columns, rows_per_file=self._rows_per_file,
+                                   bytes_per_file=BYTES_PER_FILE)
 
     def process(self, element):
-        self._buf.add(element if isinstance(element, Batch) else Batch([element]))
-        if len(self._buf) >= self._rows_per_file or self._buf.nbytes >= BYTES_PER_FILE:
-            yield self._commit()
+        yield from self._commit(self._writer.add(element if isinstance(element, Batch) else Batch([element])))
 
     def finish_bundle(self):
-        if len(self._buf):
-            yield in_global_window(self._commit())
+        for final in self._commit(self._writer.close()):
+            yield in_global_window(final)
 
-    def _commit(self) -> str:
-        final = FileSystems.join(self._dir, f"{self._prefix}-{uuid.uuid4().hex[:16]}.{self._fmt}")
-        n = len(self._buf)
-        commit(self._buf.write_temp(final, self._fmt), final)
-        self._written.inc(n)
-        return final
+    def _new_name(self) -> str:
+        return FileSystems.join(self._dir, f"{self._prefix}-{uuid.uuid4().hex[:16]}.{self._fmt}")
+
+    def _commit(self, done: list[tuple[str, str, int]]):
+        for temp, final, n in done:
+            commit(temp, final)
+            self._written.inc(n)
+            yield final

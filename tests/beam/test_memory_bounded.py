@@ -91,3 +91,29 @@ def test_workers_use_the_system_memory_pool_unless_the_user_chose_one(monkeypatc
         writers.release_memory()  # returns freed memory to the OS; callable any time
     finally:
         pa.set_memory_pool(before)
+
+
+def test_a_shard_writer_holds_a_row_group_not_a_file(tmp_path, monkeypatch):
+    """Rows go to the open file every ROW_GROUP_BYTES; a column of nulls takes the file's type, a column whose
+    type changed starts the next file; nothing is lost or reordered."""
+    monkeypatch.setattr(writers, "ROW_GROUP_BYTES", 4096)
+    names = iter(str(tmp_path / f"part-{k}.parquet") for k in range(10))
+    writer = writers.ShardWriter(lambda: next(names), "parquet", None)
+    vectors = lambda k: pa.FixedSizeListArray.from_arrays(pa.array(np.full(100 * 8, k, np.float32)), 8)  # noqa: E731
+    done = []
+    for k in range(6):  # 100 rows of ~40 bytes each: a row group every batch or so
+        label = pa.nulls(100, pa.string()) if k == 0 else pa.array([f"l{k}"] * 100) if k != 2 else pa.nulls(100)
+        ids = pa.array(range(100 * k, 100 * k + 100)) if k < 4 else pa.array([str(i) for i in range(100 * k, 100 * k + 100)])
+        done += writer.add(Batch(pa.table({"id": ids, "label": label, "v": vectors(k)})))
+        assert writer.buffered_bytes < 4096 + 100 * 48  # at most a row group and one batch
+    done += writer.close()
+    assert [final for _, final, _ in done] == [str(tmp_path / "part-0.parquet"), str(tmp_path / "part-1.parquet")]
+    assert [rows for *_, rows in done] == [400, 200]  # ids turn to text at row 400: a file of their own
+    for temp, final, _ in done:
+        writers.commit(temp, final)
+    first, second = (pq.read_table(final) for _, final, _ in done)
+    assert pq.ParquetFile(done[0][1]).metadata.num_row_groups >= 4
+    assert first.column("id").to_pylist() == list(range(400)) and second.column("id").to_pylist() == [
+        str(i) for i in range(400, 600)]
+    assert first.column("label").to_pylist() == [None] * 100 + ["l1"] * 100 + [None] * 100 + ["l3"] * 100
+    assert second.column("v").to_pylist()[0] == [4.0] * 8
