@@ -78,6 +78,7 @@ def run_job(model: str, input_path: str, output: str, max_length: int) -> dict:
     if max_length:
         cmd += ["--max-length", str(max_length)]
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's
@@ -89,7 +90,8 @@ def run_job(model: str, input_path: str, output: str, max_length: int) -> dict:
     with open(os.path.join(output, "report.json")) as f:
         job = json.load(f)
     return {"rows": job["rows_in"], "rows_out": job["rows_out"], "peak_rss_mib": usage.ru_maxrss / 1024,
-            "wall_s": wall, "rows_per_s": job["rows_per_s"], "reconciled": job["reconciled"], "stdout": stdout}
+            "wall_s": wall, "rows_per_s": job["rows_per_s"], "reconciled": job["reconciled"], "stdout": stdout,
+            "load_before": load, "cores": (usage.ru_utime + usage.ru_stime) / wall}
 
 
 def markdown(results: list[dict], args, when: str, commit: str) -> str:
@@ -106,12 +108,12 @@ def markdown(results: list[dict], args, when: str, commit: str) -> str:
         f"({setting}), one worker process per size (Beam's embedded FnApiRunner), input one Parquet file of "
         "`synthetic_texts(N, seed=0)` (one unit of work, one bundle), Parquet out.",
         "",
-        "| rows | peak RSS of the worker | wall | rows/s | reconciled |",
-        "|---:|---:|---:|---:|---|",
+        "| rows | peak RSS of the worker | wall | cores (CPU-s / wall) | load (1 min, at start) | rows/s | reconciled |",
+        "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        lines.append(f"| {r['rows']:,} | {r['peak_rss_mib']:,.0f} MiB | {r['wall_s']:.1f} s | "
-                     f"{r['rows_per_s']:,.0f} | {r['reconciled']} |")
+        lines.append(f"| {r['rows']:,} | {r['peak_rss_mib']:,.0f} MiB | {r['wall_s']:.1f} s | {r.get('cores', 0):.2f} | "
+                     f"{r.get('load_before', 0):.1f} | {r['rows_per_s']:,.0f} | {r['reconciled']} |")
     verdict = "**met**" if ratio < LIMIT else "**not met**"
     lines += ["", f"Peak RSS ratio {large['rows']:,} / {small['rows']:,} rows: **{ratio:.3f}** "
                   f"(target < {LIMIT:.2f}: {verdict}).", END]
