@@ -298,8 +298,8 @@ class WriteDataset(beam.PTransform):
 
     columns: write only these fields (default: all).  prefix: file name prefix ("part").
     Each bundle writes its own shards `prefix-<uuid>.<ext>` (at most rows_per_file rows and about
-    `writers.BYTES_PER_FILE` bytes each, so memory does not grow with the data), committed by rename,
-    so no file is ever seen half-written.  Delivery is at least once: if a runner retries a bundle after it committed a
+    `writers.BYTES_PER_FILE` bytes each), a row group at a time as rows arrive (`writers.ShardWriter`:
+    memory does not grow with the data), committed by rename, so no file is ever seen half-written.  Delivery is at least once: if a runner retries a bundle after it committed a
     file, that file's rows are written again.  `bulkinfer run` commits per unit of work instead
     (commit.py), which a retry cannot duplicate.  Returns a PCollection of the committed file paths.
     """
