@@ -253,7 +253,7 @@ def row_group_rows(table: pa.Table) -> int:
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The columns worth Parquet's dictionary encoding: all but numbers and vectors of numbers.
+    """The columns worth Parquet's dictionary encoding: all but floats and lists (vectors) of floats.
 
     Model outputs (embeddings, probabilities) are floats that rarely repeat; for them the writer builds a
     dictionary page by page only to drop it (and hold it meanwhile).  Ids, labels and texts keep it.
@@ -274,8 +274,8 @@ def use_system_memory_pool() -> None:
 
     Arrow's default pool (mimalloc in the pyarrow wheels) keeps pages freed by other threads resident:
     the Parquet reader decodes in Arrow's thread pool, and `release_unused` collects only the calling
-    thread's heap.  bench/memory.py (stand-in model, 10,000 vs 200,000 rows): peak RSS 334 vs 396 MiB
-    with mimalloc, 286 vs 320 MiB with the system pool and `release_memory` after each file.
+    thread's heap.  At a 200,000-row job's peak its region held 91 MiB resident, ~10 MiB of it live
+    (BENCHMARKS.md, "Memory flat in data size").
     Called in the writers' DoFn.setup, before the stage reads or writes anything.
     """
     if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
