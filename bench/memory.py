@@ -12,11 +12,18 @@ ru_maxrss of that child alone).  The job's output (384 float32 per row for MiniL
 
 By default MiniLM runs with `--max-length 8` (texts truncated to 8 tokens) so that 200,000 rows take a
 few minutes on 2 CPU cores; the output per row, and so what could accumulate, is the same as without it.
+
+    python bench/memory.py --model stand-in                 # the job's own memory, in seconds
+
+`--model stand-in` runs the same job (`bulkinfer.tasks.run.run`, in a child process of its own) with a
+stand-in model that returns 384 float32 per row without computing anything: no MiniLM, no XLA, so the
+memory of reading, batching, committing and writing shows alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -30,6 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
@@ -44,7 +52,9 @@ LIMIT = 1.10  # the issue's target: the larger job's peak RSS under 110% of the 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="10000,200000", help="job sizes, smallest first (default 10000,200000)")
-    parser.add_argument("--model", default="minilm", help="--model of the job (default minilm)")
+    parser.add_argument("--model", default="minilm",
+                        help="--model of the job (default minilm), or stand-in (see above)")
+    parser.add_argument("--stand-in-child", nargs=2, metavar=("INPUT", "OUTPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--max-length", type=int, default=8,
                         help="--max-length of the job, in tokens (default 8; 0 for the model's own)")
     parser.add_argument("--row-group-rows", type=int, default=None, metavar="N",
@@ -71,13 +81,54 @@ def write_input(directory: Path, rows: int, row_group_rows: int | None) -> str:
     return str(path)
 
 
+class _StandInLoaded:
+    """{"text": N strings} -> {"embedding": [N, 384] float32}, a fresh array per call as a model's would be."""
+
+    def __init__(self):
+        from bulkinfer.models.signature import TEXT, TensorSpec
+
+        self.inputs = (TensorSpec("text", (), TEXT),)
+        self.outputs = (TensorSpec("embedding", (384,), "float32"),)
+        self.load_s, self.name = 0.0, "stand-in"
+
+    def predict(self, inputs, stats=None):
+        return {"embedding": np.full((len(inputs["text"]), 384), 0.5, np.float32)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StandIn:
+    """A model spec whose model computes nothing (see `--model stand-in`)."""
+
+    name: str = "stand-in"
+
+    @property
+    def input_signature(self):
+        from bulkinfer.models.signature import TEXT, TensorSpec
+
+        return (TensorSpec("text", (), TEXT),)
+
+    def load(self):
+        return _StandInLoaded()
+
+
+def run_stand_in(input_path: str, output: str) -> None:
+    """The child of `--model stand-in`: the run job, in this process, with the stand-in model."""
+    from bulkinfer.tasks import run as job
+
+    job.run(StandIn(), job.JobSpec(input=input_path, output=output, overwrite=True))
+
+
 def run_job(model: str, input_path: str, output: str, max_length: int) -> dict:
     """Runs `bulkinfer run` as a child process; returns its peak RSS (MiB), wall time and report."""
-    cmd = [sys.executable, "-m", "bulkinfer.cli", "run", "--model", model, "--input", input_path,
-           "--output", output, "--overwrite"]
-    if max_length:
-        cmd += ["--max-length", str(max_length)]
+    if model == "stand-in":
+        cmd = [sys.executable, os.path.abspath(__file__), "--stand-in-child", input_path, output]
+    else:
+        cmd = [sys.executable, "-m", "bulkinfer.cli", "run", "--model", model, "--input", input_path,
+               "--output", output, "--overwrite"]
+        if max_length:
+            cmd += ["--max-length", str(max_length)]
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's
@@ -89,7 +140,8 @@ def run_job(model: str, input_path: str, output: str, max_length: int) -> dict:
     with open(os.path.join(output, "report.json")) as f:
         job = json.load(f)
     return {"rows": job["rows_in"], "rows_out": job["rows_out"], "peak_rss_mib": usage.ru_maxrss / 1024,
-            "wall_s": wall, "rows_per_s": job["rows_per_s"], "reconciled": job["reconciled"], "stdout": stdout}
+            "wall_s": wall, "rows_per_s": job["rows_per_s"], "reconciled": job["reconciled"], "stdout": stdout,
+            "load_before": load, "cores": (usage.ru_utime + usage.ru_stime) / wall}
 
 
 def markdown(results: list[dict], args, when: str, commit: str) -> str:
@@ -106,12 +158,12 @@ def markdown(results: list[dict], args, when: str, commit: str) -> str:
         f"({setting}), one worker process per size (Beam's embedded FnApiRunner), input one Parquet file of "
         "`synthetic_texts(N, seed=0)` (one unit of work, one bundle), Parquet out.",
         "",
-        "| rows | peak RSS of the worker | wall | rows/s | reconciled |",
-        "|---:|---:|---:|---:|---|",
+        "| rows | peak RSS of the worker | wall | cores (CPU-s / wall) | load (1 min, at start) | rows/s | reconciled |",
+        "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        lines.append(f"| {r['rows']:,} | {r['peak_rss_mib']:,.0f} MiB | {r['wall_s']:.1f} s | "
-                     f"{r['rows_per_s']:,.0f} | {r['reconciled']} |")
+        lines.append(f"| {r['rows']:,} | {r['peak_rss_mib']:,.0f} MiB | {r['wall_s']:.1f} s | {r.get('cores', 0):.2f} | "
+                     f"{r.get('load_before', 0):.1f} | {r['rows_per_s']:,.0f} | {r['reconciled']} |")
     verdict = "**met**" if ratio < LIMIT else "**not met**"
     lines += ["", f"Peak RSS ratio {large['rows']:,} / {small['rows']:,} rows: **{ratio:.3f}** "
                   f"(target < {LIMIT:.2f}: {verdict}).", END]
@@ -130,6 +182,9 @@ def write_block(path: str, block: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.stand_in_child:
+        run_stand_in(*args.stand_in_child)
+        return 0
     work = Path(args.workdir)
     if args.from_results:
         saved = json.loads((work / "results.json").read_text())

@@ -39,7 +39,15 @@ from apache_beam.metrics import Metrics
 
 from bulkinfer.beam.batch import NAMESPACE, Batch, in_global_window, to_json
 from bulkinfer.beam.units import delete, escape_glob
-from bulkinfer.beam.writers import BYTES_PER_FILE, ShardBuffer, commit, ensure_dir, temp_name, write_temp
+from bulkinfer.beam.writers import (
+    BYTES_PER_FILE,
+    ShardWriter,
+    commit,
+    ensure_dir,
+    temp_name,
+    use_system_memory_pool,
+    write_temp,
+)
 
 COMMITTED = "_committed"
 LETTERS_PER_FILE = 10_000  # dead letters a bundle holds in memory, over all units, before writing them out
@@ -168,9 +176,11 @@ def _token() -> str:
 
 
 class _WriteUnitParts(beam.DoFn):
-    """Buffers a bundle's predictions per unit and writes them as temporaries; emits (unit, ("part", temp, n)).
+    """Writes a bundle's predictions per unit as temporaries as they arrive; emits (unit, ("part", temp, n)).
 
-    A bundle holds at most rows_per_file rows and about BYTES_PER_FILE bytes in memory, over all units.
+    Each unit's `ShardWriter` buffers about ROW_GROUP_BYTES; over all units a bundle buffers at most
+    about BYTES_PER_FILE before every writer writes its rows out.  Files end at rows_per_file rows or
+    BYTES_PER_FILE bytes, and with the bundle.
     """
 
     def __init__(self, directory, fmt, columns, rows_per_file):
@@ -178,37 +188,37 @@ class _WriteUnitParts(beam.DoFn):
         self._written = Metrics.counter(NAMESPACE, "part_rows_written")
 
     def setup(self):
+        use_system_memory_pool()
         ensure_dir(self._dir)
 
     def start_bundle(self):
-        self._buffers: dict[str, ShardBuffer] = {}
-        self._buffered = self._buffered_bytes = 0  # rows and bytes over all units
+        self._writers: dict[str, ShardWriter] = {}
 
     def process(self, batch):
         if not isinstance(batch, Batch) or batch.unit is None:
             raise TypeError(f"the unit writer takes Batches read by ReadUnits (with their unit), got {batch!r}; "
                             "a row-level step between read and write must keep the Batches")
-        self._buffers.setdefault(batch.unit, ShardBuffer(self._columns)).add(batch)
-        self._buffered += len(batch)
-        self._buffered_bytes = sum(buf.nbytes for buf in self._buffers.values())
-        if self._buffered >= self._rows_per_file or self._buffered_bytes >= BYTES_PER_FILE:
-            yield from self._write_all()
+        unit = batch.unit
+        writer = self._writers.get(unit)
+        if writer is None:
+            writer = self._writers[unit] = ShardWriter(
+                lambda: FileSystems.join(self._dir, f"part-{unit}-{_token()}.{self._fmt}"), self._fmt, self._columns,
+                rows_per_file=self._rows_per_file, bytes_per_file=BYTES_PER_FILE)
+        yield from self._reports(unit, writer.add(batch))
+        if sum(w.buffered_bytes for w in self._writers.values()) >= BYTES_PER_FILE:  # many units in one bundle
+            for key, w in self._writers.items():
+                yield from self._reports(key, w.write_buffered())
 
     def finish_bundle(self):
-        for report in self._write_all():
-            yield in_global_window(report)
+        writers, self._writers = self._writers, {}
+        for unit, writer in writers.items():
+            for report in self._reports(unit, writer.close()):
+                yield in_global_window(report)
 
-    def _write_all(self):
-        for unit, buf in self._buffers.items():
-            if len(buf):
-                yield self._write(unit, buf)
-        self._buffers, self._buffered, self._buffered_bytes = {}, 0, 0
-
-    def _write(self, unit: str, buf: ShardBuffer):
-        n = len(buf)
-        temp = buf.write_temp(FileSystems.join(self._dir, f"part-{unit}-{_token()}.{self._fmt}"), self._fmt)
-        self._written.inc(n)
-        return unit, ("part", temp, n)
+    def _reports(self, unit: str, done: list[tuple[str, str, int]]):
+        for temp, _, n in done:
+            self._written.inc(n)
+            yield unit, ("part", temp, n)
 
 
 class _WriteUnitLetters(beam.DoFn):

@@ -41,7 +41,7 @@ from bulkinfer.beam.batch import (
     position_text,
 )
 from bulkinfer.beam.units import UNIT_SIZE, Unit, input_format, plan_units
-from bulkinfer.beam.writers import BYTES_PER_FILE, ShardBuffer, commit, ensure_dir
+from bulkinfer.beam.writers import BYTES_PER_FILE, ShardWriter, commit, ensure_dir, use_system_memory_pool
 
 COUNTS = "counts"  # tag of the reader's per-unit counts: (unit key, ("read", rows, failed, Unit, "host:pid"))
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, as spreadsheet programs write it
@@ -328,8 +328,8 @@ class WriteDataset(beam.PTransform):
 
     columns: write only these fields (default: all).  prefix: file name prefix ("part").
     Each bundle writes its own shards `prefix-<uuid>.<ext>` (at most rows_per_file rows and about
-    `writers.BYTES_PER_FILE` bytes each, so memory does not grow with the data), committed by rename,
-    so no file is ever seen half-written.  Delivery is at least once: if a runner retries a bundle after it committed a
+    `writers.BYTES_PER_FILE` bytes each), a row group at a time as rows arrive (`writers.ShardWriter`:
+    memory does not grow with the data), committed by rename, so no file is ever seen half-written.  Delivery is at least once: if a runner retries a bundle after it committed a
     file, that file's rows are written again.  `bulkinfer run` commits per unit of work instead
     (commit.py), which a retry cannot duplicate.  Returns a PCollection of the committed file paths.
     """
@@ -353,23 +353,25 @@ class _WriteShards(beam.DoFn):
         self._written = Metrics.counter(NAMESPACE, "written_rows")
 
     def setup(self):
+        use_system_memory_pool()
         ensure_dir(self._dir)
 
     def start_bundle(self):
-        self._buf = ShardBuffer(self._columns)
+        self._writer = ShardWriter(self._new_name, self._fmt, self._columns, rows_per_file=self._rows_per_file,
+                                   bytes_per_file=BYTES_PER_FILE)
 
     def process(self, element):
-        self._buf.add(element if isinstance(element, Batch) else Batch([element]))
-        if len(self._buf) >= self._rows_per_file or self._buf.nbytes >= BYTES_PER_FILE:
-            yield self._commit()
+        yield from self._commit(self._writer.add(element if isinstance(element, Batch) else Batch([element])))
 
     def finish_bundle(self):
-        if len(self._buf):
-            yield in_global_window(self._commit())
+        for final in self._commit(self._writer.close()):
+            yield in_global_window(final)
 
-    def _commit(self) -> str:
-        final = FileSystems.join(self._dir, f"{self._prefix}-{uuid.uuid4().hex[:16]}.{self._fmt}")
-        n = len(self._buf)
-        commit(self._buf.write_temp(final, self._fmt), final)
-        self._written.inc(n)
-        return final
+    def _new_name(self) -> str:
+        return FileSystems.join(self._dir, f"{self._prefix}-{uuid.uuid4().hex[:16]}.{self._fmt}")
+
+    def _commit(self, done: list[tuple[str, str, int]]):
+        for temp, final, n in done:
+            commit(temp, final)
+            self._written.inc(n)
+            yield final

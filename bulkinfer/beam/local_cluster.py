@@ -5,13 +5,15 @@
         cluster.workers_started(0)          # SDK worker processes pool 0 started so far
         cluster.submitted_pipelines()       # the pipeline protos the job service received
 
-The job service (`apache_beam.runners.portability.local_job_service_main`) takes jobs from
-`--runner PortableRunner --job_endpoint`; each worker pool (`apache_beam.runners.worker.worker_pool_main`)
-starts one SDK worker process (`python -c ...`, hence this Python's directory first on its PATH) per
-worker the job service asks for.  They speak the Fn API that Flink, Spark and Dataflow use, so a job that
-runs here finds no launcher state on its workers.  Beam's Python job service asks for one worker per
-environment per job (it ignores --direct_num_workers and --sdk_worker_parallelism): a resource-hinted
-inference stage runs in its own worker process, and every wave of `bulkinfer run` (a job each) in new ones.
+The job service (Beam's `LocalJobServicer`, started by `python -m bulkinfer.beam.local_cluster`, see
+`serve_jobs`) takes jobs from `--runner PortableRunner --job_endpoint`; each worker pool
+(`apache_beam.runners.worker.worker_pool_main`) starts one SDK worker process (`python -c ...`, hence
+this Python's directory first on its PATH) per worker the job service asks for.  They speak the Fn API
+that Flink, Spark and Dataflow use, so a job that runs here finds no launcher state on its workers.
+The job service asks for `--direct_num_workers` workers per environment per job (default 1) and runs
+each stage on all of them at once, its input split between them; Beam's own `local_job_service_main`
+always asks for one.  A resource-hinted inference stage runs in its own worker processes, and every
+wave of `bulkinfer run` (a job each) in new ones.
 
 Everything listens on 127.0.0.1 ports picked free; `stop()` (or leaving the `with` block) interrupts each
 process, waits for it, and kills its process group if it does not exit.  Used by tests/beam/test_portable.py
@@ -20,14 +22,18 @@ and scripts/cluster_demo.py (`make cluster-demo`).
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import apache_beam as beam
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -111,7 +117,7 @@ class LocalCluster:
         base["PATH"] = os.pathsep.join([os.path.dirname(self._python), base.get("PATH", "")])
         try:
             self.job_port = free_port()
-            self._spawn([self._python, "-m", "apache_beam.runners.portability.local_job_service_main",
+            self._spawn([self._python, "-m", "bulkinfer.beam.local_cluster",
                          "--port", str(self.job_port), "--staging_dir", str(self._log_dir / "staging")],
                         base, None, "job_service.log", self.job_port)
             for k in range(self._pools):
@@ -163,10 +169,13 @@ class LocalCluster:
     def job_endpoint(self) -> str:
         return f"127.0.0.1:{self.job_port}"
 
-    def pipeline_args(self, pool: int = 0) -> list[str]:
-        """Beam options that send a job to this cluster, its SDK workers started by pool `pool`."""
+    def pipeline_args(self, pool: int = 0, *, workers: int = 1) -> list[str]:
+        """Beam options that send a job to this cluster, its SDK workers started by pool `pool`, `workers`
+        worker processes per environment working at once (`--direct_num_workers`)."""
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         return ["--runner=PortableRunner", f"--job_endpoint={self.job_endpoint}", "--environment_type=EXTERNAL",
-                f"--environment_config=127.0.0.1:{self.pool_ports[pool]}"]
+                f"--environment_config=127.0.0.1:{self.pool_ports[pool]}", f"--direct_num_workers={workers}"]
 
     def workers_started(self, pool: int) -> int:
         """How many SDK worker processes pool `pool` has started (from its log)."""
@@ -195,3 +204,89 @@ def resource_hints(pipeline_proto) -> dict[str, dict[str, str]]:
         if env is not None and env.resource_hints and not t.subtransforms:
             hints[t.unique_name] = {urn: value.decode() for urn, value in env.resource_hints.items()}
     return hints
+
+
+def serve_jobs(argv: Sequence[str] | None = None) -> None:
+    """Runs Beam's local job service (`LocalJobServicer`) on --port until interrupted, each job on
+    `--direct_num_workers` SDK workers per environment (from the job's own options; default 1).
+
+    Beam's `local_job_service_main` runs every job on an FnApiRunner built with one worker per
+    environment: `FnApiRunner.run_pipeline` reads --direct_num_workers, but the job service calls
+    `run_via_runner_api`, which does not.  Here the runner is given the job's count, so its
+    `ParallelBundleManager` splits each stage's input over that many workers and runs them at once,
+    each an SDK worker process an external pool started (as Flink and Spark spread a stage over
+    their task slots).
+    """
+    from apache_beam.options.pipeline_options import DirectOptions
+    from apache_beam.portability.api import beam_job_api_pb2
+    from apache_beam.runners.portability import local_job_service
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    class ParallelBeamJob(local_job_service.BeamJob):
+        def _invoke_runner(self):
+            self.set_state(beam_job_api_pb2.JobState.RUNNING)
+            options = self.pipeline_options()
+            runner = fn_runner.FnApiRunner(provision_info=self._provision_info)
+            # What run_pipeline sets from the same option (Beam 2.77 fn_runner.py); 0 means one per core there.
+            count = int(options.view_as(DirectOptions).direct_num_workers)  # a string when it came as a job option
+            runner._num_workers = count or os.cpu_count() or 1
+            return runner.run_via_runner_api(self._pipeline_proto, options)
+
+    parser = argparse.ArgumentParser(description="Beam's local job service, honouring --direct_num_workers")
+    parser.add_argument("--port", type=int, default=0, help="port of the job API (default: any free one)")
+    parser.add_argument("--staging_dir", help="where jobs' artifacts are staged")
+    args = parser.parse_args(argv)
+    servicer = local_job_service.LocalJobServicer(args.staging_dir, beam_job_type=ParallelBeamJob)
+    port = servicer.start_grpc_server(args.port)
+    print(f"Listening for beam jobs on port {port}.", flush=True)
+    try:
+        threading.Event().wait()  # until SIGINT (LocalCluster.stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        servicer.stop()
+
+
+class MeetingPoint(beam.DoFn):
+    """A pass-through step that holds each worker process at its first element until `parties`
+    different processes have reached it; a job that gets through had that many workers processing at once.
+
+        rows | beam.ParDo(MeetingPoint(str(tmp_path / "met"), parties=2))
+
+    directory: a local directory every worker can write (one file per arriving process, "host-pid").
+    Raises TimeoutError in the worker (failing the bundle) when the others do not come within
+    `timeout_s`: they were not running at the same time.  For tests of concurrency on `LocalCluster`.
+    """
+
+    def __init__(self, directory: str, *, parties: int = 2, timeout_s: float = 120.0):
+        super().__init__()
+        self.directory, self.parties, self.timeout_s = directory, parties, timeout_s
+
+    def setup(self):
+        self._met = False
+
+    def process(self, element):
+        if not self._met:
+            self.arrive()
+            self._met = True
+        yield element
+
+    def arrived(self) -> list[str]:
+        """The processes ("host-pid") that reached the meeting point, sorted."""
+        return sorted(os.listdir(self.directory)) if os.path.isdir(self.directory) else []
+
+    def arrive(self) -> None:
+        """Marks this process arrived, then returns once `parties` processes have (polling the directory)."""
+        os.makedirs(self.directory, exist_ok=True)
+        open(os.path.join(self.directory, f"{socket.gethostname()}-{os.getpid()}"), "w").close()
+        deadline = time.monotonic() + self.timeout_s
+        while len(self.arrived()) < self.parties:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.arrived()} of {self.parties} worker processes reached the meeting "
+                                   f"point in {self.directory} within {self.timeout_s:.0f} s: they did not run at "
+                                   "the same time")
+            time.sleep(0.05)  # waiting for the other processes' files, with a deadline
+
+
+if __name__ == "__main__":
+    serve_jobs()

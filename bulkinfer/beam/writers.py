@@ -1,11 +1,19 @@
-"""Output files written atomically: rows buffered per file, written under a temporary name, renamed
-when complete (so a killed job never leaves a half-written file under a final name).
+"""Output files written atomically: rows written under a temporary name as they arrive, renamed when
+the file is complete (so a killed job never leaves a half-written file under a final name).
 
-    buf = ShardBuffer(["id", "embedding"]); buf.add(batch)
-    commit(buf.write_temp(final, "parquet"), final)
+    writer = ShardWriter(lambda: f"out/part-{uuid.uuid4().hex}.parquet", "parquet", ["id", "embedding"])
+    for temp, final, rows in writer.add(batch) + writer.close():
+        commit(temp, final)
+
+A writer holds about ROW_GROUP_BYTES of rows in memory, not a file's: a worker's memory does not grow
+with the size of its files or of its job (bench/memory.py).
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -14,9 +22,14 @@ from apache_beam.io.filesystems import FileSystems
 
 from bulkinfer.beam.batch import Batch, escape_surrogates, table_rows, to_json
 
-# Bytes of rows a writer holds in memory before it writes them out as one file, whatever the row count:
-# a job's memory must not grow with its size (bench/memory.py: 100,000 buffered MiniLM rows were 150 MB).
+# Bytes of rows per output file (whatever the row count), and the most a bundle's writers buffer over
+# all their files together before they write it out.
 BYTES_PER_FILE = 16 << 20
+# Bytes of rows a writer buffers before it appends them to its file (one Parquet row group).  Arrow's
+# Parquet writer holds a row group's encoded pages, levels and (for dictionary-encoded columns)
+# dictionaries while it writes it: about 4x the group's bytes, so a whole 16 MiB file in one group took
+# 63 MiB of Arrow memory (bench/memory.py), small groups take a few.
+ROW_GROUP_BYTES = 2 << 20
 
 
 class ShardBuffer:
@@ -51,19 +64,129 @@ class ShardBuffer:
 
     def write_temp(self, final: str, fmt: str) -> str:
         """Writes everything buffered under the temporary name of `final` (see `write_temp`) and empties."""
+        return write_temp(final, self.take(fmt), fmt)
+
+    def take(self, fmt: str) -> pa.Table | list[dict]:
+        """Everything buffered, emptied out: one table for "parquet", dict rows for "jsonl"."""
         parts, self._parts, self._rows, self.nbytes = self._parts, [], 0, 0
         if all(isinstance(part, list) for part in parts):
-            return write_temp(final, [r for part in parts for r in part], fmt)
+            rows = [r for part in parts for r in part]
+            return rows_to_table(rows) if fmt == "parquet" else rows
         if fmt != "parquet":
-            return write_temp(final, [r for part in parts for r in _part_rows(part)], fmt)
+            return [r for part in parts for r in _part_rows(part)]
         tables = [part if isinstance(part, pa.Table) else rows_to_table(part) for part in parts]
         try:
-            table = pa.concat_tables(tables, promote_options="default")
+            return pa.concat_tables(tables, promote_options="default")
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             # Columns whose types differ between parts (an id that is text in one file, a number in
             # another): one table from all rows, as rows_to_table makes it for dict rows.
-            table = rows_to_table([r for part in parts for r in _part_rows(part)])
-        return write_temp(final, table, fmt)
+            return rows_to_table([r for part in parts for r in _part_rows(part)])
+
+
+class ShardWriter:
+    """Output files of rows as they arrive, holding about ROW_GROUP_BYTES of them in memory, not a file's.
+
+    Rows are buffered (a `ShardBuffer`) until ROW_GROUP_BYTES, then appended to the open file (a Parquet
+    row group, or JSONL lines) under its temporary name.  A file ends at `rows_per_file` rows or
+    `bytes_per_file` bytes of rows, or when the next rows' columns cannot be stored under its Parquet
+    schema (a column added, or whose type changed: an id that is text in one input file and a number
+    in another); the next file then starts.  `add`, `write_buffered` and `close` return the files they
+    completed, as (temporary name, final name, rows); `commit` makes each visible.
+
+    new_name: gives the final name of each new file.  columns: as ShardBuffer's.
+
+        >>> writer = ShardWriter(lambda: f"out/part-{uuid.uuid4().hex}.parquet", "parquet", None)
+        >>> done = writer.add(batch) + writer.close()
+    """
+
+    def __init__(self, new_name, fmt: str, columns: list[str] | None, *, rows_per_file: int = 100_000,
+                 bytes_per_file: int = BYTES_PER_FILE):
+        if rows_per_file < 1 or bytes_per_file < 1:
+            raise ValueError(f"rows_per_file and bytes_per_file must be >= 1, got {rows_per_file} and {bytes_per_file}")
+        self._new_name, self._fmt = new_name, fmt
+        self._buffer = ShardBuffer(columns)
+        self._rows_per_file, self._bytes_per_file = rows_per_file, bytes_per_file
+        self._final = self._stream = self._parquet = None  # the open file, if any
+        self._rows = self._bytes = 0  # rows and bytes of rows written to the open file
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffer.nbytes
+
+    def add(self, batch: Batch) -> list[tuple[str, str, int]]:
+        """Buffers the batch's rows; writes them out when the buffer or the file is full."""
+        self._buffer.add(batch)
+        room = min(ROW_GROUP_BYTES, self._bytes_per_file - self._bytes)
+        if self._buffer.nbytes >= room or self._rows + len(self._buffer) >= self._rows_per_file:
+            return self.write_buffered()
+        return []
+
+    def write_buffered(self) -> list[tuple[str, str, int]]:
+        """Appends the buffered rows to the open file (starting one if needed); ends the file once full."""
+        done = []
+        if not len(self._buffer):
+            return done
+        n, nbytes = len(self._buffer), self._buffer.nbytes
+        chunk = self._buffer.take(self._fmt)
+        if self._parquet is not None:
+            fitted = _conform(chunk, self._parquet.schema)
+            if fitted is None:
+                done.append(self._end())
+            else:
+                chunk = fitted
+        if self._stream is None:
+            self._start(chunk)
+        if self._fmt == "parquet":
+            self._parquet.write_table(chunk, row_group_size=row_group_rows(chunk))
+        else:
+            self._stream.write("".join(to_json(r) + "\n" for r in chunk).encode("utf-8"))
+        del chunk
+        self._rows, self._bytes = self._rows + n, self._bytes + nbytes
+        if self._rows >= self._rows_per_file or self._bytes >= self._bytes_per_file:
+            done.append(self._end())
+        release_memory()
+        return done
+
+    def close(self) -> list[tuple[str, str, int]]:
+        """Writes what is buffered and ends the open file."""
+        done = self.write_buffered()
+        if self._stream is not None:
+            done.append(self._end())
+        return done
+
+    def _start(self, chunk) -> None:
+        self._final = self._new_name()
+        self._stream = FileSystems.create(temp_name(self._final))
+        if self._fmt == "parquet":
+            self._parquet = pq.ParquetWriter(self._stream, chunk.schema, use_dictionary=dictionary_columns(chunk.schema))
+
+    def _end(self) -> tuple[str, str, int]:
+        if self._parquet is not None:
+            self._parquet.close()
+        self._stream.close()
+        done = (temp_name(self._final), self._final, self._rows)
+        self._final = self._stream = self._parquet = None
+        self._rows = self._bytes = 0
+        return done
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
+    """`table` under `schema` (same columns; a column of nulls takes the schema's type), or None if it
+    cannot be stored under it without changing a value."""
+    if table.schema.equals(schema):
+        return table
+    if sorted(table.column_names) != sorted(schema.names):
+        return None
+    columns = []
+    for field in schema:
+        column = table.column(field.name)
+        if column.type == field.type:
+            columns.append(column)
+        elif pa.types.is_null(column.type):
+            columns.append(pa.nulls(table.num_rows, field.type))
+        else:
+            return None
+    return pa.table(columns, schema=schema)
 
 
 def _nbytes(batch: Batch) -> int:
@@ -112,11 +235,66 @@ def write_temp(final: str, rows: list[dict] | pa.Table, fmt: str) -> str:
     temp = temp_name(final)
     with FileSystems.create(temp) as f:
         if fmt == "parquet":
-            pq.write_table(rows if isinstance(rows, pa.Table) else rows_to_table(rows), f)
+            table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
+            pq.write_table(table, f, row_group_size=row_group_rows(table),
+                           use_dictionary=dictionary_columns(table.schema))
+            del table
         else:
             rows = table_rows(rows) if isinstance(rows, pa.Table) else rows
             f.write("".join(to_json(r) + "\n" for r in rows).encode("utf-8"))
+    del rows
+    release_memory()
     return temp
+
+
+def row_group_rows(table: pa.Table) -> int:
+    """Rows per Parquet row group of `table`: about ROW_GROUP_BYTES of its data (at least 1 row)."""
+    return max(1, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes))
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth Parquet's dictionary encoding: all but floats and lists (vectors) of floats.
+
+    Model outputs (embeddings, probabilities) are floats that rarely repeat; for them the writer builds a
+    dictionary page by page only to drop it (and hold it meanwhile).  Ids, labels and texts keep it.
+    """
+    def numeric(t: pa.DataType) -> bool:
+        while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            t = t.value_type
+        return pa.types.is_floating(t)
+    return [field.name for field in schema if not numeric(field.type)]
+
+
+_libc = None
+
+
+def use_system_memory_pool() -> None:
+    """Makes the C library's allocator Arrow's memory pool in this (worker) process, unless the user
+    chose one with $ARROW_DEFAULT_MEMORY_POOL.
+
+    Arrow's default pool (mimalloc in the pyarrow wheels) keeps pages freed by other threads resident:
+    the Parquet reader decodes in Arrow's thread pool, and `release_unused` collects only the calling
+    thread's heap.  At a 200,000-row job's peak its region held 91 MiB resident, ~10 MiB of it live
+    (BENCHMARKS.md, "Memory flat in data size").
+    Called in the writers' DoFn.setup, before the stage reads or writes anything.
+    """
+    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
+def release_memory() -> None:
+    """Returns freed memory to the operating system: Arrow's pool (mimalloc or jemalloc keep freed
+    pages for reuse) and glibc's heap (`malloc_trim(0)`; freed blocks below the top of its arenas stay
+    resident otherwise).  Called after each file written, so a worker's resident memory is its working
+    set, not the high water of every file it wrote.  A no-op where glibc is not the C library."""
+    global _libc
+    pa.default_memory_pool().release_unused()
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        lib = ctypes.CDLL(name) if name else None
+        _libc = lib if lib is not None and hasattr(lib, "malloc_trim") else False
+    if _libc:
+        _libc.malloc_trim(0)
 
 
 def commit(temp: str, final: str) -> None:

@@ -52,19 +52,20 @@ def test_failure_limit_needs_enough_rows_and_counts_earlier_ones():
         commit.FailureLimit(max_fraction=1.5)
 
 
-def test_a_bundle_holds_at_most_rows_per_file_rows_over_all_its_units(tmp_path):
+def test_a_bundle_buffers_a_bounded_number_of_bytes_over_all_its_units(tmp_path, monkeypatch):
     from bulkinfer.beam.batch import Batch
 
+    monkeypatch.setattr(commit, "BYTES_PER_FILE", 500)  # a 3-row batch of {"id": "k-i"} counts 201 bytes
     writer = commit._WriteUnitParts(str(tmp_path), "jsonl", ["id"], rows_per_file=5)
     writer.setup()
     writer.start_bundle()
     reports = []
-    for k in range(6):  # 3 rows each, units alternating: no unit alone reaches 5 rows before the 2nd batch
+    for k in range(6):  # 3 rows each, units alternating
         reports += writer.process(Batch([{"id": f"{k}-{i}"} for i in range(3)], unit="ab"[k % 2]))
-        assert writer._buffered < 5
+        assert sum(w.buffered_bytes for w in writer._writers.values()) < 500
     reports += [wv.value for wv in writer.finish_bundle()]
-    assert sorted((unit, n) for unit, (_, _, n) in reports) == [("a", 3), ("a", 3), ("a", 3), ("b", 3), ("b", 3),
-                                                                ("b", 3)]
+    # Each unit's file ends once it holds 5 rows or more (two batches), the rest ends with the bundle.
+    assert sorted((unit, n) for unit, (_, _, n) in reports) == [("a", 3), ("a", 6), ("b", 3), ("b", 6)]
     written = sorted(json.loads(line)["id"] for _, (_, temp, _) in reports for line in open(temp))
     assert written == sorted(f"{k}-{i}" for k in range(6) for i in range(3))
 

@@ -2,8 +2,9 @@
 
 The Fn API between them is the one Flink, Spark and Dataflow use.  Pool 0 is an ordinary worker; pool 1
 is a worker that is not the launcher: another HOME, working directory and weights cache, and no
-JAX_COMPILATION_CACHE_DIR.  Beam's Python job service starts one SDK worker process per environment per
-job, so each wave of a job (a job each) runs its inference stage in a new worker process.
+JAX_COMPILATION_CACHE_DIR.  The job service starts --direct_num_workers SDK worker processes (default 1)
+per environment per job, so each wave of a job (a job each) runs its inference stage in new worker
+processes; with two, both work on the same stage at once.
 """
 
 import dataclasses
@@ -13,11 +14,13 @@ import os
 import shutil
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bulkinfer.beam.local_cluster import LocalCluster, resource_hints
+from bulkinfer.beam import commit
+from bulkinfer.beam.local_cluster import LocalCluster, MeetingPoint, resource_hints
 from bulkinfer.models.resolve import model_spec
 from bulkinfer.runtime.process import WORKER_LOCAL
 from bulkinfer.tasks import run as job
@@ -190,3 +193,30 @@ def test_digits_job_on_a_worker_that_is_not_the_launcher(cluster, tmp_path, monk
     worker_cache = cluster.base / "worker-home" / ".cache" / "bulkinfer" / "xla"
     assert worker_cache.is_dir() and any(worker_cache.iterdir())
     assert not any((cluster.base / "worker-cwd").iterdir())
+
+
+def test_a_job_on_two_worker_processes_working_at_once(cluster, tmp_path):
+    """--direct_num_workers 2: the job service splits each stage's units over two SDK worker processes.
+    Each holds at its first rows until the other has arrived (MeetingPoint), so the job finishes only if
+    both were processing at the same time; each read and committed units of its own."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for k in range(4):
+        _jsonl(tmp_path / f"digits-{k}.jsonl", [{"id": i, "pixels": digits.images[i].tolist()} for i in range(k, 80, 4)])
+    spec = dict(input=str(tmp_path / "digits-*.jsonl"), wave_units=4)
+    meeting = MeetingPoint(str(tmp_path / "met"), parties=2)
+    workers_before = cluster.workers_started(0)
+
+    report = job.run(model_spec("digits"), job.JobSpec(output=str(tmp_path / "portable"), **spec),
+                     cluster.pipeline_args(0, workers=2), preprocess=beam.ParDo(meeting))
+    embedded = job.run(model_spec("digits"), job.JobSpec(output=str(tmp_path / "embedded"), **spec))
+
+    a, b = _table(tmp_path / "portable"), _table(tmp_path / "embedded")
+    assert a == b and a["id"] == list(range(80))
+    assert report["reconciled"] and report["rows_out"] == embedded["rows_out"] == 80 and report["units_done"] == 4
+    met = meeting.arrived()  # "host-pid" of each process that reached the meeting point
+    readers = {r["read_by"] for r in commit.committed(str(tmp_path / "portable")).values()}  # "host:pid"
+    assert len(met) == 2 and readers == {":".join(m.rsplit("-", 1)) for m in met}
+    assert str(os.getpid()) not in {m.rsplit("-", 1)[1] for m in met}  # workers, not the launcher
+    assert cluster.workers_started(0) - workers_before == 2 and report["model_loads"] == 2
