@@ -72,3 +72,45 @@ def test_requests_queued_during_a_call_wait_for_the_window_after_it_so_answered_
     finally:
         gate.set()
         batcher.close(10)
+
+
+@pytest.mark.parametrize("returns", [True, False])
+def test_after_a_call_the_batcher_waits_for_the_sources_it_answered_unless_they_are_forgotten(returns):
+    now = [0.0]  # the batcher's clock
+    running, gate = threading.Event(), threading.Event()
+    calls = []
+
+    def predict(values):
+        calls.append(list(values))
+        if len(calls) == 1:
+            running.set()
+            now[0] += 100.0  # the first call lasts 100 s on the clock: the batcher waits up to 5 s after it
+            gate.wait(30)
+        return np.zeros((len(values), 1), np.float32)
+
+    batcher = DynamicBatcher(predict, max_batch_rows=2, max_queue_delay_s=0, clock=lambda: now[0])
+    waiting = threading.Event()
+    wait = batcher._cv.wait
+
+    def spy(timeout=None):
+        waiting.set()
+        return wait(timeout)
+
+    batcher._cv.wait = spy
+    try:
+        first = batcher.submit(["a1", "a2"], source="A")  # 2 rows = max_batch_rows: runs at once
+        assert running.wait(30)
+        queued = batcher.submit(["c"], source="C")  # no queue delay, yet it does not run alone at once:
+        waiting.clear()
+        gate.set()
+        first.result(30)
+        assert waiting.wait(30)  # the batcher waits for A, which the first call answered
+        if returns:
+            batcher.submit(["a3"], source="A").result(30)  # A's next request joins C's
+        else:
+            batcher.forget("A")  # A's connection closed: C runs without it
+        queued.result(30)
+        assert calls == [["a1", "a2"], ["c", "a3"] if returns else ["c"]]
+    finally:
+        gate.set()
+        batcher.close(10)
