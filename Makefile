@@ -39,7 +39,19 @@ $(CHROMIUM):
 cluster-demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/cluster_demo.py --output out/cluster-demo
 
-test: $(STAMP) $(CHROMIUM)
+# MLServer, a third-party Open Inference Protocol server, in its own venv (its FastAPI/pandas stack stays
+# out of .venv): tests/serve/test_serve_third_party.py runs `bulkinfer run --server` against it, and skips
+# saying why when this venv is absent.
+V2_VENV := .venv-mlserver
+V2_STAMP := $(V2_VENV)/.installed-$(shell cksum < requirements-mlserver.txt | cut -d' ' -f1)
+
+$(V2_STAMP): requirements-mlserver.txt
+	test -x $(V2_VENV)/bin/python || $(PY) -m venv $(V2_VENV)
+	$(V2_VENV)/bin/python -m pip install -q -r requirements-mlserver.txt
+	rm -f $(V2_VENV)/.installed-*
+	touch $@
+
+test: $(STAMP) $(CHROMIUM) $(V2_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -81,7 +93,7 @@ bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py --write BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) out .bench
+	rm -rf $(VENV) $(BENCH_VENV) $(V2_VENV) out .bench
 
 # Reference embeddings from sentence-transformers (PyTorch, CPU) for tests/fixtures, in the peers' venv:
 # MiniLM's, and tiny random-weight roberta, xlm-roberta, distilbert and bert+Dense checkpoints with theirs;

@@ -20,8 +20,11 @@ Each request is retried with jittered exponential backoff on connection errors, 
 retries the bundle, and a job exits non-zero without committing those rows).
 A request the server rejects as malformed (400, 413) raises `RemoteError`, which BulkInference
 bisects to isolate the rows at fault.  Works with any v2 server whose model metadata gives its batch
-axis as a leading -1 (Triton, MLServer, KServe runtimes, `bulkinfer serve`); uses the binary tensor data
-extension both ways.
+axis as a leading -1.  Tensors travel as binary data both ways when the server's metadata (`GET /v2`)
+lists the `binary_tensor_data` extension (`bulkinfer serve`, Triton), else as JSON `data` (MLServer,
+which answers binary requests with 422).  An output that comes back with extra unit axes ([N, 1] for a
+declared [-1], as MLServer's NumpyCodec answers) is reshaped to the declared per-row shape.  Tested
+against `bulkinfer serve` and MLServer 1.7.1 (tests/serve/test_serve_third_party.py).
 """
 
 from __future__ import annotations
@@ -154,20 +157,26 @@ class V2Client:
         except (OSError, http.client.HTTPException):
             return False
 
+    def server_metadata(self) -> dict:
+        """GET /v2: {"name", "version", "extensions": [...]}."""
+        return self._json("GET", "/v2")
+
     def model_metadata(self, model: str) -> dict:
         return self._json("GET", f"/v2/models/{urllib.parse.quote(model, safe='')}")
 
     def model_stats(self, model: str) -> dict:
         return self._json("GET", f"/v2/models/{urllib.parse.quote(model, safe='')}/stats")
 
-    def infer_tensors(self, model: str, inputs: Sequence[dict], tail: bytes, outputs: Sequence[str] | None
-                      ) -> dict[str, np.ndarray]:
+    def infer_tensors(self, model: str, inputs: Sequence[dict], tail: bytes, outputs: Sequence[str] | None, *,
+                      binary: bool = True) -> dict[str, np.ndarray]:
         """One request: input tensors from `protocol.encode_tensor` (their bytes joined in `tail`) ->
-        {output name: array} for each of `outputs` (None: every output the server sends), asked in binary."""
-        header, tail = protocol.encode_request(inputs, tail, outputs)
+        {output name: array} for each of `outputs` (None: every output the server sends), asked in binary
+        (binary=True) or as JSON (binary=False: every input must be JSON too, `tail` empty)."""
+        header, tail = protocol.encode_request(inputs, tail, outputs, binary=binary)
+        kind = {"Content-Type": "application/octet-stream", protocol.HEADER_LENGTH: str(len(header))} if binary \
+            else {"Content-Type": "application/json"}
         status, headers, data = self.request(
-            "POST", f"/v2/models/{urllib.parse.quote(model, safe='')}/infer", body=header + tail,
-            headers={"Content-Type": "application/octet-stream", protocol.HEADER_LENGTH: str(len(header))})
+            "POST", f"/v2/models/{urllib.parse.quote(model, safe='')}/infer", body=header + tail, headers=kind)
         if status != 200:
             raise RemoteError(status, _error_text(data), retry_after_s=_retry_after(headers))
         try:
@@ -256,6 +265,9 @@ class LoadedRemoteModel:
         self._sleep, self._clock = sleep, clock
         self._rng = random.Random()
         meta = self._with_retries(lambda: self.client.model_metadata(spec.name), threading.Event(), "metadata")
+        server = self._with_retries(self.client.server_metadata, threading.Event(), "server metadata")
+        # Binary tensors when the server says it takes them; JSON (every v2 server's form) otherwise.
+        self.binary = "binary_tensor_data" in (server.get("extensions") or [])
         where = f"model {spec.name!r} on {spec.url}"
         self.inputs, self._wire = signature_from_metadata(meta, "inputs", where)
         outputs, _ = signature_from_metadata(meta, "outputs", where)
@@ -296,8 +308,9 @@ class LoadedRemoteModel:
         def one(rows):
             tensors, tail = self._encode(inputs, rows)
             try:
-                return self._with_retries(lambda: self.client.infer_tensors(self.name, tensors, tail, names),
-                                          give_up, "infer")
+                return self._with_retries(
+                    lambda: self.client.infer_tensors(self.name, tensors, tail, names, binary=self.binary),
+                    give_up, "infer")
             except BaseException:
                 give_up.set()
                 raise
@@ -311,7 +324,7 @@ class LoadedRemoteModel:
             if first is not None:
                 raise first
             parts = [f.result() for f in futures]
-        out = _scatter(chunks, parts, names, n)
+        out = _scatter(chunks, [self._declared_shapes(p) for p in parts], names, n)
         if stats is not None:
             stats.rows += n
             stats.batches += len(chunks)
@@ -338,14 +351,28 @@ class LoadedRemoteModel:
             groups.setdefault(tuple(np.shape(inputs[name][i]) for name in variable), []).append(i)
         return [np.asarray(rows[i : i + size], np.int64) for rows in groups.values() for i in range(0, len(rows), size)]
 
+    def _declared_shapes(self, part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One reply's outputs with the per-row shapes of the metadata: an output whose rows differ from
+        the declared fixed shape only by unit axes ([N, 1] for a declared [-1]) is reshaped; any other
+        mismatch is left for `_scatter` and the writer to report."""
+        out = dict(part)
+        for spec in self.outputs:
+            array = part.get(spec.name)
+            if array is None or array.ndim < 1 or spec.variable or array.shape[1:] == spec.shape:
+                continue
+            if [d for d in array.shape[1:] if d != 1] == [d for d in spec.shape if d != 1]:
+                out[spec.name] = array.reshape((array.shape[0], *spec.shape))  # [N, *declared]
+        return out
+
     def _encode(self, inputs, rows: slice | np.ndarray) -> tuple[list[dict], bytes]:
-        """The request's input tensors (binary) for the selected rows, and their bytes."""
+        """The request's input tensors (binary, or JSON when the server takes no binary) for the selected
+        rows, and their bytes (b"" for JSON)."""
         tensors, tails = [], []
         for s in self.inputs:
             values = inputs[s.name]
             if s.dtype == TEXT:
                 chosen = values[rows] if isinstance(rows, slice) else [values[i] for i in rows]
-                tensor, raw = protocol.encode_tensor(s.name, "BYTES", chosen, binary=True,
+                tensor, raw = protocol.encode_tensor(s.name, "BYTES", chosen, binary=self.binary,
                                                      shape=[len(chosen), *self._wire[s.name]])
             else:
                 if isinstance(values, np.ndarray):
@@ -353,7 +380,7 @@ class LoadedRemoteModel:
                 else:
                     chosen = np.stack([np.asarray(values[i]) for i in range(len(values))[rows]]
                                       if isinstance(rows, slice) else [np.asarray(values[i]) for i in rows])
-                tensor, raw = protocol.encode_tensor(s.name, s.v2_datatype, chosen, binary=True)
+                tensor, raw = protocol.encode_tensor(s.name, s.v2_datatype, chosen, binary=self.binary)
             tensors.append(tensor)
             tails.append(raw)
         return tensors, b"".join(tails)

@@ -34,6 +34,10 @@ class LimitedHTTPServer(ThreadingHTTPServer):
     app: object  # the serve.server.Server this serves
 
     def __init__(self, address, handler, *, max_connections: int):
+        # The listen backlog: socketserver's default of 5 overflows when a few dozen clients connect at
+        # once (16 bench clients did); the kernel then drops or SYN-cookies the rest, which stalls a client
+        # for a second per retransmitted SYN or resets its connection.
+        self.request_queue_size = socket.SOMAXCONN
         self.max_connections = max_connections
         self.connections = 0  # being served, each by its thread
         self._lock = threading.Lock()

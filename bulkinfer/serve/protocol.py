@@ -380,14 +380,16 @@ def join(header: dict) -> bytes:
 
 
 def encode_request(inputs: Sequence[dict], tail: bytes, outputs: Sequence[str] | None, *,
-                   request_id: str | None = None) -> tuple[bytes, bytes]:
+                   request_id: str | None = None, binary: bool = True) -> tuple[bytes, bytes]:
     """(JSON header, binary tail) of an infer request: `inputs` from `encode_tensor`, asking for each of
-    `outputs` (None: every output) in binary."""
+    `outputs` (None: every output) in binary, or as JSON with binary=False (for a server without the
+    binary tensor data extension, which may refuse the parameters that ask for it)."""
     header: dict = {"inputs": list(inputs)}
-    if outputs is None:
+    if outputs is not None:
+        header["outputs"] = [{"name": o, "parameters": {"binary_data": True}} if binary else {"name": o}
+                             for o in outputs]
+    elif binary:
         header["parameters"] = {"binary_data_output": True}
-    else:
-        header["outputs"] = [{"name": o, "parameters": {"binary_data": True}} for o in outputs]
     if request_id is not None:
         header["id"] = request_id
     return join(header), tail

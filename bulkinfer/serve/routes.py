@@ -48,6 +48,13 @@ class Handler(BaseHTTPRequestHandler):
         self._reader = DeadlineReader(self.connection, self.timeout)
         self.rfile = io.BufferedReader(self._reader)
 
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            if self.server.app.batcher is not None:  # this connection sends nothing more: not waited for
+                self.server.app.batcher.forget(self)
+
     def handle_one_request(self):
         # The next request's line and headers must all arrive within idle_timeout_s, however slowly they
         # trickle (the stdlib closes the connection on TimeoutError); the body gets its own deadline.
@@ -212,7 +219,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ProtocolError(f"'id' must be a string, got {show(request['id'])}")
         if n:
             try:
-                future = app.batcher.submit(inputs)
+                future = app.batcher.submit(inputs, source=self)  # self: this connection
             except Overloaded as e:
                 raise _Reply(429, str(e)) from None
             except Closed as e:

@@ -51,7 +51,8 @@ class ServeConfig:
     host: the address to bind; the loopback default keeps the server off the network.
     port: 0 picks a free port (see `Server.port`).
     token: if set, every route except /v2/health/* needs `Authorization: Bearer <token>`.
-    max_queue_delay_ms: how long the batcher waits for more requests to merge with the oldest one.
+    max_queue_delay_ms: how long the batcher waits for more requests to merge into one model call, from
+      when the oldest queued request arrived or the previous call ended, whichever is later.
     max_batch_rows: rows per model call, at most (a larger request runs alone).
     max_queue_rows: rows waiting for the model before new requests get 429; a request with more rows gets 413.
     max_request_bytes: larger request bodies get 413, unread.

@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 
@@ -32,4 +34,83 @@ def test_a_model_returning_none_does_not_strand_later_requests():
             batcher.submit(["a"]).result(10)
         assert batcher.submit(["b", "c"]).result(10).shape == (2, 1)
     finally:
+        batcher.close(10)
+
+
+def test_requests_queued_during_a_call_wait_for_the_window_after_it_so_answered_clients_can_join():
+    now = [0.0]  # the batcher's clock
+    running, gate = threading.Event(), threading.Event()
+    calls = []
+
+    def predict(values):
+        calls.append(list(values))
+        running.set()
+        gate.wait(30)  # the first call runs until the test lets it end; later ones return at once
+        return np.zeros((len(values), 1), np.float32)
+
+    batcher = DynamicBatcher(predict, max_batch_rows=2, max_queue_delay_s=1000, clock=lambda: now[0])
+    waiting = threading.Event()  # set when the batcher waits for more requests
+    wait = batcher._cv.wait
+
+    def spy(timeout=None):
+        waiting.set()
+        return wait(timeout)
+
+    batcher._cv.wait = spy
+    try:
+        first = batcher.submit(["a1", "a2"])  # 2 rows = max_batch_rows: runs at once
+        assert running.wait(30)
+        queued = batcher.submit(["b"])  # arrives at 0 while the model runs
+        now[0] = 5000.0  # the call ends long after b's own window (0 + 1000) has passed ...
+        waiting.clear()
+        gate.set()
+        first.result(30)
+        assert waiting.wait(30)  # ... yet b waits for the window that opens when the call ends,
+        joined = batcher.submit(["c"])  # so a client the first call answered joins it in one call
+        queued.result(30), joined.result(30)
+        assert calls == [["a1", "a2"], ["b", "c"]]
+    finally:
+        gate.set()
+        batcher.close(10)
+
+
+@pytest.mark.parametrize("returns", [True, False])
+def test_after_a_call_the_batcher_waits_for_the_sources_it_answered_unless_they_are_forgotten(returns):
+    now = [0.0]  # the batcher's clock
+    running, gate = threading.Event(), threading.Event()
+    calls = []
+
+    def predict(values):
+        calls.append(list(values))
+        if len(calls) == 1:
+            running.set()
+            now[0] += 100.0  # the first call lasts 100 s on the clock: the batcher waits up to 5 s after it
+            gate.wait(30)
+        return np.zeros((len(values), 1), np.float32)
+
+    batcher = DynamicBatcher(predict, max_batch_rows=2, max_queue_delay_s=0, clock=lambda: now[0])
+    waiting = threading.Event()
+    wait = batcher._cv.wait
+
+    def spy(timeout=None):
+        waiting.set()
+        return wait(timeout)
+
+    batcher._cv.wait = spy
+    try:
+        first = batcher.submit(["a1", "a2"], source="A")  # 2 rows = max_batch_rows: runs at once
+        assert running.wait(30)
+        queued = batcher.submit(["c"], source="C")  # no queue delay, yet it does not run alone at once:
+        waiting.clear()
+        gate.set()
+        first.result(30)
+        assert waiting.wait(30)  # the batcher waits for A, which the first call answered
+        if returns:
+            batcher.submit(["a3"], source="A").result(30)  # A's next request joins C's
+        else:
+            batcher.forget("A")  # A's connection closed: C runs without it
+        queued.result(30)
+        assert calls == [["a1", "a2"], ["c", "a3"] if returns else ["c"]]
+    finally:
+        gate.set()
         batcher.close(10)

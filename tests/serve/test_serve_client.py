@@ -4,6 +4,7 @@ really overlap in flight (each held on a barrier until N have arrived).  Values 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,8 +32,10 @@ class ScriptedServer:
     barrier: if set, each infer request waits on it before answering (a 500 if it breaks).
     """
 
-    def __init__(self, script=(), barrier: threading.Barrier | None = None):
+    def __init__(self, script=(), barrier: threading.Barrier | None = None, extensions=("binary_tensor_data",)):
         self.script = list(script)
+        self.extensions = list(extensions)  # what GET /v2 lists; without binary_tensor_data, JSON only
+        self.bodies: list[dict] = []  # the JSON part of each infer request
         self.barrier = barrier
         self.infers: list[list[str]] = []  # texts of each infer request, in order of arrival
         self.in_flight = self.max_in_flight = 0
@@ -81,6 +84,8 @@ class ScriptedServer:
                 pass
 
             def do_GET(self):
+                if self.path == "/v2":
+                    return self._reply(200, {}, {"name": "scripted", "extensions": fake.extensions})
                 assert self.path == "/v2/models/fake", self.path
                 self._reply(200, {}, {"name": "fake", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
                                       "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, 2]}]})
@@ -88,7 +93,12 @@ class ScriptedServer:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 header, tail = split_body(body, self.headers.get(HEADER_LENGTH))
+                fake.bodies.append(header)
                 n = header["inputs"][0]["shape"][0]
+                if "binary_tensor_data" not in fake.extensions:  # as MLServer: JSON or 422
+                    if HEADER_LENGTH in self.headers or "data" not in header["inputs"][0]:
+                        return self._reply(422, {}, {"error": "binary tensor data is not supported"})
+                    return self._reply(*fake._infer(header["inputs"][0]["data"]))
                 texts = [b.decode("utf-8") for b in decode_bytes(tail, n, name="text")]
                 self._reply(*fake._infer(texts))
 
@@ -124,8 +134,8 @@ class FakeTime:
 def scripted():
     servers = []
 
-    def make(*script, barrier=None) -> ScriptedServer:
-        servers.append(ScriptedServer(script, barrier))
+    def make(*script, barrier=None, **settings) -> ScriptedServer:
+        servers.append(ScriptedServer(script, barrier, **settings))
         return servers[-1]
 
     yield make
@@ -208,3 +218,23 @@ def test_one_chunk_failing_gives_up_the_whole_call(scripted):
     with pytest.raises(RemoteError, match="HTTP 400"):
         _loaded(srv, t, chunk_rows=1, max_in_flight=1).embed(TEXTS)
     assert len(srv.infers) == 1  # with one request in flight, the rest were never sent
+
+
+def test_a_server_without_the_binary_extension_gets_json_both_ways(scripted):
+    srv = scripted(extensions=[])  # GET /v2 lists no binary_tensor_data, as MLServer's does
+    loaded = _loaded(srv, FakeTime())
+    assert not loaded.binary
+    np.testing.assert_array_equal(loaded.embed(TEXTS), expected(TEXTS))
+    [body] = srv.bodies
+    assert body["inputs"][0]["data"] == TEXTS and "binary_data_size" not in str(body)
+    assert body["outputs"] == [{"name": "embedding"}]  # no binary_data parameter asked of such a server
+
+
+def test_an_output_with_an_extra_unit_axis_gets_its_declared_shape(scripted):
+    loaded = _loaded(scripted(), FakeTime())
+    spec = dataclasses.replace(loaded.outputs[0], shape=(2,))
+    loaded.outputs = (spec,)
+    reply = {"embedding": np.arange(6, dtype=np.float32).reshape(3, 1, 2)}  # [N, 1, 2] for a declared [-1, 2]
+    assert loaded._declared_shapes(reply)["embedding"].shape == (3, 2)
+    other = {"embedding": np.zeros((3, 4), np.float32)}  # a real mismatch is left for the checks downstream
+    assert loaded._declared_shapes(other)["embedding"].shape == (3, 4)
