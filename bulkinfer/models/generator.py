@@ -140,7 +140,7 @@ class LoadedGenerator:
             raise ValueError(f"max_len {max_len} exceeds {spec.model.name}'s {config.max_position_embeddings} "
                              "learned positions (n_positions); pass --max-len at most that")
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[spec.dtype]
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), self.lm.params)
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), decoder.unstack_layers(self.lm.params))
         self.engine = GenerationEngine(
             functools.partial(decoder.forward, config=config), params,
             decoder.init_cache(config, slots=spec.slots, max_len=max_len, dtype=dtype),
