@@ -12,7 +12,8 @@ The families share one pre-norm decoder and differ only in what `DecoderConfig` 
   `sliding_window`, qwen2's `use_sliding_window` on layers >= `max_window_layers`).
 - gpt2: learned absolute positions, LayerNorm with bias, a plain MLP (gelu_new), biases everywhere.
 
-Parameter layout (layers stacked on a leading axis so the decoder is one `lax.scan`; D = hidden size,
+Parameter layout (layers stacked on a leading axis, which `forward` runs as one `lax.scan`; `unstack_layers`
+turns them into a tuple of per-layer dicts, which `forward` unrolls, faster on XLA:CPU; D = hidden size,
 F = intermediate size, N = layers, H = attention heads, K = key/value heads, Dh = head_dim, V = vocab):
 
     embed [V, D]; pos_embed [P, D] (gpt2 only); final_norm {scale [D], bias [D] (gpt2 only)};
@@ -22,11 +23,13 @@ F = intermediate size, N = layers, H = attention heads, K = key/value heads, Dh 
             q_b [N, H*Dh], k_b [N, K*Dh], v_b [N, K*Dh] (attention_bias), o_b [N, D] (attention_out_bias),
             up_w [N, D, F], down_w [N, F, D], gate_w [N, D, F] (gated MLPs), up_b [N, F], down_b [N, D] (mlp_bias)
 
-The KV cache is {"k", "v": [N, S, M, K, Dh]} for S slots (sequences in flight) of M positions each.
+The KV cache is {"k": [N, S, K, Dh, M], "v": [N, S, K, M, Dh]} for S slots (sequences in flight) of M
+positions each (`init_cache`).
 
     >>> config = DecoderConfig.from_hf(json.load(open("config.json")))
     >>> params = params_from_hf(config, safetensors_file.load_safetensors("model.safetensors"))
     >>> cache = init_cache(config, slots=4, max_len=256)
+    >>> params = unstack_layers(params)
     >>> step = jax.jit(forward, static_argnames="config", donate_argnames="cache")
     >>> logits, cache = step(params, tokens, positions, cache, slots, config=config)   # tokens [B, T]
 """
@@ -533,7 +536,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapp
     bit for bit unchanged (its maximum stays, its weights are exactly 0), so a row's logits do not depend
     on the other rows' lengths.
 
-    params: `params_from_hf`'s pytree, its "layers" stacked or per layer (`unstack_layers`, faster).
+    params: `params_from_hf`'s pytree, its "layers" stacked (one `lax.scan`: quick to compile) or per layer
+      (`unstack_layers`: unrolled, slower to compile, faster to run; use it for generation).
     Returns (logits [B, T, vocab] float32, the new cache).  Pure: jit with `config` static and the cache
     donated; the shapes of tokens and the cache are the compile keys.
 
@@ -575,11 +579,11 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapp
     scale = config.attn_scale if config.attn_scale is not None else 1.0 / math.sqrt(hd)
     act = _ACTIVATIONS[config.hidden_act]
     layers = params["layers"]
-    stacked = not isinstance(layers, list | tuple)
 
-    def attend(q, k_all, v_all, i, window):
-        """q [B, T, K, G, Dh] over layer i's cache -> context [B, T, K, G, Dh]."""
-        layer_scale = scale / (i + 1) if config.attn_scale_by_layer else scale
+    def attend(q, k_all, v_all, i, is_sliding):
+        """q [B, T, K, G, Dh] over layer i's cache -> context [B, T, K, G, Dh].  i, is_sliding: Python
+        values (unrolled layers) or traced scalars (the scan over stacked layers)."""
+        layer_scale = scale / (jnp.asarray(i) + 1).astype(jnp.float32) if config.attn_scale_by_layer else scale
 
         def body(c, carry):
             m, total, acc = carry  # m, total [B, K, G, T] float32; acc [B, K, G, T, Dh] float32
@@ -592,8 +596,9 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapp
                                 preferred_element_type=jnp.float32) * layer_scale  # [B, K, G, T, C]
             key_pos = start + jnp.arange(chunk)  # [C]
             visible = (key_pos[None, None, :] <= safe_pos[:, :, None]) & (key_pos >= c * chunk)  # [B, T, C]
-            if window is not None:
-                visible &= key_pos[None, None, :] > safe_pos[:, :, None] - window
+            if config.sliding_window is not None:
+                in_window = key_pos[None, None, :] > safe_pos[:, :, None] - config.sliding_window
+                visible &= in_window | ~is_sliding
             scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
             m_new = jnp.maximum(m, scores.max(-1))  # [B, K, G, T]
             finite = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a query that has seen nothing yet
@@ -610,7 +615,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapp
         ctx = acc / total[..., None]  # [B, K, G, T, Dh]
         return ctx.transpose(0, 3, 1, 2, 4).astype(dtype)  # [B, T, K, G, Dh]
 
-    def layer(x, k_all, v_all, p, i):
+    def layer(x, k_all, v_all, p, i, is_sliding):
         y = _norm(x, p["attn_norm"], config)
         q = _linear(y, p, "q").reshape(b, t, h, hd)  # [B, T, H, Dh]
         k = _linear(y, p, "k").reshape(b, t, kv, hd)  # [B, T, K, Dh]
@@ -621,8 +626,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapp
         at = (i, rows[:, None, None], jnp.arange(kv)[None, None, :])
         k_all = k_all.at[(*at, slice(None), write_pos[:, :, None])].set(k.astype(k_all.dtype), mode="drop")
         v_all = v_all.at[(*at, write_pos[:, :, None])].set(v.astype(v_all.dtype), mode="drop")
-        window = config.sliding_window if types[i] == "sliding_attention" else None
-        ctx = attend(q.reshape(b, t, kv, groups, hd), k_all, v_all, i, window).reshape(b, t, h * hd)
+        ctx = attend(q.reshape(b, t, kv, groups, hd), k_all, v_all, i, is_sliding).reshape(b, t, h * hd)
         x = x + _linear(ctx, p, "o")
         y = _norm(x, p["mlp_norm"], config)
         if config.gated_mlp:
@@ -631,10 +635,17 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapp
             y = act(_linear(y, p, "up"))
         return x + _linear(y, p, "down"), k_all, v_all
 
+    sliding = [kind == "sliding_attention" for kind in types]
     k_all, v_all = cache["k"], cache["v"]
-    for i in range(n_layers):  # unrolled: each layer's window and weights are static
-        p = jax.tree.map(lambda a, i=i: a[i], layers) if stacked else layers[i]
-        x, k_all, v_all = layer(x, k_all, v_all, p, i)
+    if isinstance(layers, list | tuple):  # unrolled: each matmul reads its layer's weights in place
+        for i in range(n_layers):
+            x, k_all, v_all = layer(x, k_all, v_all, layers[i], i, sliding[i])
+    else:  # one scan over the stacked layers: compiles one layer body, but slices (copies) each layer's weights
+        def scan_body(carry, xs):
+            return layer(*carry, *xs), None
+
+        xs = (layers, jnp.arange(n_layers), jnp.asarray(sliding))
+        (x, k_all, v_all), _ = jax.lax.scan(scan_body, (x, k_all, v_all), xs)
     x = _norm(x, params["final_norm"], config)
     head = params["lm_head"] if "lm_head" in params else params["embed"].T  # [D, V]
     logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)  # [B, T, V]
