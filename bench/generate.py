@@ -124,8 +124,8 @@ def bench_batching(model: str, token_prompts: list[list[int]], *, slots: int, ma
                 compiles_after_warmup=engine.stats.compiles - (1 + len(engine.prefill_lengths)))
 
 
-def bench_transformers(model: str, texts: list[str], *, sizes: list[int], new_tokens: int
-                       ) -> list[tuple[dict, list[list[int]]]]:
+def bench_transformers(model: str, texts: list[str], *, sizes: list[int], new_tokens: int):
+    """Yields (row, generated ids) per batch size, as each is measured."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,14 +145,12 @@ def bench_transformers(model: str, texts: list[str], *, sizes: list[int], new_to
             out = lm.generate(**enc, do_sample=False, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
         return [until_eos(row[enc.input_ids.shape[1]:].tolist(), eos) for row in out]
 
-    rows = []
     for batch in sizes:
         run(texts[:batch])  # warm-up, untimed
         with Timer() as t:
             generated = [ids for k in range(0, len(texts), batch) for ids in run(texts[k:k + batch])]
-        rows.append((dict(batch=batch, rows=len(texts), **t.fields(sum(map(len, generated))), torch=torch.__version__,
-                          torch_threads=torch.get_num_threads()), generated))
-    return rows
+        yield (dict(batch=batch, rows=len(texts), **t.fields(sum(map(len, generated))), torch=torch.__version__,
+                    torch_threads=torch.get_num_threads()), generated)
 
 
 def worker(args) -> None:
@@ -231,8 +229,9 @@ def compare(args, sizes, texts, token_prompts, max_len, common) -> None:
             before[slots] = (row, ids)
             print(json.dumps({"row": "bulkinfer engine, greedy, baseline", "checkout": args.baseline, "slots": slots,
                               **row, **common}), flush=True)
-    theirs = bench_transformers(args.model, texts, sizes=sizes, new_tokens=args.new_tokens)
-    for row, _ in theirs:
+    theirs = []
+    for row, ids in bench_transformers(args.model, texts, sizes=sizes, new_tokens=args.new_tokens):
+        theirs.append((row, ids))
         print(json.dumps({"row": "transformers generate, greedy", **row, **common}), flush=True)
     best_ours = max(ours.values(), key=lambda r: r[0]["tokens_per_s"])
     best_theirs = max(theirs, key=lambda r: r[0]["tokens_per_s"])
