@@ -76,8 +76,9 @@ $(BENCH_STAMP): pyproject.toml constraints.txt requirements-peers.txt
 	rm -f $(BENCH_VENV)/.installed-*
 	touch $@
 
-# Generation rows of BENCHMARKS.md: bulkinfer vs transformers' batched generate on SmolLM2, and continuous vs
-# static batching (~10 min on 2 cores).
+# Generation rows of BENCHMARKS.md: bulkinfer (8, 32, 64 slots) vs transformers' batched generate (batches of
+# 8, 32, 64) on SmolLM2, and continuous vs static batching.  The vLLM peer row is bench/vllm_generate.py, in
+# its own venv (.venv-vllm, requirements-vllm.txt).
 bench-generate: $(BENCH_STAMP)
 	$(BENCH_BIN)/python bench/generate.py
 

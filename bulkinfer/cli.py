@@ -398,7 +398,7 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--stop", nargs="+", default=None, metavar="STR", help="strings that end a completion (cut before them)")
     p.add_argument("--n", type=int, default=1, metavar="N", help="samples per prompt (default: 1)")
     p.add_argument("--logprobs", action="store_true", help="also write each completion token's log-probability")
-    p.add_argument("--slots", type=int, default=8, metavar="S", help="sequences decoded together (default: 8)")
+    p.add_argument("--slots", type=int, default=32, metavar="S", help="sequences decoded together (default: 32)")
     p.add_argument("--max-len", type=int, default=None, metavar="N",
                    help="context per sequence in tokens (default: the model's, at most 1024)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")

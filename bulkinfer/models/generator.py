@@ -54,8 +54,10 @@ class Generator:
     chat: wrap each prompt as a user message in the model's chat template (with a generation prompt).
     system: a system message before it (chat only).
     prompt_field, id_field: the row fields read (the inputs' names).
-    slots: sequences decoded together (the KV cache's rows).  max_len: context per slot in tokens
-      (default: the model's max_position_embeddings, at most 1024).
+    slots: sequences decoded together (the KV cache's rows).  A decode step reads every weight once for
+      all slots, so more slots give more tokens/s (bench/generate.py) for slots x max_len cache positions
+      of memory (SmolLM2-135M, float32: 46 KB per position, 1.5 GB for 32 x 1024).
+      max_len: context per slot in tokens (default: the model's max_position_embeddings, at most 1024).
     prefill_lengths: prompt-length buckets (each compiles once).  warmup: compile them all at load.
     dtype: the cache's and parameters' compute dtype ("float32" or "bfloat16").
 
@@ -68,7 +70,7 @@ class Generator:
     system: str | None = None
     prompt_field: str = PROMPT
     id_field: str | None = ID
-    slots: int = 8
+    slots: int = 32
     max_len: int | None = None
     prefill_lengths: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
     warmup: bool = False
@@ -140,7 +142,7 @@ class LoadedGenerator:
             raise ValueError(f"max_len {max_len} exceeds {spec.model.name}'s {config.max_position_embeddings} "
                              "learned positions (n_positions); pass --max-len at most that")
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[spec.dtype]
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), self.lm.params)
+        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), decoder.unstack_layers(self.lm.params))
         self.engine = GenerationEngine(
             functools.partial(decoder.forward, config=config), params,
             decoder.init_cache(config, slots=spec.slots, max_len=max_len, dtype=dtype),

@@ -10,8 +10,8 @@ slots, and continuous batching (a finished row's slot takes the next waiting pro
 
 `forward(params, tokens [B, T] int32, positions [B, T] int32, cache, slots [B] int32) -> (logits
 [B, T, V] float32, cache)` is the decoder contract (`bulkinfer.models.decoder.forward` with its config
-bound): row b's token t sits at position positions[b, t] of cache row slots[b]; a position outside
-[0, max_len) is padding (nothing written).
+bound): row b's token t sits at position positions[b, t] of cache row slots[b] (slots None: of cache row
+b, for a decode step over every slot); a position outside [0, max_len) is padding (nothing written).
 
 Static and dynamic, and why a row's completion does not depend on its batch:
 - Prefill runs one prompt per call, [1, T] with T its own length bucket (`prefill_lengths`), into its
@@ -144,7 +144,8 @@ class GenerationEngine:
         slots = jnp.arange(self.slots, dtype=jnp.int32)
         live = positions < self.max_len
         seen = seen.at[slots, jnp.where(live, tokens, self.vocab_size)].set(True, mode="drop")
-        logits, cache = self._forward(params, tokens[:, None], positions[:, None], cache, slots)  # [S, 1, V]
+        # slots=None: row s is slot s, so the step reads each slot's cache in place.
+        logits, cache = self._forward(params, tokens[:, None], positions[:, None], cache, None)  # [S, 1, V]
         nxt, logprobs = sample(logits[:, 0], seen, settings, keys, positions + 1)
         return nxt, logprobs, cache, seen
 

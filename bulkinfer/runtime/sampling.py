@@ -171,6 +171,9 @@ def sample(logits: jax.Array, seen: jax.Array, settings: tuple[jax.Array, ...], 
                             lambda x: x, scaled)
     filtered = jnp.where(needs_filter[:, None], filtered, scaled)  # a row's draw never depends on the others'
     step_keys = jax.vmap(jax.random.fold_in)(keys, positions.astype(jnp.uint32))  # [S, 2]
-    drawn = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
+    # The draw (S x V Gumbel noise) runs only when some slot samples; a greedy slot takes its argmax either way.
+    drawn = jax.lax.cond(jnp.any(temperature > 0),
+                         lambda: jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32),
+                         lambda: greedy)
     tokens = jnp.where(temperature > 0, drawn, greedy)
     return tokens, jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]

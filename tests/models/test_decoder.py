@@ -48,6 +48,12 @@ def _i32(x):
     return jnp.asarray(np.asarray(x, dtype=np.int32))
 
 
+def _by_position(cache, name):
+    """A cache array as [layers, slots, max_len, kv_heads, head_dim] (keys store positions last)."""
+    array = np.asarray(cache[name])
+    return np.moveaxis(array, -1, 2) if name == "k" else array
+
+
 def test_prefill_equals_token_by_token_decode(llama):
     config, params = llama
     tokens = [5, 9, 2, 33, 7, 1, 60]
@@ -61,7 +67,7 @@ def test_prefill_equals_token_by_token_decode(llama):
     np.testing.assert_allclose(np.stack(steps), np.asarray(prefill[0]), atol=ATOL, rtol=0)
     np.testing.assert_allclose(np.asarray(cache_steps["k"]), np.asarray(cache_prefill["k"]), atol=ATOL, rtol=0)
     # Only slot 2, positions 0..6 were written.
-    written = np.abs(np.asarray(cache_prefill["k"])).sum(axis=(0, 3, 4))  # [slots, max_len]
+    written = np.abs(_by_position(cache_prefill, "k")).sum(axis=(0, 3, 4))  # [slots, max_len]
     assert (written[2, :7] > 0).all() and written[2, 7:].sum() == 0 and written[:2].sum() == 0
 
 
@@ -77,7 +83,7 @@ def test_padding_positions_write_nothing_and_do_not_change_real_logits(llama):
     for name in ("k", "v"):
         np.testing.assert_array_equal(np.asarray(padded_cache[name][:, 1]), 0)  # slot 1: nothing written
         np.testing.assert_allclose(np.asarray(padded_cache[name]), np.asarray(plain_cache[name]), atol=ATOL, rtol=0)
-        np.testing.assert_array_equal(np.asarray(padded_cache[name][:, 0, 3:]), 0)
+        np.testing.assert_array_equal(_by_position(padded_cache, name)[:, 0, 3:], 0)
 
 
 def test_rows_of_a_batch_are_independent_sequences(llama):
@@ -122,6 +128,37 @@ def test_kv_len_attends_over_a_prefix_of_the_cache_with_the_same_logits(llama):
     np.testing.assert_allclose(np.asarray(step_part[0]), np.asarray(step_full[0]), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match=r"kv_len 17 must be in \[1, max_len=16\]"):
         decoder.forward(params, tokens, positions, cache, slots, config=config, kv_len=17)
+
+
+def test_chunked_attention_and_per_layer_params_give_the_same_logits(llama):
+    """Attention in chunks of 2 positions (an online softmax over 4 chunks), per-layer parameters and
+    slots=None all compute what one pass over the cache with stacked layers computes."""
+    config, params = llama
+    cache = decoder.init_cache(config, slots=2, max_len=8)
+    tokens, positions = _i32([[3, 1, 4, 1, 5, 9, 2], [6, 5, 3, 5, 0, 0, 0]]), _i32([range(7), [0, 1, 2, 3, 8, 8, 8]])
+    whole, whole_cache = _forward(params, tokens, positions, cache, _i32([0, 1]), config=config)
+    chunked = jax.jit(decoder.forward, static_argnames=("config", "kv_chunk"))
+    split, split_cache = chunked(decoder.unstack_layers(params), tokens, positions, cache, None, config=config,
+                                 kv_chunk=2)
+    np.testing.assert_allclose(np.asarray(split[0]), np.asarray(whole[0]), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(split[1, :4]), np.asarray(whole[1, :4]), atol=ATOL, rtol=0)
+    for name in ("k", "v"):
+        np.testing.assert_allclose(np.asarray(split_cache[name]), np.asarray(whole_cache[name]), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="slots=None needs one row per cache slot: 1 rows, 2 slots"):
+        decoder.forward(params, tokens[:1], positions[:1], cache, None, config=config)
+
+
+def test_a_rows_logits_do_not_depend_on_the_other_rows_lengths(llama):
+    """A decode step attends over as many chunks as the longest row needs; the chunks a short row cannot
+    see leave its logits bit for bit unchanged (batch invariance of greedy and sampled rows)."""
+    config, params = llama
+    step = jax.jit(decoder.forward, static_argnames=("config", "kv_chunk"))
+    cache = decoder.init_cache(config, slots=2, max_len=16)
+    prompts, positions = _i32([[5, 9, 2, 33] + [0] * 8, range(1, 13)]), _i32([[0, 1, 2, 3] + [16] * 8, range(12)])
+    _, cache = step(params, prompts, positions, cache, None, config=config, kv_chunk=4)
+    short_alone, _ = step(params, _i32([[7], [1]]), _i32([[4], [16]]), cache, None, config=config, kv_chunk=4)
+    with_long, _ = step(params, _i32([[7], [1]]), _i32([[4], [12]]), cache, None, config=config, kv_chunk=4)
+    np.testing.assert_array_equal(np.asarray(with_long[0]), np.asarray(short_alone[0]))
 
 
 def test_grouped_query_attention_equals_repeated_kv_heads(llama):

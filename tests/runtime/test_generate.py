@@ -18,8 +18,10 @@ V, D, MAX_LEN = 37, 16, 48
 
 def tiny_forward(params, tokens, positions, cache, slots):
     """A one-layer, one-head decoder under the decoder contract (bulkinfer.models.decoder.forward):
-    tokens, positions [B, T] int32, slots [B] int32; cache {"k", "v": [1, S, max_len, 1, D]}."""
+    tokens, positions [B, T] int32, slots [B] int32 or None; cache {"k", "v": [1, S, max_len, 1, D]}."""
     max_len = cache["k"].shape[2]
+    if slots is None:  # row b uses cache row b
+        slots = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     x = params["emb"][tokens]  # [B, T, D]
     q, k, v = x @ params["wq"], x @ params["wk"], x @ params["wv"]  # [B, T, D]
     where = jnp.where((positions >= 0) & (positions < max_len), positions, max_len)  # [B, T]
