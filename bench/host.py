@@ -208,7 +208,27 @@ def split(input_glob: str, model: str, cache: str, token_budget: int, flush_rows
                     offset += len(b)
                 buf.write_temp(os.path.join(out, "part-x.parquet"), "parquet")
             add("attach_write", t)
-    return {"rows": rows, "stages": stages}
+    # Tokenization alone on the first flush's rows: 1 thread vs this process's cores, and the synthetic
+    # corpus of `make bench` (a ~100-word vocabulary) for comparison; each the best of 3.
+    from bulkinfer.testing import synthetic_texts
+
+    sample = [t for b in pq.ParquetFile(files[0]).iter_batches(batch_size=flush_rows) for t in
+              b.column("text").to_pylist()][:flush_rows]
+    tokenizer = {}
+    cores = len(os.sched_getaffinity(0))
+    for name, texts, threads in (("real, tokenizer_threads=1", sample, 1),
+                                 (f"real, tokenizer_threads={cores}", sample, cores),
+                                 ("synthetic (`make bench`'s), tokenizer_threads=1", synthetic_texts(len(sample), seed=0),
+                                  1)):
+        loaded.tokenizer_threads = threads
+        best = None
+        for _ in range(3):
+            with timed() as t:
+                ids = loaded.tokenize(texts)
+            best = t if best is None or t.wall_s < best.wall_s else best
+        tokenizer[name] = {"rows": len(texts), "tokens": int(sum(len(i) for i in ids)), "wall_s": best.wall_s,
+                           "cpu_s": best.cpu_s}
+    return {"rows": rows, "stages": stages, "tokenizer": tokenizer}
 
 
 # --- one job, in a child process ----------------------------------------------------------------------------
@@ -397,6 +417,15 @@ def markdown(results: dict) -> str:
         lines.append(f"| the rest: Beam, units, commits, the report's checks | {rest:.1f} | "
                      f"{rest / total_us:.0%} |")
         lines.append(f"| 1-core job, marginal | {total_us:.1f} | 100% |")
+        lines.append("")
+    if split_.get("tokenizer"):
+        lines += ["Tokenization alone (`LoadedTextEmbedder.tokenize`, one flush of rows, best of 3, in the split's "
+                  "process, not pinned; with tokenizer_threads=1 the one batch call may still use the tokenizer's "
+                  "own Rust threads):", "",
+                  "| texts, threads | tokens/row | wall µs/row | CPU µs/row | cores used |", "|---|---:|---:|---:|---:|"]
+        for name, t in split_["tokenizer"].items():
+            lines.append(f"| {name} | {t['tokens'] / t['rows']:.1f} | {t['wall_s'] / t['rows'] * 1e6:.1f} | "
+                         f"{t['cpu_s'] / t['rows'] * 1e6:.1f} | {t['cpu_s'] / t['wall_s']:.2f} |")
         lines.append("")
     best_core = max(runs, key=lambda k: per_core(runs[k]))
     rate = per_core(runs[best_core])
