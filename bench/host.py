@@ -427,7 +427,9 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {t['tokens'] / t['rows']:.1f} | {t['wall_s'] / t['rows'] * 1e6:.1f} | "
                          f"{t['cpu_s'] / t['rows'] * 1e6:.1f} | {t['cpu_s'] / t['wall_s']:.2f} |")
         lines.append("")
-    best_core = max(runs, key=lambda k: per_core(runs[k]))
+    # A 16-core host runs a multi-worker mode, so its per-core rate is the best multi-core configuration's.
+    multi = [k for k in runs if k != "1core"] or list(runs)
+    best_core = max(multi, key=lambda k: per_core(runs[k]))
     rate = per_core(runs[best_core])
     projected = rate * GPU_HOST_CORES
     verdict = "meets" if projected >= TARGET else "misses"
