@@ -57,9 +57,10 @@ class TextEmbedder:
     model_parallel: split the encoder's big matrices over this many devices (a "model" mesh axis),
       for a model larger than one device; the remaining factor of the devices splits the batch.
     tokenizer_threads: threads that tokenize one call's texts, each a contiguous share of at least
-      `MIN_ROWS_PER_THREAD` rows (the Rust tokenizer releases the GIL, so they run in parallel, and one
-      share's conversion to arrays overlaps the others' tokenization).  None: every core this process
-      may run on (`os.sched_getaffinity`), read on the worker.  Token ids do not depend on it.
+      `MIN_ROWS_PER_THREAD` rows.  They run in parallel only where the `tokenizers` build releases the GIL
+      in `encode_batch_fast`; tokenizers 0.23.3 here does not (bench/host.py: 1.00 cores used with 2
+      threads), so there more cores come from more worker processes.  None: every core this process may
+      run on (`os.sched_getaffinity`), read on the worker.  Token ids do not depend on it.
     """
 
     path: str = dataclasses.field(compare=False)
