@@ -439,9 +439,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="truncate texts to this many tokens (default: the model's max_seq_length)")
     p.add_argument("--token-budget", type=int, default=None,
                    help="tokens per device batch, rows x padded length (default: 2048)")
-    p.add_argument("--tokenizer-threads", type=int, default=None, metavar="N",
-                   help="threads that tokenize each batch of texts in a worker process (default: every core "
-                        "the process may run on)")
     p.add_argument("--warmup", action="store_true", help="compile every batch shape before taking data")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
                    help="persistent XLA compilation cache, shared across runs and processes, so each batch "
@@ -459,8 +456,7 @@ def _model(args):
     settings = dict(warmup=args.warmup, compilation_cache_dir=_compilation_cache(args.compilation_cache))
     text_only = {"--dtype": ("dtype", args.dtype if args.dtype != "float32" else None),
                  "--max-length": ("max_length", args.max_length),
-                 "--token-budget": ("bucketing", args.token_budget and Bucketing(token_budget=args.token_budget)),
-                 "--tokenizer-threads": ("tokenizer_threads", args.tokenizer_threads)}
+                 "--token-budget": ("bucketing", args.token_budget and Bucketing(token_budget=args.token_budget))}
     given = {flag: kv for flag, kv in text_only.items() if kv[1] is not None}
     if args.model in BUILTIN_FUNCTIONS and given:
         raise ValueError(f"{', '.join(given)} apply to text models only, not to {args.model!r}")
@@ -578,8 +574,7 @@ def _job_model(args):
     """The model a job's flags name: a RemoteModel with --server (checked to be served), else the local spec."""
     if args.server:
         local_only = [f for f, v in (("--max-length", args.max_length), ("--token-budget", args.token_budget),
-                                     ("--tokenizer-threads", args.tokenizer_threads), ("--warmup", args.warmup),
-                                     ("--compilation-cache", args.compilation_cache),
+                                     ("--warmup", args.warmup), ("--compilation-cache", args.compilation_cache),
                                      ("--dtype", args.dtype != "float32"),
                                      ("--processes-per-accelerator", args.processes_per_accelerator)) if v]
         if local_only:

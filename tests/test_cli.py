@@ -332,16 +332,3 @@ def test_a_kept_field_an_output_would_overwrite_is_a_bad_setting_not_a_wave_to_r
                  "--keep-fields", "label"]) == 2
     err = capsys.readouterr().err
     assert "keep_fields ['label'] would be overwritten" in err and "rerun" not in err
-
-
-def test_tokenizer_threads_flag_sets_the_text_model_and_is_refused_for_others():
-    from bulkinfer import cli
-
-    def model(*flags):
-        args, _ = cli._parser().parse_known_args(["run", "--input", "in.jsonl", "--output", "out", *flags])
-        return cli._model(args)
-
-    assert model("--model", "minilm", "--tokenizer-threads", "3").tokenizer_threads == 3
-    assert model("--model", "minilm").tokenizer_threads is None  # every core, decided on the worker
-    with pytest.raises(ValueError, match="--tokenizer-threads apply to text models only"):
-        model("--model", "digits", "--tokenizer-threads", "3")

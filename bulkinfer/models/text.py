@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +28,6 @@ from bulkinfer.runtime.process import use_compilation_cache
 
 _DTYPES = ("float32", "bfloat16")
 INPUT, OUTPUT = "text", "embedding"  # the text family's tensor names (row fields by default)
-MIN_ROWS_PER_THREAD = 256  # below this a thread's share costs more to hand over than to tokenize
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,11 +52,6 @@ class TextEmbedder:
       own default (~/.cache/bulkinfer/xla there, resolved on the worker); None: no cache.
     model_parallel: split the encoder's big matrices over this many devices (a "model" mesh axis),
       for a model larger than one device; the remaining factor of the devices splits the batch.
-    tokenizer_threads: threads that tokenize one call's texts, each a contiguous share of at least
-      `MIN_ROWS_PER_THREAD` rows.  They run in parallel only where the `tokenizers` build releases the GIL
-      in `encode_batch_fast`; tokenizers 0.23.3 here does not (bench/host.py: 1.00 cores used with 2
-      threads), so there more cores come from more worker processes.  None: every core this process may
-      run on (`os.sched_getaffinity`), read on the worker.  Token ids do not depend on it.
     """
 
     path: str = dataclasses.field(compare=False)
@@ -74,7 +65,6 @@ class TextEmbedder:
     warmup: bool = False
     compilation_cache_dir: str | None = None
     model_parallel: int = 1
-    tokenizer_threads: int | None = None
 
     output_name = OUTPUT  # the row field its predictions go to (the loaded model says the same)
     input_signature = (TensorSpec(INPUT, (), TEXT),)  # known before loading: JaxModelHandler checks elements with it
@@ -86,8 +76,6 @@ class TextEmbedder:
             object.__setattr__(self, "digest", weights.fingerprint(self.path))
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; expected one of {_DTYPES}")
-        if self.tokenizer_threads is not None and self.tokenizer_threads < 1:
-            raise ValueError(f"tokenizer_threads must be >= 1 (or None: every core), got {self.tokenizer_threads}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for [CLS] and [SEP]), got {self.max_length}")
 
@@ -114,11 +102,6 @@ class TextEmbedder:
         # The launcher's path may not exist here (a remote worker, a moved venv): find the model by content.
         local = model_dir_here(path=self.path, source=self.source, digest=self.digest)
         return LoadedTextEmbedder(dataclasses.replace(self, path=str(local)))
-
-
-def _token_ids(tokenizer, texts: list[str]) -> list[np.ndarray]:
-    """One share of `LoadedTextEmbedder.tokenize`: the Rust batch call (no GIL), then one array per row."""
-    return [np.asarray(e.ids, dtype=np.int32) for e in tokenizer.encode_batch_fast(texts)]
 
 
 def embed_batch(params, batch, **settings):
@@ -158,29 +141,11 @@ class LoadedTextEmbedder:
         self.name = spec.name
         self.dim = settings.dim(config)
         self.max_length = max_len
-        self.tokenizer_threads = spec.tokenizer_threads or len(os.sched_getaffinity(0))
-        self._tokenizer_pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
         self.load_s = time.perf_counter() - t0
 
     def tokenize(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of each text: N arrays [L_i] int32 ([CLS] ... [SEP], truncated to max_length), equal to
-        `tokenizer.encode_batch(texts)`'s ids, in input order.  Texts are cut into `tokenizer_threads`
-        contiguous shares of at least MIN_ROWS_PER_THREAD rows, tokenized by as many threads."""
-        texts = texts if isinstance(texts, list) else list(texts)
-        shares = min(self.tokenizer_threads, max(1, len(texts) // MIN_ROWS_PER_THREAD))
-        if shares == 1:
-            return _token_ids(self.tokenizer, texts)
-        bounds = np.linspace(0, len(texts), shares + 1).astype(int).tolist()
-        parts = self._pool().map(functools.partial(_token_ids, self.tokenizer),
-                                 [texts[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])])
-        return [ids for part in parts for ids in part]
-
-    def _pool(self) -> ThreadPoolExecutor:
-        with self._pool_lock:  # threads of one process share the loaded model
-            if self._tokenizer_pool is None:
-                self._tokenizer_pool = ThreadPoolExecutor(self.tokenizer_threads, thread_name_prefix="tokenize")
-            return self._tokenizer_pool
+        encodings = self.tokenizer.encode_batch_fast(list(texts))
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
