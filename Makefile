@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo demo-generate cluster-demo test lint bench bench-remote bench-memory bench-generate fixtures clean
+.PHONY: demo demo-generate cluster-demo test lint bench bench-remote bench-memory bench-generate bench-host fixtures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -92,6 +92,11 @@ bench-remote: $(STAMP)
 # A worker's peak RSS embedding 10k vs 200k rows, in BENCHMARKS.md ("Memory flat in data size"; ~10 min on 2 cores).
 bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py --write BENCHMARKS.md
+
+# The host path alone (read, tokenize, batch, write; a null device function) on 100,000 rows of real text,
+# 1 vs 2 cores, and the projection for a 16-core GPU host (BENCHMARKS.md, "Host path"; ~6 min on 2 cores).
+bench-host: $(STAMP)
+	$(BIN)/python bench/host.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(V2_VENV) out .bench

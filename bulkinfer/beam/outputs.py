@@ -32,7 +32,9 @@ def attach(batch: Batch, valid: list[int] | None, preds: Mapping[str, np.ndarray
     rows = rows[ok]
     if len(rows) == 0:
         return batch.take([]), failed
-    mine = {fields[name]: p[offset:offset + len(ok)][ok] for name, p in preds.items()}  # field -> [kept, ...]
+    every = bool(ok.all())  # then a slice (a view), not a copy of the rows' predictions
+    mine = {fields[name]: p[offset:offset + len(ok)] if every else p[offset:offset + len(ok)][ok]
+            for name, p in preds.items()}  # field -> [kept, ...]
     if batch.table is None:
         out = []
         for k, i in enumerate(rows.tolist()):

@@ -16,6 +16,7 @@ Inference Protocol server instead (`bulkinfer serve`, Triton, ...; see `bulkinfe
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import apache_beam as beam
@@ -233,4 +234,4 @@ def _concat(parts: list):
     """One input's values from several batches: arrays concatenated, lists joined."""
     if parts and isinstance(parts[0], np.ndarray):
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return [v for part in parts for v in part]
+    return list(itertools.chain.from_iterable(parts))

@@ -143,6 +143,19 @@ def test_shard_buffer_falls_back_to_one_table_when_column_types_differ_between_b
     assert pq.read_table(final).column("id").to_pylist() == ["1", "2", "three"]  # as rows_to_table does
 
 
+def test_vectors_are_written_without_a_dictionary_and_other_columns_with_one(tmp_path):
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3) / 7
+    table = pa.table({"id": [1, 2, 1, 2], "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 3)})
+    final = str(tmp_path / "part-0.parquet")
+    writers.commit(writers.write_temp(final, table, "parquet"), final)
+    back = pq.read_table(final)
+    assert back.equals(table)
+    group = pq.ParquetFile(final).metadata.row_group(0)
+    encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
+    assert any("DICTIONARY" in e for e in encodings["id"])
+    assert not any("DICTIONARY" in e for e in encodings["embedding.list.element"])
+
+
 def test_estimate_rows_counts_lines_and_parquet_metadata(tmp_path):
     (tmp_path / "a.jsonl").write_text("{}\n{}\n{}\n")
     (tmp_path / "b.csv").write_text("id\n1\n2\n")
