@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,7 +46,7 @@ import jax
 import numpy as np
 
 from bulkinfer.runtime import inputs as _inputs
-from bulkinfer.runtime import sharding
+from bulkinfer.runtime import process, sharding
 from bulkinfer.runtime.buckets import Bucketing
 from bulkinfer.runtime.busy import BusyClock
 from bulkinfer.runtime.stats import EngineStats
@@ -126,6 +127,8 @@ class Engine:
         self._params = jax.device_put(params, param_shardings)
         # Static: the shape of each batch (one executable per (batch, length)).  Dynamic: params, batch.
         self._jitted = jax.jit(fn, in_shardings=(param_shardings, self._rows_sharded))
+        # XLA options per executable for this platform (process.compiler_options; the user's XLA_FLAGS win).
+        self.compiler_options = process.compiler_options(self._mesh.devices.flat[0].platform, os.environ)
         self._compiled: dict[tuple[int, int], Callable] = {}
         self._row_shapes: dict[str, tuple[int, ...]] | None = None  # per-row output shapes, from the first compile
         self._max_in_flight = max(1, max_in_flight)
@@ -150,7 +153,8 @@ class Engine:
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = self._jitted.lower(self._params, self.batch_spec(batch, length)).compile()
+            lowered = self._jitted.lower(self._params, self.batch_spec(batch, length))
+            exe = lowered.compile(compiler_options=self.compiler_options or None)
             self._check_outputs(exe.out_info, batch)
             self._compiled[key] = exe
             self.stats.compiles += 1
