@@ -236,11 +236,14 @@ def machine() -> dict:
     info["Flags"] = " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "amx", "f16c"))))
     import jax
 
-    hlo = jax.jit(lambda x: x @ x).lower(np.ones((8, 8), np.float32)).compile()
+    from bulkinfer.runtime import process
+
     info["jax"] = jax.__version__
     info["xla_cpu_device"] = str(jax.devices()[0].device_kind)
+    # XLA:CPU compiles for the host's own ISA (LLVM host detection; --xla_cpu_max_isa caps it) with
+    # LLVM's prefer-vector-width 256 unless --xla_cpu_prefer_vector_width says otherwise.
     info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    del hlo
+    info["engine_compiler_options"] = process.compiler_options("cpu", os.environ)
     return info
 
 

@@ -33,7 +33,7 @@ WORKER_LOCAL = "worker-local"  # compilation_cache_dir: the default cache of the
 # the engine starts, and they never touch the user's other jax code).  LIBRARY_FUSION_TYPE_DOT hands dot
 # subgraphs (the attention's batched matmuls with what surrounds them) to YNNPACK instead of XLA's own dot
 # emitter.  Measured with bench/xla_cpu.py on an AMD EPYC (Zen 4, AVX-512), jax 0.10.2, one thread, MiniLM:
-# CPU seconds per 16 x 128 batch 574 vs 677 ms (ONNX Runtime fp32: 554); 32 x 32 unchanged (BENCHMARKS.md).
+# CPU seconds per 16 x 128 batch 574 vs 677 ms (ONNX Runtime fp32: 554); 32 x 32 unchanged (RUNTIME.md, 7).
 XLA_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 DEFAULTS_ENV = "BULKINFER_XLA_DEFAULTS"  # "0": compile with XLA's own defaults only
 
