@@ -22,6 +22,7 @@ it with `taskset` to restrict it).  Each row gives rows/s, this process's cores 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -161,6 +162,12 @@ def compare(args) -> None:
     os.environ[process.DEFAULTS_ENV] = "1"
     ours = TextEmbedder.from_name("minilm", **settings).load()
     runners = {"ort": ort_model.embed, "bulkinfer": ours.embed, "bulkinfer_xla_defaults_off": plain.embed}
+    from bulkinfer.runtime.buckets import Bucketing
+
+    for budget in args.budgets:  # the same engine with another token budget per batch
+        other = dataclasses.replace(settings.get("bucketing", Bucketing()), token_budget=budget)
+        runners[f"bulkinfer_budget_{budget}"] = TextEmbedder.from_name(
+            "minilm", **{**settings, "bucketing": other}).load().embed
     rows = {name: [] for name in runners}
     cos = {}
     for name, fn in runners.items():  # warm-up: every shape compiled, ORT's arena grown
@@ -259,6 +266,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--settings", default="", help="TextEmbedder settings as JSON, e.g. '{\"max_in_flight\": 1}'")
+    p.add_argument("--budgets", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                   help="also run the engine with these token budgets, e.g. 1024,512")
     p = sub.add_parser("shapes")
     p.add_argument("--out", default="/tmp/xlacpu")
     p.add_argument("--shapes", default="32x32,32x64,16x128")
