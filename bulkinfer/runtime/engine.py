@@ -154,7 +154,16 @@ class Engine:
         if exe is None:
             t0 = time.perf_counter()
             lowered = self._jitted.lower(self._params, self.batch_spec(batch, length))
-            exe = lowered.compile(compiler_options=self.compiler_options or None)
+            try:
+                exe = lowered.compile(compiler_options=self.compiler_options or None)
+            except jax.errors.JaxRuntimeError as e:
+                if not self.compiler_options or "INVALID_ARGUMENT" not in str(e):
+                    raise
+                # A jaxlib that does not know an option (or one of its values): XLA's own defaults instead.
+                log.warning("this jaxlib refuses the XLA options %s (%s); compiling with XLA's defaults",
+                            self.compiler_options, str(e).splitlines()[0][:200])
+                self.compiler_options = {}
+                exe = lowered.compile()
             self._check_outputs(exe.out_info, batch)
             self._compiled[key] = exe
             self.stats.compiles += 1

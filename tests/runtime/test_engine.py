@@ -215,3 +215,13 @@ def test_xla_defaults_off_give_the_same_outputs(model, rows, unpadded, monkeypat
     plain = text_engine(*model, ONE_BY_ONE)
     assert plain.compiler_options == {}
     np.testing.assert_allclose(embed(plain, rows), unpadded, rtol=1e-5, atol=1e-6)
+
+
+def test_options_this_jaxlib_refuses_fall_back_to_xla_defaults(model, rows, unpadded, monkeypatch, caplog):
+    monkeypatch.setattr(process, "XLA_CPU_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    engine = text_engine(*model, ONE_BY_ONE)
+    assert engine.compiler_options == {"xla_cpu_no_such_option": "1"}
+    with caplog.at_level(logging.WARNING, logger="bulkinfer.runtime.engine"):
+        np.testing.assert_allclose(embed(engine, rows), unpadded, rtol=1e-5, atol=1e-6)
+    assert engine.compiler_options == {}
+    assert "refuses the XLA options {'xla_cpu_no_such_option': '1'}" in caplog.text
