@@ -25,6 +25,10 @@ When a batch runs out of device memory (at compile or at run time) the engine ha
 for the rest of the run (`Bucketing.halved`: same lengths, half the batch sizes), replans that batch's
 rows with it and runs them again; nothing is lost, and `stats.oom_backoffs` counts it.
 
+Each executable is compiled with `process.compiler_options` for the devices' platform (on CPU, YNNPACK
+dot fusion; RUNTIME.md section 7); the user's own XLA_FLAGS win, BULKINFER_XLA_DEFAULTS=0 turns them off,
+and a jaxlib that refuses them compiles with XLA's defaults (a warning says so).
+
 Threads share one engine; `run` is serialized by a lock, so the devices see one stream of batches.
 Rows of concurrent callers are not merged into shared batches: each BulkInference flush brings
 thousands of rows, enough for full batches, and the padding that merging could save is bounded by
