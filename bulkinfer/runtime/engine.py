@@ -25,6 +25,10 @@ When a batch runs out of device memory (at compile or at run time) the engine ha
 for the rest of the run (`Bucketing.halved`: same lengths, half the batch sizes), replans that batch's
 rows with it and runs them again; nothing is lost, and `stats.oom_backoffs` counts it.
 
+Each executable is compiled with `process.compiler_options` for the devices' platform (on CPU, YNNPACK
+dot fusion; RUNTIME.md section 7); the user's own XLA_FLAGS win, BULKINFER_XLA_DEFAULTS=0 turns them off,
+and a jaxlib that refuses them compiles with XLA's defaults (a warning says so).
+
 Threads share one engine; `run` is serialized by a lock, so the devices see one stream of batches.
 Rows of concurrent callers are not merged into shared batches: each BulkInference flush brings
 thousands of rows, enough for full batches, and the padding that merging could save is bounded by
@@ -37,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,7 +50,7 @@ import jax
 import numpy as np
 
 from bulkinfer.runtime import inputs as _inputs
-from bulkinfer.runtime import sharding
+from bulkinfer.runtime import process, sharding
 from bulkinfer.runtime.buckets import Bucketing
 from bulkinfer.runtime.busy import BusyClock
 from bulkinfer.runtime.stats import EngineStats
@@ -126,6 +131,8 @@ class Engine:
         self._params = jax.device_put(params, param_shardings)
         # Static: the shape of each batch (one executable per (batch, length)).  Dynamic: params, batch.
         self._jitted = jax.jit(fn, in_shardings=(param_shardings, self._rows_sharded))
+        # XLA options per executable for this platform (process.compiler_options; the user's XLA_FLAGS win).
+        self.compiler_options = process.compiler_options(self._mesh.devices.flat[0].platform, os.environ)
         self._compiled: dict[tuple[int, int], Callable] = {}
         self._row_shapes: dict[str, tuple[int, ...]] | None = None  # per-row output shapes, from the first compile
         self._max_in_flight = max(1, max_in_flight)
@@ -150,7 +157,17 @@ class Engine:
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            exe = self._jitted.lower(self._params, self.batch_spec(batch, length)).compile()
+            lowered = self._jitted.lower(self._params, self.batch_spec(batch, length))
+            try:
+                exe = lowered.compile(compiler_options=self.compiler_options or None)
+            except jax.errors.JaxRuntimeError as e:
+                if not self.compiler_options or "INVALID_ARGUMENT" not in str(e):
+                    raise
+                # A jaxlib that does not know an option (or one of its values): XLA's own defaults instead.
+                log.warning("this jaxlib refuses the XLA options %s (%s); compiling with XLA's defaults",
+                            self.compiler_options, str(e).splitlines()[0][:200])
+                self.compiler_options = {}
+                exe = lowered.compile()
             self._check_outputs(exe.out_info, batch)
             self._compiled[key] = exe
             self.stats.compiles += 1

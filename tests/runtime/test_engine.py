@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from bulkinfer.runtime import Bucketing, Engine, EngineStats
+from bulkinfer.runtime import Bucketing, Engine, EngineStats, process
 from bulkinfer.testing import (
     TINY_BERT_INPUTS,
     OutOfMemoryWhileRunning,
@@ -206,3 +206,22 @@ def test_empty_and_over_long_rows_are_errors_that_name_the_row(model):
     with pytest.raises(ValueError, match="row 2: input 'input_ids' has length 17 .* longest bucket is 16"):
         embed(engine, [np.ones(3, np.int32), np.ones(16, np.int32), np.ones(17, np.int32)])
     assert engine.stats.compiles == 0  # checked before anything ran
+
+
+def test_xla_defaults_off_give_the_same_outputs(model, rows, unpadded, monkeypatch):
+    """The engine compiles with process.compiler_options; without them (XLA's own defaults) outputs agree."""
+    assert text_engine(*model, ONE_BY_ONE).compiler_options == process.XLA_CPU_OPTIONS  # as `unpadded`'s
+    monkeypatch.setenv(process.DEFAULTS_ENV, "0")
+    plain = text_engine(*model, ONE_BY_ONE)
+    assert plain.compiler_options == {}
+    np.testing.assert_allclose(embed(plain, rows), unpadded, rtol=1e-5, atol=1e-6)
+
+
+def test_options_this_jaxlib_refuses_fall_back_to_xla_defaults(model, rows, unpadded, monkeypatch, caplog):
+    monkeypatch.setattr(process, "XLA_CPU_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    engine = text_engine(*model, ONE_BY_ONE)
+    assert engine.compiler_options == {"xla_cpu_no_such_option": "1"}
+    with caplog.at_level(logging.WARNING, logger="bulkinfer.runtime.engine"):
+        np.testing.assert_allclose(embed(engine, rows), unpadded, rtol=1e-5, atol=1e-6)
+    assert engine.compiler_options == {}
+    assert "refuses the XLA options {'xla_cpu_no_such_option': '1'}" in caplog.text

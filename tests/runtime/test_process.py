@@ -7,11 +7,14 @@ import sys
 import pytest
 
 from bulkinfer.runtime.process import (
+    DEFAULTS_ENV,
     FRACTION_ENV,
     PROCESSES_ENV,
     WORKER_LOCAL,
+    XLA_CPU_OPTIONS,
     accelerator_memory_env,
     compilation_cache_dir,
+    compiler_options,
     processes_per_accelerator,
 )
 
@@ -61,3 +64,16 @@ def test_the_worker_local_compilation_cache_is_resolved_from_the_workers_environ
     assert compilation_cache_dir(WORKER_LOCAL, {"JAX_COMPILATION_CACHE_DIR": "/j"}) is None  # JAX's own
     assert compilation_cache_dir("gs://bucket/xla", {"HOME": "/h"}) == "gs://bucket/xla"
     assert compilation_cache_dir(None, {"HOME": "/h"}) is None
+
+
+def test_cpu_executables_get_bulkinfer_options_unless_the_user_sets_them():
+    (name,) = XLA_CPU_OPTIONS
+    assert compiler_options("cpu", {}) == XLA_CPU_OPTIONS
+    assert compiler_options("gpu", {}) == {} and compiler_options("tpu", {}) == {}
+    assert compiler_options("cpu", {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}) == XLA_CPU_OPTIONS
+    for flags in (f"--{name}=", f"--xla_dump_to=/tmp/x --{name}=dot", f"--{name}"):
+        assert compiler_options("cpu", {"XLA_FLAGS": flags}) == {}, flags
+    assert compiler_options("cpu", {DEFAULTS_ENV: "0"}) == {}
+    assert compiler_options("cpu", {DEFAULTS_ENV: "1"}) == XLA_CPU_OPTIONS
+    with pytest.raises(ValueError, match=rf"\${DEFAULTS_ENV}='off'; set it to 0"):
+        compiler_options("cpu", {DEFAULTS_ENV: "off"})
