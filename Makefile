@@ -46,7 +46,7 @@ test: $(STAMP) $(CHROMIUM)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# `make bench`: every row of BENCHMARKS.md's table, side by side in one run (~15 min on 2 cores).
+# `make bench`: every row of BENCHMARKS.md's table, side by side in one run (~20 min on 2 cores).
 # Its own venv (also used by `make fixtures`), because the peers (sentence-transformers, PyTorch)
 # never go into .venv.
 # torch==2.13.0 is the CPU wheel; any other torch spec pulls a multi-GB CUDA build.

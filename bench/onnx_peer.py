@@ -206,9 +206,12 @@ def main(argv=None) -> None:
     if args.command == "export":
         print(json.dumps(export(args.out)))
         return
+    t0 = time.perf_counter()
     embedder = OrtEmbedder(args.model, args.threads)
+    t1 = time.perf_counter()
     rows = parquet_job(embedder, args.input, args.output)
-    print(json.dumps({"rows": rows, "padding_efficiency": embedder.padding_efficiency, "batches": embedder.batches}))
+    print(json.dumps({"rows": rows, "session_s": t1 - t0, "job_s": time.perf_counter() - t1,
+                      "padding_efficiency": embedder.padding_efficiency, "batches": embedder.batches}))
 
 
 if __name__ == "__main__":

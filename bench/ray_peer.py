@@ -25,36 +25,65 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class JaxEmbed:
-    """bulkinfer's engine in a Ray actor: loaded once per actor."""
+class _Actor:
+    """Loads a model once per actor; writes its load time and time inside the model to `report` (JSON)."""
 
-    def __init__(self, compilation_cache: str | None):
-        import bulkinfer
-
-        t0 = time.perf_counter()
-        self.model = bulkinfer.TextEmbedder.from_name("minilm", compilation_cache_dir=compilation_cache).load()
-        self.load_s = time.perf_counter() - t0
+    def __init__(self, report: str):
+        self.report, t0 = report, time.perf_counter()
+        self.load()
+        self.times = {"load_s": time.perf_counter() - t0, "model_s": 0.0, "rows": 0}
+        self._write()
 
     def __call__(self, batch):
-        return _table(batch, self.model.embed(batch.column("text").to_pylist()))
+        texts = batch.column("text").to_pylist()
+        t0 = time.perf_counter()
+        vectors = self.embed(texts)  # [N, 384] float32
+        self.times["model_s"] += time.perf_counter() - t0
+        self.times["rows"] += len(texts)
+        self._write()
+        return _table(batch, vectors)
+
+    def _write(self):
+        with open(self.report + ".tmp", "w") as f:
+            json.dump(self.times, f)
+        os.replace(self.report + ".tmp", self.report)
 
 
-class StEmbed:
+class JaxEmbed(_Actor):
+    """bulkinfer's engine in a Ray actor: `TextEmbedder.load()` once, `embed(texts)` per batch."""
+
+    def __init__(self, report: str, compilation_cache: str | None):
+        self.compilation_cache = compilation_cache
+        super().__init__(report)
+
+    def load(self):
+        import bulkinfer
+
+        self.model = bulkinfer.TextEmbedder.from_name("minilm", compilation_cache_dir=self.compilation_cache).load()
+
+    def embed(self, texts):
+        return self.model.embed(texts)
+
+
+class StEmbed(_Actor):
     """sentence-transformers in a Ray actor: encode(batch_size=32), as row (c) runs it."""
 
-    def __init__(self, threads: int):
+    def __init__(self, report: str, threads: int):
+        self.threads = threads
+        super().__init__(report)
+
+    def load(self):
         import torch
         from sentence_transformers import SentenceTransformer
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(self.threads)
         sys.path.insert(0, str(ROOT))
         from bench.onnx_peer import minilm_dir
 
         self.model = SentenceTransformer(str(minilm_dir()), device="cpu")
 
-    def __call__(self, batch):
-        texts = batch.column("text").to_pylist()
-        return _table(batch, self.model.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False))
+    def embed(self, texts):
+        return self.model.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
 
 
 def tree_cpu_s(root: int) -> float:
@@ -113,10 +142,11 @@ def main(argv=None) -> None:
     init_s = time.perf_counter() - t0
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    report = os.path.abspath(args.output.rstrip("/") + "-actor.json")
     if args.model == "jax":
-        fn, kwargs = JaxEmbed, {"compilation_cache": args.compilation_cache}
+        fn, kwargs = JaxEmbed, {"report": report, "compilation_cache": args.compilation_cache}
     else:
-        fn, kwargs = StEmbed, {"threads": args.threads}
+        fn, kwargs = StEmbed, {"report": report, "threads": args.threads}
     t1, cpu1 = time.perf_counter(), tree_cpu_s(os.getpid())
     ds = ray.data.read_parquet(args.input, columns=["id", "text"])
     ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=args.batch_rows, batch_format="pyarrow",
@@ -124,8 +154,10 @@ def main(argv=None) -> None:
     ds.write_parquet(args.output)
     wall_s, cpu_s = time.perf_counter() - t1, tree_cpu_s(os.getpid()) - cpu1
     ray.shutdown()
+    with open(report) as f:
+        actor = json.load(f)  # with one actor; with several, the last one to write
     print(json.dumps({"wall_s": wall_s, "cpu_s": cpu_s, "init_s": init_s, "actors": args.actors,
-                      "batch_rows": args.batch_rows}))
+                      "batch_rows": args.batch_rows, "actor": actor}))
 
 
 if __name__ == "__main__":

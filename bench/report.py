@@ -233,13 +233,20 @@ def _cos(r: dict) -> str:
     return f"cosine vs sentence-transformers: mean {c['mean']:.6f}, min {c['min']:.6f} ({c['rows']:,} rows)"
 
 
+def _split(r: dict) -> str:
+    """Whole process: the work (read, tokenize, run, write) vs the start (interpreter, imports, load)."""
+    return f"start (interpreter, imports, load) {r['startup_s']:.1f} s + job {r['job_s']:.1f} s"
+
+
 def _runs(r: dict) -> str:
-    return "runs: " + ", ".join(f"{x:.1f}" for x in r["each_rows_per_s"]) + " rows/s"
+    return _split(r) + "; runs: " + ", ".join(f"{x:.1f}" for x in r["each_rows_per_s"]) + " rows/s"
 
 
 def _ray_note(r: dict) -> str:
-    return (f"actor start-up and model load inside the wall; `ray.init` ({r['init_s']:.1f} s) outside; whole process "
-            f"{r['process'].wall_s:.1f} s; batches of {r['batch_rows']} rows; cores = the Ray processes' CPU")
+    a = r["actor"]
+    return (f"inside the actor: model load {a['load_s']:.1f} s, model calls {a['model_s']:.1f} s "
+            f"({a['rows']:,} rows); `ray.init` {r['init_s']:.1f} s, outside the wall; whole process "
+            f"{r['process'].wall_s:.1f} s; batches of {r['batch_rows']} rows; cores: all Ray processes' CPU")
 
 
 def render_peers(m: dict) -> list[str]:
@@ -281,9 +288,9 @@ def render_peers(m: dict) -> list[str]:
              f"padding eff. {m['f']['padding_efficiency']:.3f}; {_cos(m['f'])}"),
         _row("(g)", "ONNX Runtime int8 (dynamic quantization), in memory", syn, m["g"], ours_mem, _cos(m["g"])),
         _row("(b)", "bulkinfer whole process, Parquet -> Parquet", syn, whole["ours"], None,
-             f"(b) in-process steady state: {ours_job:.1f} rows/s"),
+             f"{_split(whole['ours'])}; (b) in-process steady state: {ours_job:.1f} rows/s"),
         _row("(f)", "ONNX Runtime fp32 whole process, Parquet -> Parquet", syn, whole["ort"],
-             whole["ours"]["rows_per_s"], ""),
+             whole["ours"]["rows_per_s"], f"{_split(whole['ort'])} (session {whole['ort']['session_s']:.1f} s)"),
         _row("(a')", "bulkinfer `embed(texts)`, in memory, tokenization inside", rt, real["a_embed"], None,
              _cos(real["a_embed"])),
         _row("(f)", "ONNX Runtime fp32, in memory, session created and warmed", rt, real["f"], r_mem,
