@@ -58,9 +58,10 @@ test: $(STAMP) $(CHROMIUM) $(V2_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# `make bench`: every row of BENCHMARKS.md's table, side by side in one run (~15 min on 2 cores).
-# Its own venv (also used by `make fixtures`), because the peers (sentence-transformers, PyTorch)
-# never go into .venv.
+# `make bench`: every row of BENCHMARKS.md's table, side by side in one run (~20 min on 2 cores).
+# Its own venv (also used by `make fixtures`), because the peers (sentence-transformers, PyTorch,
+# ONNX Runtime, Ray) never go into .venv.  The ONNX export and bulkinfer's compilation cache of the
+# whole-process rows are kept in .bench/cache between runs (`make clean` removes them).
 # torch==2.13.0 is the CPU wheel; any other torch spec pulls a multi-GB CUDA build.
 BENCH_VENV := .venv-bench
 BENCH_BIN := $(BENCH_VENV)/bin

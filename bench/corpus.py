@@ -1,9 +1,13 @@
-"""The benchmark corpus: deterministic synthetic texts, their token lengths, and Parquet shards of them."""
+"""The benchmark corpora and their Parquet shards: deterministic synthetic texts, and real English text
+taken offline from the long descriptions of the installed Python packages."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +19,58 @@ from bulkinfer.testing import synthetic_texts
 def texts(n: int, seed: int) -> list[str]:
     """n texts with the realistic skewed length mix (mostly short, a tail to the model's max length)."""
     return synthetic_texts(n, seed=seed)
+
+
+_FENCED = re.compile(r"```.*?```", re.S)
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")  # [text](url) and ![alt](url) -> text
+_URL = re.compile(r"<?https?://\S+>?")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_NOT_PROSE = ("#", "..", "|", "<", "!", "[!", "=", "+", ">>>", "$", "{", ":")  # headings, directives, tables, HTML
+
+
+def prose(description: str) -> Iterable[str]:
+    """The English prose paragraphs of a package description (Markdown or reStructuredText), each on one
+    line, with links reduced to their text and URLs, inline-code marks and emphasis marks removed.
+
+    Dropped: fenced and indented blocks (code, literal blocks, continuations), headings and their
+    underlines, directives, tables, HTML, badges, and paragraphs under 6 words, under 85% letters and
+    spaces, or not ending like a sentence (. ! ? : or a closing parenthesis).
+    """
+    for block in re.split(r"\n\s*\n", _FENCED.sub("\n\n", description)):
+        lines = [line for line in block.split("\n") if line.strip() and not line.startswith((" ", "\t"))]
+        if not lines or lines[0].lstrip().startswith(_NOT_PROSE):
+            continue
+        if any(set(line.strip()) <= set("=-~^*+#`'\"") for line in lines):  # a heading's underline
+            continue
+        text = re.sub(r"^[-*] ", "", " ".join(line.strip() for line in lines))
+        text = re.sub(r"`+|\*\*|__", "", _URL.sub("", _LINK.sub(r"\1", text)))
+        text = re.sub(r"\s+", " ", text).strip()
+        if len(text.split()) < 6 or text[-1] not in ".!?:)":
+            continue
+        if sum(c.isalpha() or c.isspace() for c in text) < 0.85 * len(text):
+            continue
+        yield text
+
+
+def real_texts() -> tuple[list[str], dict]:
+    """Real English text, offline and deterministic for a given set of installed packages: every prose
+    paragraph (`prose`) of every installed distribution's long description, plus each sentence of at
+    least 4 words of those paragraphs, deduplicated and sorted.  Whole paragraphs give the long tail,
+    single sentences the short rows.
+
+    Returns (texts, info); info names the number of distributions and the corpus's sha256 (the texts
+    joined by newlines), so runs in venvs with other packages can be told apart.
+    """
+    dists = {d.metadata["Name"].lower(): d for d in importlib.metadata.distributions() if d.metadata["Name"]}
+    found: set[str] = set()
+    for name in sorted(dists):
+        meta = dists[name].metadata
+        for paragraph in prose(meta.get_payload() or meta.get("Description") or ""):
+            found.add(paragraph)
+            found.update(s for s in _SENTENCE_END.split(paragraph) if len(s.split()) >= 4)
+    texts = sorted(found)
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+    return texts, {"distributions": len(dists), "sha256": digest}
 
 
 def short_rows(n: int, corpus: Sequence[str], max_chars: int = 48) -> list[str]:
