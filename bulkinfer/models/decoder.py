@@ -598,7 +598,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Mapp
             visible = (key_pos[None, None, :] <= safe_pos[:, :, None]) & (key_pos >= c * chunk)  # [B, T, C]
             if config.sliding_window is not None:
                 in_window = key_pos[None, None, :] > safe_pos[:, :, None] - config.sliding_window
-                visible &= in_window | ~is_sliding
+                visible &= in_window | jnp.logical_not(is_sliding)  # is_sliding: a bool or a traced one
             scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
             m_new = jnp.maximum(m, scores.max(-1))  # [B, K, G, T]
             finite = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a query that has seen nothing yet

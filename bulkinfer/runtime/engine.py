@@ -164,10 +164,11 @@ class Engine:
                 if not self.compiler_options or "INVALID_ARGUMENT" not in str(e):
                     raise
                 # A jaxlib that does not know an option (or one of its values): XLA's own defaults instead.
+                # Compiled first, so that a model's own INVALID_ARGUMENT error is raised, not blamed on options.
+                exe = lowered.compile()
                 log.warning("this jaxlib refuses the XLA options %s (%s); compiling with XLA's defaults",
                             self.compiler_options, str(e).splitlines()[0][:200])
                 self.compiler_options = {}
-                exe = lowered.compile()
             self._check_outputs(exe.out_info, batch)
             self._compiled[key] = exe
             self.stats.compiles += 1

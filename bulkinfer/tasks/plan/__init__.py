@@ -62,10 +62,11 @@ from bulkinfer.tasks.plan.estimating import (
     same_device,
 )
 from bulkinfer.tasks.plan.measuring import CALIBRATION_UNITS, Costs, measure
-from bulkinfer.tasks.plan.sampling import allocate, sample_rows
+from bulkinfer.tasks.plan.sampling import RUN_ROWS, WHOLE_FILE_BYTES, allocate, sample_rows
 
 __all__ = ["CALIBRATION_UNITS", "TOLERANCE", "Costs", "PlanSpec", "allocate", "assumptions", "count_rows",
-           "estimate", "measure", "parse_duration", "plan", "same_device", "sample_rows", "summary"]
+           "estimate", "measure", "parse_duration", "plan", "same_device", "sample_rows", "summary", "RUN_ROWS",
+           "WHOLE_FILE_BYTES"]
 
 
 def plan(model, job: job_run.JobSpec, spec: PlanSpec = PlanSpec(),  # noqa: B008 (frozen)
