@@ -440,13 +440,7 @@ def markdown(results: dict) -> str:
 
 
 def write_block(path: str, block: str) -> None:
-    text = Path(path).read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n## Host path\n\n" + block + "\n"
-    Path(path).write_text(text, encoding="utf-8")
+    report.replace_block(path, block, BEGIN, END, 'Host path')
 
 
 if __name__ == "__main__":

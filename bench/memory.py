@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -171,13 +170,7 @@ def markdown(results: list[dict], args, when: str, commit: str) -> str:
 
 
 def write_block(path: str, block: str) -> None:
-    text = Path(path).read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n## Memory flat in data size\n\n" + block + "\n"
-    Path(path).write_text(text, encoding="utf-8")
+    report.replace_block(path, block, BEGIN, END, 'Memory flat in data size')
 
 
 def main(argv=None) -> int:

@@ -325,6 +325,21 @@ def render_peers(m: dict) -> list[str]:
     ]
 
 
+def replace_block(path: str, block: str, begin: str, end: str, heading: str) -> None:
+    """Replaces the text from `begin` to `end` in `path` with `block` (which starts with `begin` and ends
+    with `end`); appends it under `## heading` when the file has no such block yet.  For the generated blocks
+    of bench/host.py and bench/memory.py in BENCHMARKS.md."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def write(path: str, block: str) -> None:
     """Replaces the generated block of `path` (creating the file with a stub around it if needed)."""
     body = f"{BEGIN}\n{block}\n{END}"
