@@ -47,7 +47,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from bench import report  # noqa: E402
 from bulkinfer.models import checkpoint  # noqa: E402
-from bulkinfer.models.text import LoadedTextEmbedder, TextEmbedder  # noqa: E402
+from bulkinfer.models.text import LoadedTextEmbedder, TextEmbedder, bucketing_for  # noqa: E402
 from bulkinfer.runtime import Bucketing, Engine  # noqa: E402
 from bulkinfer.runtime.process import use_compilation_cache  # noqa: E402
 
@@ -133,7 +133,7 @@ class NullLoadedTextEmbedder(LoadedTextEmbedder):
         self.name, self.dim = spec.name, settings.dim(config)
         self.engine = Engine(functools.partial(null_embed, dim=self.dim), {}, inputs={"input_ids": ((None,), "int32")},
                              pad_values={"input_ids": self.tokenizer.token_to_id("[PAD]") or 0},
-                             bucketing=spec.bucketing.for_max_length(self.max_length),
+                             bucketing=bucketing_for(spec).for_max_length(self.max_length),
                              max_in_flight=spec.max_in_flight)
         if spec.warmup:
             self.engine.warmup()

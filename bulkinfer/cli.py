@@ -522,6 +522,8 @@ def _beam_flags_error(command: str, beam_args: list[str]) -> bool:
 
 def _unknown_beam_flags(beam_args: list[str]) -> list[str]:
     """The flags in beam_args that no Beam PipelineOptions class defines (Beam itself only logs them)."""
+    if not beam_args:  # the common case: building the parser below imports every options class (~0.5 s)
+        return []
     from apache_beam.options.pipeline_options import PipelineOptions
 
     parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)

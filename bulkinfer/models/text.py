@@ -44,7 +44,8 @@ class TextEmbedder:
       `path`; `load()` refuses a directory whose content has another digest.
     max_length: truncation length in tokens; default: the directory's max_seq_length.
     dtype: compute dtype of the encoder ("float32" or "bfloat16"); pooling is always float32.
-    bucketing: the static shapes the engine may run.
+    bucketing: the static shapes the engine may run; None: `Bucketing.for_platform` of the platform the
+      model loads on (a smaller token budget on the CPU than on an accelerator).
     max_in_flight: batches dispatched ahead of the one the host waits for (pipelined dispatch).
     warmup: compile every shape at load time instead of on first use.
     compilation_cache_dir: a persistent XLA compilation cache shared across processes and runs: a path
@@ -60,7 +61,7 @@ class TextEmbedder:
     digest: str = ""
     max_length: int | None = None
     dtype: str = "float32"
-    bucketing: Bucketing = Bucketing()
+    bucketing: Bucketing | None = None
     max_in_flight: int = 2
     warmup: bool = False
     compilation_cache_dir: str | None = None
@@ -104,6 +105,13 @@ class TextEmbedder:
         return LoadedTextEmbedder(dataclasses.replace(self, path=str(local)))
 
 
+def bucketing_for(spec: TextEmbedder) -> Bucketing:
+    """spec.bucketing, or when it is None the default for the platform JAX runs on in this process."""
+    import jax
+
+    return spec.bucketing or Bucketing.for_platform(jax.default_backend())
+
+
 def embed_batch(params, batch, **settings):
     """The engine's function for text: `bert.embed` over batch["input_ids"] [B, L] int32 and
     batch["mask"] [B, L] int32, giving [B, D] float32; settings (config, pooling, normalize) are bound
@@ -133,7 +141,7 @@ class LoadedTextEmbedder:
         pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.engine = Engine(
             fn, params, inputs={"input_ids": ((None,), "int32")}, pad_values={"input_ids": pad_id},
-            bucketing=spec.bucketing.for_max_length(max_len), max_in_flight=spec.max_in_flight,
+            bucketing=bucketing_for(spec).for_max_length(max_len), max_in_flight=spec.max_in_flight,
             model_parallel=spec.model_parallel, param_spec=bert.param_spec,
         )
         if spec.warmup:

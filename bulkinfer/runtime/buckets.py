@@ -29,6 +29,12 @@ DEFAULT_LENGTHS = (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 11
 
 _TAILS = ("pad", "merge")
 
+# Tokens per batch when the user gives none, per JAX platform.  On XLA:CPU a smaller batch keeps a layer's
+# activations nearer the cache: 1024 measured faster than 2048 on MiniLM (bench/budget.py, BENCHMARKS.md
+# "Token budget on the CPU"); accelerators keep 2048 (not measured here; raise it on a GPU, see above).
+DEFAULT_TOKEN_BUDGET = {"cpu": 1024}
+ACCELERATOR_TOKEN_BUDGET = 2048
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Bucketing:
@@ -64,6 +70,13 @@ class Bucketing:
                 f"and ladder ({self.ladder}) >= 0")
         if self.tails not in _TAILS:
             raise ValueError(f"tails {self.tails!r} is not supported; expected one of {_TAILS}")
+
+    @classmethod
+    def for_platform(cls, platform: str, **settings) -> Bucketing:
+        """The default bucketing on a JAX platform ("cpu", "gpu", "tpu"): `DEFAULT_TOKEN_BUDGET` for it
+        (1024 on the CPU, 2048 elsewhere) unless settings name a token_budget."""
+        settings.setdefault("token_budget", DEFAULT_TOKEN_BUDGET.get(platform, ACCELERATOR_TOKEN_BUDGET))
+        return cls(**settings)
 
     @classmethod
     def for_rows(cls, batch_size: int = 256, ladder: int = 3) -> Bucketing:

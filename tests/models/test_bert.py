@@ -90,3 +90,13 @@ def test_conversion_names_missing_and_misshapen_tensors():
     tensors["embeddings.word_embeddings.weight"] = np.zeros((12, 8), np.float32)
     with pytest.raises(checkpoint.CheckpointError, match=r"word_embeddings.weight: shape \(12, 8\)"):
         checkpoint.bert_params(tensors, config)
+
+
+def test_default_bucketing_follows_the_platform_it_loads_on(minilm, minilm_spec):
+    import jax
+
+    from bulkinfer.runtime import Bucketing
+
+    assert minilm_spec.bucketing is None
+    expected = Bucketing.for_platform(jax.default_backend()).token_budget
+    assert minilm.engine.bucketing.token_budget == max(expected, minilm.max_length)

@@ -63,3 +63,13 @@ def test_bad_settings_name_the_value():
         Bucketing(tails="sometimes")
     with pytest.raises(ValueError, match="token_budget 16 is below the longest bucket 32"):
         Bucketing(lengths=(8, 32), token_budget=16)
+
+
+def test_platform_default_budget_is_smaller_on_cpu_and_yields_to_settings():
+    from bulkinfer.runtime.buckets import ACCELERATOR_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGET
+
+    cpu, gpu = Bucketing.for_platform("cpu"), Bucketing.for_platform("gpu")
+    assert cpu.token_budget == DEFAULT_TOKEN_BUDGET["cpu"] < gpu.token_budget == ACCELERATOR_TOKEN_BUDGET
+    assert Bucketing.for_platform("cpu", token_budget=4096, ladder=0) == Bucketing(token_budget=4096, ladder=0)
+    # Every bucket still fits the CPU budget, so no length loses its shapes.
+    assert all(cpu.batch_sizes(n)[0] >= 1 for n in cpu.lengths)
