@@ -192,7 +192,15 @@ class _WriteUnitParts(beam.DoFn):
         ensure_dir(self._dir)
 
     def start_bundle(self):
+        self._abort()  # writers a failed bundle left open
         self._writers: dict[str, ShardWriter] = {}
+
+    def teardown(self):
+        self._abort()
+
+    def _abort(self):
+        for writer in getattr(self, "_writers", {}).values():
+            writer.abort()
 
     def process(self, batch):
         if not isinstance(batch, Batch) or batch.unit is None:

@@ -357,8 +357,13 @@ class _WriteShards(beam.DoFn):
         ensure_dir(self._dir)
 
     def start_bundle(self):
+        self.teardown()  # a writer a failed bundle left open
         self._writer = ShardWriter(self._new_name, self._fmt, self._columns, rows_per_file=self._rows_per_file,
                                    bytes_per_file=BYTES_PER_FILE)
+
+    def teardown(self):
+        if getattr(self, "_writer", None) is not None:
+            self._writer.abort()
 
     def process(self, element):
         yield from self._commit(self._writer.add(element if isinstance(element, Batch) else Batch([element])))

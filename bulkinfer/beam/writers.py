@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 
 import numpy as np
@@ -21,6 +22,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from bulkinfer.beam.batch import Batch, escape_surrogates, table_rows, to_json
+
+log = logging.getLogger(__name__)
 
 # Bytes of rows per output file (whatever the row count), and the most a bundle's writers buffer over
 # all their files together before they write it out.
@@ -41,7 +44,7 @@ class ShardBuffer:
     """
 
     def __init__(self, columns: list[str] | None):
-        self._columns = columns
+        self.columns = columns
         self._parts: list[pa.Table | list[dict]] = []
         self._rows = 0
         self.nbytes = 0  # about the bytes buffered: Arrow buffers, or an estimate for dict rows
@@ -51,9 +54,9 @@ class ShardBuffer:
 
     def add(self, batch: Batch) -> None:
         if batch.table is not None:
-            part = select_columns(batch.table, self._columns)
+            part = select_columns(batch.table, self.columns)
         else:
-            part = [{c: r.get(c) for c in self._columns} for r in batch.rows] if self._columns else list(batch.rows)
+            part = [{c: r.get(c) for c in self.columns} for r in batch.rows] if self.columns else list(batch.rows)
             if self._parts and isinstance(self._parts[-1], list):  # dict rows stay one list, as before tables
                 self._parts[-1].extend(part)
                 part = None
@@ -153,6 +156,22 @@ class ShardWriter:
         if self._stream is not None:
             done.append(self._end())
         return done
+
+    def abort(self) -> None:
+        """Drops what is buffered, closes the open file without completing it and deletes its temporary
+        name: what a DoFn does with a failed bundle's writer (the bundle's rows are retried, so a partial
+        file must not outlive it).  A delete that fails is logged, never raised.  Callable any time."""
+        stream, final = self._stream, self._final
+        self._buffer = ShardBuffer(self._buffer.columns)
+        self._final = self._stream = self._parquet = None
+        self._rows = self._bytes = 0
+        if stream is None:
+            return
+        try:
+            stream.close()
+            FileSystems.delete([temp_name(final)])
+        except Exception as e:  # noqa: BLE001 -- cleanup of a bundle that already failed for another reason
+            log.warning("could not remove the partial file %s: %s", temp_name(final), e)
 
     def _start(self, chunk) -> None:
         self._final = self._new_name()

@@ -9,7 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
 
-from bulkinfer.beam import io, writers
+from bulkinfer.beam import commit, io, writers
 from bulkinfer.beam.batch import Batch
 
 
@@ -287,3 +287,26 @@ def test_public_import_paths_stay_the_same():
 
     assert ReadDataset is bulkinfer.io.ReadDataset is beam_io.ReadDataset
     assert WriteDataset is bulkinfer.io.WriteDataset is beam_io.WriteDataset
+
+
+@pytest.mark.parametrize("after_failure", ["start_bundle", "teardown"])
+def test_a_failed_bundles_partial_file_is_removed(tmp_path, monkeypatch, after_failure):
+    """A bundle that fails after its writer opened a file leaves nothing behind: the next start_bundle (Beam
+    reuses the DoFn) or teardown (Beam discards it) closes the file and deletes its temporary name, and
+    the rows it held are not written (the runner retries them)."""
+    monkeypatch.setattr(writers, "ROW_GROUP_BYTES", 64)  # the first batch opens a file
+    for out, dofn in ((tmp_path / "a", io._WriteShards(directory=str(tmp_path / "a"), fmt="parquet", columns=None,
+                                                       prefix="part", rows_per_file=1000)),
+                      (tmp_path / "b", commit._WriteUnitParts(str(tmp_path / "b"), "parquet", None, 1000))):
+        dofn.setup()
+        dofn.start_bundle()
+        batch = Batch(pa.table({"id": list(range(50)), "x": np.arange(50, dtype=np.float32)}), unit="u0")
+        assert list(dofn.process(batch)) == []  # a row group written, the file still open
+        temps = list(out.glob(".tmp-*"))
+        assert len(temps) == 1
+        getattr(dofn, after_failure)()  # the bundle failed: no finish_bundle
+        assert list(out.glob(".tmp-*")) == []
+        assert [p for p in out.glob("*.parquet")] == []
+        if after_failure == "start_bundle":  # the reused DoFn writes its next bundle normally
+            list(dofn.process(batch))
+            assert sum(1 for _ in dofn.finish_bundle()) == 1
