@@ -10,18 +10,26 @@ vLLM pins transformers < 5.20 and about 50 more packages, so it lives in its own
     apt-get install libtcmalloc-minimal4                          # the allocator vLLM's CPU guide preloads
     .venv-bench/bin/python scripts/check_smollm2_hf_dir.py export /tmp/smollm2-hf   # GGUF -> float32 HF dir
     LD_PRELOAD=/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:$PWD/.venv-vllm/lib/libiomp5.so \\
-        .venv-vllm/bin/python bench/vllm_generate.py --model /tmp/smollm2-hf --prompts 32 --enforce-eager \\
-        --omp-bind 0-1 --reference /tmp/bulkinfer_ids.json
+        .venv-vllm/bin/python bench/vllm_generate.py --model /tmp/smollm2-hf --prompts 32 \\
+        --bulkinfer-python .venv-bench/bin/python
+
+(`make bench-vllm` does all of this.)  With `--bulkinfer-python`, bulkinfer's engine (bench/generate.py's
+`bench_bulkinfer`, `--bulkinfer-slots` slots) first runs the same prompts in a subprocess of the peers' venv
+and exits; then vLLM runs.  One row each, then a ratio row, in one run.  vLLM's completions are compared with
+bulkinfer's token for token, and so are the prompt ids of the two chat templates.
 
 Settings and why:
-- `--enforce-eager` skips vLLM's torch.compile warm-up ("Warming up model for the compilation..."), which did
-  not end within 10 minutes on this shared 2-core machine; eager mode loads and warms up in about 25 s.
-- `--omp-bind 0-1` (VLLM_CPU_OMP_THREADS_BIND): by default ("auto") vLLM's CPU worker computes on one core and
-  reserves the other for the front end (its log: "core ids=[0], reserved_cpus=[1]"); bulkinfer and
-  transformers use both cores, so the comparable row binds both.
 - LD_PRELOAD of tcmalloc and Intel OpenMP (libiomp5 from the intel-openmp wheel in the venv) is what vLLM's
   CPU install guide asks for; without it the worker logs "libtcmalloc/libiomp is not found in LD_PRELOAD".
   It has to be set before the process starts, so it is an environment variable, recorded in the output.
+- torch.compile (the default) works with these preloads: "Warming up model for the compilation..." took
+  107 s cold and about 60 s with its cache (~/.cache/vllm/torch_compile_cache).  An earlier run without the
+  preloads, at nice 19 under a load average of 10-16, did not end it within 10 minutes.  `--enforce-eager`
+  skips it (load and warm-up in about 17 s) and was 3% slower here.
+- `--omp-bind` (VLLM_CPU_OMP_THREADS_BIND): by default ("auto") vLLM's worker computes on one OpenMP thread
+  on core 0 and leaves core 1 to its engine and front end (log: "core ids=[0], reserved_cpus=[1]").  "0-1"
+  runs two compute threads; on this shared 2-core machine (load average 4-5) that was slower (142 tokens/s vs
+  183), since the two threads' barriers wait on cores the other processes hold.
 - `--kvcache-gib` (VLLM_CPU_KVCACHE_SPACE, default 1 GiB) holds 23k tokens of SmolLM2's cache, far more than
   32 rows x 512 positions.
 
@@ -29,17 +37,8 @@ The HF directory is SmolLM2-135M-Instruct dequantized from the built-in GGUF by 
 weights bulkinfer and transformers run in bench/generate.py.  vLLM runs the engine and the model in child
 processes, so cores are the CPU seconds of this process and all its children over the timed wall seconds.
 
-`--reference FILE` compares vLLM's prompts and completions with bulkinfer's, token for token.  FILE is JSON
-{"prompt_ids": [[int]], "ids": [[int]]} (bulkinfer's chat prompt ids and greedy completions up to the EOS),
-written from the repository root with bench/generate.py's own functions:
-
-    PYTHONPATH=$PWD .venv-bench/bin/python -c 'if True:
-        import json, sys; sys.path.insert(0, "bench"); import generate as g
-        from bulkinfer.tasks.generate import language_model; lm = language_model("smollm2").load()
-        p = [lm.encode(lm.apply_chat_template([{"role": "user", "content": t}]), add_special_tokens=False)
-             for t in g.prompts(32)]
-        row, ids = g.bench_bulkinfer("smollm2", p, slots=32, max_len=256, new_tokens=64)
-        json.dump({"prompt_ids": p, "ids": ids}, open("/tmp/bulkinfer_ids.json", "w"))'
+`--reference FILE` compares with completions saved earlier (`--save-ids FILE` writes this run's; the format
+is JSON {"prompt_ids": [[int]], "ids": [[int]]}, greedy completions up to the EOS).
 
 Prints one JSON object.
 """
@@ -51,6 +50,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -77,9 +77,39 @@ def tree_cpu_seconds() -> float:
     return total
 
 
-def compare(reference: str, prompt_ids: list[list[int]], completions: list[list[int]]) -> dict:
+def bulkinfer_worker(args) -> None:
+    """In the peers' venv (bulkinfer importable): bench/generate.py's bulkinfer row on the same prompts, printed
+    as one JSON line {row, prompt_ids, ids}."""
+    from bulkinfer.tasks.generate import language_model
+
+    bench = bench_module()
+    lm = language_model(args.bulkinfer_model).load()
+    prompt_ids = [lm.encode(lm.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
+                  for p in bench.prompts(args.prompts)]
+    row, ids = bench.bench_bulkinfer(args.bulkinfer_model, prompt_ids, slots=args.bulkinfer_slots, max_len=512,
+                                     new_tokens=args.new_tokens)
+    print(json.dumps({"row": row, "prompt_ids": prompt_ids, "ids": ids}), flush=True)
+
+
+def run_bulkinfer(args) -> dict:
+    """Runs `bulkinfer_worker` with `--bulkinfer-python` (repository root on PYTHONPATH); returns its JSON.
+
+    Raises RuntimeError with the subprocess's last output if it fails."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env.update(PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+    cmd = [args.bulkinfer_python, str(Path(__file__).resolve()), "--bulkinfer-worker", "--model", args.model,
+           "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
+           "--bulkinfer-slots", str(args.bulkinfer_slots), "--bulkinfer-model", args.bulkinfer_model]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
+    if done.returncode:
+        raise RuntimeError(f"bulkinfer's row ({' '.join(cmd)}) exited {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(reference: str | dict, prompt_ids: list[list[int]], completions: list[list[int]]) -> dict:
     """Token-for-token agreement with another engine's prompts and greedy completions (see the docstring)."""
-    ref = json.loads(Path(reference).read_text())
+    ref = json.loads(Path(reference).read_text()) if isinstance(reference, str) else reference
     if len(ref["ids"]) != len(completions):
         raise ValueError(f"{reference} has {len(ref['ids'])} completions, this run {len(completions)}: "
                          "give the same --prompts as the reference")
@@ -87,7 +117,7 @@ def compare(reference: str, prompt_ids: list[list[int]], completions: list[list[
     for ours, theirs in zip(completions, ref["ids"]):
         k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         first_diff.append(None if ours == theirs else k)
-    return {"reference": reference,
+    return {"reference": reference if isinstance(reference, str) else "bulkinfer (this run)",
             "same_prompt_ids": sum(a == b for a, b in zip(prompt_ids, ref["prompt_ids"])),
             "identical_completions": sum(d is None for d in first_diff),
             "first_differing_token": [d for d in first_diff if d is not None]}
@@ -106,7 +136,19 @@ def main() -> None:
     parser.add_argument("--kvcache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE, GiB")
     parser.add_argument("--reference", help="JSON of another engine's prompt ids and greedy completions to compare")
     parser.add_argument("--save-ids", help="write this run's prompt ids and completions (the --reference format)")
+    parser.add_argument("--bulkinfer-python", help="the peers' venv python: run bulkinfer's row first, in one run")
+    parser.add_argument("--bulkinfer-slots", type=int, default=32)
+    parser.add_argument("--bulkinfer-model", default="smollm2", help="bulkinfer's --model (the built-in GGUF)")
+    parser.add_argument("--bulkinfer-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bulkinfer_worker:
+        return bulkinfer_worker(args)
+    ours = None
+    if args.bulkinfer_python:
+        ours = run_bulkinfer(args)
+        print(json.dumps({"row": "bulkinfer engine, greedy", "slots": args.bulkinfer_slots, **ours["row"],
+                          "model": args.bulkinfer_model, "new_tokens": args.new_tokens,
+                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.omp_bind
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kvcache_gib:g}"
 
@@ -143,9 +185,14 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.reference:
         row.update(compare(args.reference, prompt_ids, completions))
+    if ours is not None:
+        row.update(compare(ours, prompt_ids, completions))
     if args.save_ids:
         Path(args.save_ids).write_text(json.dumps({"prompt_ids": prompt_ids, "ids": completions}))
     print(json.dumps(row), flush=True)
+    if ours is not None:
+        print(json.dumps({"row": "ratio", "vllm_over_bulkinfer": round(row["tokens_per_s"] / ours["row"]["tokens_per_s"], 2),
+                          "identical_completions": row["identical_completions"]}), flush=True)
 
 
 if __name__ == "__main__":
