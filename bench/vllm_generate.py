@@ -23,13 +23,14 @@ Settings and why:
   CPU install guide asks for; without it the worker logs "libtcmalloc/libiomp is not found in LD_PRELOAD".
   It has to be set before the process starts, so it is an environment variable, recorded in the output.
 - torch.compile (the default) works with these preloads: "Warming up model for the compilation..." took
-  107 s cold and about 60 s with its cache (~/.cache/vllm/torch_compile_cache).  An earlier run without the
-  preloads, at nice 19 under a load average of 10-16, did not end it within 10 minutes.  `--enforce-eager`
-  skips it (load and warm-up in about 17 s) and was 3% slower here.
+  107 s cold (LLM() 134 s in all); with its cache (~/.cache/vllm/torch_compile_cache) LLM() took 67-81 s.  An
+  earlier run without the preloads, at nice 19 under a load average of 10-16, did not end the warm-up within
+  10 minutes.  `--enforce-eager` skips it (LLM() in 15-20 s); in one run it gave 177 tokens/s against 183.
 - `--omp-bind` (VLLM_CPU_OMP_THREADS_BIND): by default ("auto") vLLM's worker computes on one OpenMP thread
   on core 0 and leaves core 1 to its engine and front end (log: "core ids=[0], reserved_cpus=[1]").  "0-1"
   runs two compute threads; on this shared 2-core machine (load average 4-5) that was slower (142 tokens/s vs
-  183), since the two threads' barriers wait on cores the other processes hold.
+  183 compiled, 106 vs 177 eager), likely because each OpenMP barrier waits for a thread whose core another
+  process holds.
 - `--kvcache-gib` (VLLM_CPU_KVCACHE_SPACE, default 1 GiB) holds 23k tokens of SmolLM2's cache, far more than
   32 rows x 512 positions.
 
