@@ -117,6 +117,7 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._closed = False
         self._last_call_end = float("-inf")  # clock() when the previous model call ended
+        self._gone: set = set()  # sources forgotten since the last call ended
         self._return_by = float("-inf")  # until when to wait for the sources the previous call answered
         self._returning: set = set()  # those sources that have not sent their next request yet
         self.stats = BatcherStats()
@@ -145,8 +146,10 @@ class DynamicBatcher:
         return future
 
     def forget(self, source: object) -> None:
-        """`source` sends nothing more (its connection closed): the batcher no longer waits for it."""
+        """`source` sends nothing more (its connection closed): the batcher no longer waits for it, also when
+        the call that answered it has not finished its bookkeeping yet."""
         with self._cv:
+            self._gone.add(source)
             if source in self._returning:
                 self._returning.discard(source)
                 self._cv.notify()
@@ -195,7 +198,8 @@ class DynamicBatcher:
                 self._return_by = self._last_call_end + RETURN_WAIT_FRACTION * (self._last_call_end - start)
                 # Sources answered by this call that have not already sent their next request.
                 queued = {item.source for item in self._queue}
-                self._returning = {item.source for item in group if item.source is not None} - queued
+                self._returning = {item.source for item in group if item.source is not None} - queued - self._gone
+                self._gone &= queued  # a closed source with a request still queued is skipped after that call too
 
     def _run(self, group: list[_Item]) -> None:
         n = sum(item.rows for item in group)

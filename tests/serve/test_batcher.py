@@ -114,3 +114,33 @@ def test_after_a_call_the_batcher_waits_for_the_sources_it_answered_unless_they_
     finally:
         gate.set()
         batcher.close(10)
+
+
+def test_a_source_forgotten_while_its_call_runs_is_not_waited_for_after_it():
+    """A client that reads its answer and closes before the call's bookkeeping ends (forget comes first) must
+    not hold the next group: on a clock that never moves, waiting for it would never end."""
+    now = [0.0]
+    running, gate = threading.Event(), threading.Event()
+    calls = []
+
+    def predict(values):
+        calls.append(list(values))
+        if len(calls) == 1:
+            running.set()
+            now[0] += 100.0
+            gate.wait(30)
+        return np.zeros((len(values), 1), np.float32)
+
+    batcher = DynamicBatcher(predict, max_batch_rows=2, max_queue_delay_s=0, clock=lambda: now[0])
+    try:
+        first = batcher.submit(["a1", "a2"], source="A")
+        assert running.wait(30)
+        queued = batcher.submit(["c"], source="C")
+        batcher.forget("A")  # A's connection closed while its call still ran
+        gate.set()
+        first.result(30)
+        queued.result(10)
+        assert calls == [["a1", "a2"], ["c"]]
+    finally:
+        gate.set()
+        batcher.close(10)
