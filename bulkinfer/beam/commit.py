@@ -218,9 +218,10 @@ class _WriteUnitParts(beam.DoFn):
                 yield from self._reports(key, w.write_buffered())
 
     def finish_bundle(self):
-        writers, self._writers = self._writers, {}
-        for unit, writer in writers.items():
-            for report in self._reports(unit, writer.close()):
+        for unit, writer in list(self._writers.items()):
+            done = writer.close()  # if it raises, this writer and the ones after it stay to be aborted
+            del self._writers[unit]
+            for report in self._reports(unit, done):
                 yield in_global_window(report)
 
     def _reports(self, unit: str, done: list[tuple[str, str, int]]):

@@ -357,11 +357,14 @@ class _WriteShards(beam.DoFn):
         ensure_dir(self._dir)
 
     def start_bundle(self):
-        self.teardown()  # a writer a failed bundle left open
+        self._abort()  # a writer a failed bundle left open
         self._writer = ShardWriter(self._new_name, self._fmt, self._columns, rows_per_file=self._rows_per_file,
                                    bytes_per_file=BYTES_PER_FILE)
 
     def teardown(self):
+        self._abort()
+
+    def _abort(self):
         if getattr(self, "_writer", None) is not None:
             self._writer.abort()
 

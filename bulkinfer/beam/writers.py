@@ -158,20 +158,24 @@ class ShardWriter:
         return done
 
     def abort(self) -> None:
-        """Drops what is buffered, closes the open file without completing it and deletes its temporary
-        name: what a DoFn does with a failed bundle's writer (the bundle's rows are retried, so a partial
-        file must not outlive it).  A delete that fails is logged, never raised.  Callable any time."""
-        stream, final = self._stream, self._final
+        """Drops what is buffered, closes the open file (a Parquet footer may be written) and deletes its
+        temporary name: what a DoFn does with a failed bundle's writer (the bundle's rows are retried, so
+        a partial file must not outlive it).  A close or delete that fails is logged, never raised, and
+        the delete is tried whatever the closes did.  Callable any time."""
+        parquet, stream, final = self._parquet, self._stream, self._final
         self._buffer = ShardBuffer(self._buffer.columns)
         self._final = self._stream = self._parquet = None
         self._rows = self._bytes = 0
         if stream is None:
             return
-        try:
-            stream.close()
-            FileSystems.delete([temp_name(final)])
-        except Exception as e:  # noqa: BLE001 -- cleanup of a bundle that already failed for another reason
-            log.warning("could not remove the partial file %s: %s", temp_name(final), e)
+        for step in (parquet.close if parquet is not None else None, stream.close,
+                     lambda: FileSystems.delete([temp_name(final)])):
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 -- cleanup of a bundle that already failed for another reason
+                log.warning("cleaning up the partial file %s: %s", temp_name(final), e)
 
     def _start(self, chunk) -> None:
         self._final = self._new_name()

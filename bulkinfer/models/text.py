@@ -109,7 +109,7 @@ def bucketing_for(spec: TextEmbedder) -> Bucketing:
     """spec.bucketing, or when it is None the default for the platform JAX runs on in this process."""
     import jax
 
-    return spec.bucketing or Bucketing.for_platform(jax.default_backend())
+    return spec.bucketing if spec.bucketing is not None else Bucketing.for_platform(jax.default_backend())
 
 
 def embed_batch(params, batch, **settings):

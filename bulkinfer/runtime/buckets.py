@@ -32,8 +32,8 @@ _TAILS = ("pad", "merge")
 # Tokens per batch when the user gives none, per JAX platform.  On XLA:CPU a smaller batch keeps a layer's
 # activations nearer the cache: 1024 measured faster than 2048 on MiniLM (bench/budget.py, BENCHMARKS.md
 # "Token budget on the CPU"); accelerators keep 2048 (not measured here; raise it on a GPU, see above).
-DEFAULT_TOKEN_BUDGET = {"cpu": 1024}
 ACCELERATOR_TOKEN_BUDGET = 2048
+PLATFORM_TOKEN_BUDGET = {"cpu": 1024}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,7 +51,7 @@ class Bucketing:
     """
 
     lengths: tuple[int, ...] = DEFAULT_LENGTHS
-    token_budget: int = 2048
+    token_budget: int = ACCELERATOR_TOKEN_BUDGET
     max_batch: int = 512
     ladder: int = 1
     multiple: int = 1
@@ -73,9 +73,9 @@ class Bucketing:
 
     @classmethod
     def for_platform(cls, platform: str, **settings) -> Bucketing:
-        """The default bucketing on a JAX platform ("cpu", "gpu", "tpu"): `DEFAULT_TOKEN_BUDGET` for it
+        """The default bucketing on a JAX platform ("cpu", "gpu", "tpu"): `PLATFORM_TOKEN_BUDGET` for it
         (1024 on the CPU, 2048 elsewhere) unless settings name a token_budget."""
-        settings.setdefault("token_budget", DEFAULT_TOKEN_BUDGET.get(platform, ACCELERATOR_TOKEN_BUDGET))
+        settings.setdefault("token_budget", PLATFORM_TOKEN_BUDGET.get(platform, ACCELERATOR_TOKEN_BUDGET))
         return cls(**settings)
 
     @classmethod

@@ -117,7 +117,8 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._closed = False
         self._last_call_end = float("-inf")  # clock() when the previous model call ended
-        self._gone: set = set()  # sources forgotten since the last call ended
+        self._in_call: set = set()  # sources of the call running now
+        self._gone: set = set()  # forgotten sources that the running call or a queued request still names
         self._return_by = float("-inf")  # until when to wait for the sources the previous call answered
         self._returning: set = set()  # those sources that have not sent their next request yet
         self.stats = BatcherStats()
@@ -149,7 +150,8 @@ class DynamicBatcher:
         """`source` sends nothing more (its connection closed): the batcher no longer waits for it, also when
         the call that answered it has not finished its bookkeeping yet."""
         with self._cv:
-            self._gone.add(source)
+            if source in self._in_call or any(item.source == source for item in self._queue):
+                self._gone.add(source)  # a call can still answer it: not waited for after that call
             if source in self._returning:
                 self._returning.discard(source)
                 self._cv.notify()
@@ -181,6 +183,7 @@ class DynamicBatcher:
                 group.append(item)
                 rows += item.rows
             self._queued_rows -= rows
+            self._in_call = {item.source for item in group if item.source is not None}
             return group
 
     def _loop(self) -> None:
@@ -200,6 +203,7 @@ class DynamicBatcher:
                 queued = {item.source for item in self._queue}
                 self._returning = {item.source for item in group if item.source is not None} - queued - self._gone
                 self._gone &= queued  # a closed source with a request still queued is skipped after that call too
+                self._in_call = set()
 
     def _run(self, group: list[_Item]) -> None:
         n = sum(item.rows for item in group)

@@ -66,10 +66,11 @@ def test_bad_settings_name_the_value():
 
 
 def test_platform_default_budget_is_smaller_on_cpu_and_yields_to_settings():
-    from bulkinfer.runtime.buckets import ACCELERATOR_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGET
+    from bulkinfer.runtime.buckets import ACCELERATOR_TOKEN_BUDGET, PLATFORM_TOKEN_BUDGET
 
     cpu, gpu = Bucketing.for_platform("cpu"), Bucketing.for_platform("gpu")
-    assert cpu.token_budget == DEFAULT_TOKEN_BUDGET["cpu"] < gpu.token_budget == ACCELERATOR_TOKEN_BUDGET
+    assert cpu.token_budget == PLATFORM_TOKEN_BUDGET["cpu"] < gpu.token_budget == ACCELERATOR_TOKEN_BUDGET
+    assert Bucketing() == gpu  # the class default is the accelerators' budget
     assert Bucketing.for_platform("cpu", token_budget=4096, ladder=0) == Bucketing(token_budget=4096, ladder=0)
-    # Every bucket still fits the CPU budget, so no length loses its shapes.
-    assert all(cpu.batch_sizes(n)[0] >= 1 for n in cpu.lengths)
+    # The longest default bucket (512) still fits the CPU budget twice: a full batch and its halving.
+    assert cpu.batch_sizes(512) == (2, 1)

@@ -144,3 +144,15 @@ def test_a_source_forgotten_while_its_call_runs_is_not_waited_for_after_it():
     finally:
         gate.set()
         batcher.close(10)
+
+
+def test_forgetting_sources_no_call_or_queue_names_keeps_nothing():
+    """Health probes and metadata requests close their connections too: a server that answers only those
+    must not keep each closed connection's handler until the next inference call."""
+    batcher = DynamicBatcher(lambda values: np.zeros((len(values), 1), np.float32), max_batch_rows=2)
+    try:
+        for _ in range(1000):
+            batcher.forget(object())
+        assert batcher._gone == set()
+    finally:
+        batcher.close(10)
