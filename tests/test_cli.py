@@ -244,7 +244,7 @@ def test_readme_python_example_runs(tmp_path):
 
 
 def test_compilation_cache_defaults_to_each_workers_own_cache_dir(monkeypatch, tmp_path):
-    from bulkinfer.cli import _compilation_cache
+    from bulkinfer.cli.args import _compilation_cache
     from bulkinfer.runtime.process import WORKER_LOCAL, compilation_cache_dir
 
     # The launcher's home never travels to workers: the spec says "worker-local", resolved on the worker.
@@ -330,7 +330,7 @@ def test_sigkill_mid_run_then_rerun_redoes_only_the_unfinished_ranges(tmp_path, 
 def test_sizes_are_read_in_bytes_or_binary_units():
     import argparse
 
-    from bulkinfer.cli import _size
+    from bulkinfer.cli.args import _size
 
     assert [_size(v) for v in ("65536", "512KiB", "64MiB", "1GB", "2k")] == [65536, 512 << 10, 64 << 20, 1 << 30, 2048]
     for bad in ("lots", "0", "-5MiB"):

@@ -24,6 +24,8 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from bulkinfer import cli
 from bulkinfer.beam.local_cluster import resource_hints
 from bulkinfer.beam.units import Unit
+from bulkinfer.cli.args import _unknown_beam_flags
+from bulkinfer.cli.jobs import _model
 from bulkinfer.tasks import run as job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +60,12 @@ def test_every_page_documents_commands_and_the_readme_links_the_pages():
 
 
 def _build(argv: list[str]):
-    """(parsed args, pipeline options, pipeline proto) for `bulkinfer run` argv, as cli._run builds the job."""
+    """(parsed args, pipeline options, pipeline proto) for `bulkinfer run` argv, as cli.run._run builds the job."""
     args, beam_args = cli._parser().parse_known_args(argv)
-    assert cli._unknown_beam_flags(beam_args) == [], f"not Beam options: {cli._unknown_beam_flags(beam_args)}"
+    assert _unknown_beam_flags(beam_args) == [], f"not Beam options: {_unknown_beam_flags(beam_args)}"
     if "://" in args.model:
         args.model = "minilm"
-    model = cli._model(args)
+    model = _model(args)
     keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
     spec = job.JobSpec(input=args.input, output=args.output, format=args.format, id_field=args.id_field,
                        input_field=args.input_field, keep_fields=keep, wave_units=args.wave_units,

@@ -236,10 +236,11 @@ def test_a_unit_whose_counts_do_not_reconcile_fails_the_job_and_is_not_committed
 
 def test_the_cli_exits_1_when_counts_do_not_reconcile(tmp_path, monkeypatch, capsys):
     from bulkinfer import cli
+    from bulkinfer.cli import jobs as cli_jobs
 
     _jsonl(tmp_path / "b.jsonl", [{"id": i, "text": "y"} for i in range(5)])
     run = job.run
-    monkeypatch.setattr(cli, "_model", lambda args: CountingModel())
+    monkeypatch.setattr(cli_jobs, "_model", lambda args: CountingModel())  # the _model that _job_model calls
     monkeypatch.setattr(job, "run", lambda *a, **k: run(*a, transform=beam.ParDo(DropOneRow("b.jsonl")), **k))
     code = cli.main(["run", "--model", "minilm", "--input", str(tmp_path / "b.jsonl"), "--output", str(tmp_path / "o")])
     assert code == 1

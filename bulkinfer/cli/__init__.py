@@ -1,0 +1,55 @@
+"""`bulkinfer`: the command line.  It parses arguments and calls one library function per command; each
+command (its help epilog, its flags and its handler) is a module of this package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from bulkinfer.cli.args import _beam_flags_error
+from bulkinfer.cli.distill import _distill, _distill_parser
+from bulkinfer.cli.evaluate import _eval, _eval_parser
+from bulkinfer.cli.generate import _generate, _generate_parser
+from bulkinfer.cli.plan import _plan, _plan_parser
+from bulkinfer.cli.run import _run, _run_parser
+from bulkinfer.cli.serve import _serve, _serve_parser
+from bulkinfer.cli.stats import _stats, _stats_parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bulkinfer", description="Bulk (offline) ML inference on Apache Beam.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = {"run": _run_parser(sub), "eval": _eval_parser(sub), "serve": _serve_parser(sub),
+                       "distill": _distill_parser(sub), "stats": _stats_parser(sub), "plan": _plan_parser(sub),
+                       "generate": _generate_parser(sub)}
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, beam_args = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Beam warns on import about optional Google Cloud clients that local jobs never use.
+    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
+    jobs = {"run": _run, "eval": _eval, "stats": _stats, "distill": _distill, "generate": _generate}
+    if args.command in jobs:  # the flags these do not take are Beam pipeline options
+        if _beam_flags_error(args.command, beam_args, parser.commands[args.command]):
+            return 2
+        return jobs[args.command](args, beam_args)
+    if args.command == "serve":
+        if beam_args:
+            print(f"bulkinfer serve: error: unrecognized arguments: {' '.join(beam_args)}", file=sys.stderr)
+            return 2
+        logging.getLogger("bulkinfer").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+        return _serve(args)
+    if args.command == "plan":
+        if beam_args:
+            why = ("quote the --input glob ('data/*.jsonl') so that the shell does not expand it into file names"
+                   if not beam_args[0].startswith("-") else
+                   "the plan measures on this machine with Beam's embedded runner; Beam options do not apply")
+            print(f"bulkinfer plan: error: unrecognized arguments: {' '.join(beam_args)}; {why}", file=sys.stderr)
+            return 2
+        return _plan(args)
+    return 2
