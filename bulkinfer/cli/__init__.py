@@ -11,6 +11,7 @@ from bulkinfer.cli.args import _beam_flags_error
 from bulkinfer.cli.distill import _distill, _distill_parser
 from bulkinfer.cli.evaluate import _eval, _eval_parser
 from bulkinfer.cli.generate import _generate, _generate_parser
+from bulkinfer.cli.jobs import JobExit
 from bulkinfer.cli.plan import _plan, _plan_parser
 from bulkinfer.cli.run import _run, _run_parser
 from bulkinfer.cli.serve import _serve, _serve_parser
@@ -27,6 +28,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except JobExit as e:  # its error line is already on stderr
+        return e.status
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args, beam_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from bulkinfer.cli.args import _job_args
-from bulkinfer.cli.jobs import _job_model, _job_spec
+from bulkinfer.cli.jobs import _job_errors, _job_model, _job_spec, _keep_fields
 
 EPILOG_DISTILL = """\
 Any flag not listed above is a Beam pipeline option (see `bulkinfer run --help`).
@@ -62,23 +61,14 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
 
 
 def _distill(args, beam_args) -> int:
-    from bulkinfer.models import CheckpointError
     from bulkinfer.tasks import distill as job
-    from bulkinfer.tasks.run import JobFailed
 
-    try:
+    with _job_errors():
         spec = job.DistillSpec(top_k=args.top_k, temperature=args.temperature, format=args.format,
                                probs_field=args.probs_field, embedding_field=args.embedding_field,
                                rows_per_shard=args.rows_per_shard)
-        keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
-        teacher = _job_spec(argparse.Namespace(**{**vars(args), "format": "parquet"}), keep_fields=keep)
+        teacher = _job_spec(argparse.Namespace(**{**vars(args), "format": "parquet"}), keep_fields=_keep_fields(args))
         manifest = job.distill(_job_model(args), teacher, spec, beam_args)
-    except JobFailed as e:
-        print(f"bulkinfer: error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, TypeError) as e:
-        print(f"bulkinfer: error: {e}", file=sys.stderr)
-        return 2
     summary = {k: manifest[k] for k in ("rows_in", "rows_out", "rows_failed", "kind", "top_k", "temperature",
                                         "format")}
     summary["shards"] = len(manifest["shards"])

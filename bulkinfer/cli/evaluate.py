@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from bulkinfer.cli.args import _job_args
-from bulkinfer.cli.jobs import _job_model, _job_spec
+from bulkinfer.cli.jobs import _job_errors, _job_model, _job_spec
 
 EPILOG_EVAL = """\
 Runs the model over the input as `bulkinfer run` does, into DIR/predictions/ (resumable: rerun the same
@@ -89,30 +89,23 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
 
 
 def _eval(args, beam_args) -> int:
-    from bulkinfer.models import CheckpointError
     from bulkinfer.tasks import evaluate as ev
-    from bulkinfer.tasks import run as job
 
-    try:
+    with _job_errors("bulkinfer eval", failed=(ev.NothingEvaluated,)):
         try:
-            lo, hi = (float(x) for x in args.interval.split(","))
-        except ValueError:
-            raise ValueError(f"--interval {args.interval!r}: write two percentiles, e.g. 2.5,97.5") from None
-        names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
-        spec = ev.EvalSpec(label_field=args.label_field, slice_fields=tuple(args.slice_field),
-                           probs_field=args.probs_field, embedding_field=args.embedding_field, class_names=names,
-                           bootstrap=args.bootstrap, seed=args.seed, percentiles=(lo, hi), baseline=args.baseline,
-                           max_drop=args.max_drop)
-        metrics = ev.evaluate(_job_model(args), _job_spec(args), spec, beam_args)
-    except ev.GateFailed as e:
-        print(ev.summary(e.metrics))
-        print(f"bulkinfer eval: {e}", file=sys.stderr)
-        return ev.GATE_FAILED_EXIT
-    except (job.JobFailed, ev.NothingEvaluated) as e:
-        print(f"bulkinfer eval: error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, TypeError) as e:
-        print(f"bulkinfer eval: error: {e}", file=sys.stderr)
-        return 2
+            try:
+                lo, hi = (float(x) for x in args.interval.split(","))
+            except ValueError:
+                raise ValueError(f"--interval {args.interval!r}: write two percentiles, e.g. 2.5,97.5") from None
+            names = tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None
+            spec = ev.EvalSpec(label_field=args.label_field, slice_fields=tuple(args.slice_field),
+                               probs_field=args.probs_field, embedding_field=args.embedding_field,
+                               class_names=names, bootstrap=args.bootstrap, seed=args.seed, percentiles=(lo, hi),
+                               baseline=args.baseline, max_drop=args.max_drop)
+            metrics = ev.evaluate(_job_model(args), _job_spec(args), spec, beam_args)
+        except ev.GateFailed as e:
+            print(ev.summary(e.metrics))
+            print(f"bulkinfer eval: {e}", file=sys.stderr)
+            return ev.GATE_FAILED_EXIT
     print(ev.summary(metrics))
     return 0

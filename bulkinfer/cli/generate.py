@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from bulkinfer.cli.args import _size
-from bulkinfer.cli.jobs import _exit_status
+from bulkinfer.cli.jobs import _exit_status, _job_errors, _keep_fields
 
 EPILOG_GENERATE = """\
 Output rows: the id field, completion, tokens_generated, finish_reason ("stop": EOS, a stop token or a
@@ -69,29 +68,21 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
 
 
 def _generate(args, beam_args) -> int:
-    from bulkinfer.models import CheckpointError
     from bulkinfer.tasks import generate
     from bulkinfer.tasks import run as job
 
-    try:
+    with _job_errors(settings_prefix="bulkinfer generate"):
         sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                         seed=args.seed, stop=tuple(args.stop or ()), n=args.n, logprobs=args.logprobs)
         gen = generate.generator(args.model, sampling=sampling, chat=args.chat, system=args.system,
                                  prompt_field=args.prompt_field, id_field=args.id_field, slots=args.slots,
                                  max_len=args.max_len, dtype=args.dtype, warmup=args.warmup)
-        keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
         spec = job.JobSpec(input=args.input, output=args.output, format=args.format, id_field=args.id_field,
-                           keep_fields=keep, overwrite=args.overwrite, wave_units=args.wave_units,
+                           keep_fields=_keep_fields(args), overwrite=args.overwrite, wave_units=args.wave_units,
                            max_failed_fraction=args.max_failed_fraction,
                            **({} if args.unit_size is None else {"unit_size": args.unit_size}))
         report = generate.run(gen, spec, beam_args)
-    except job.JobFailed as e:
-        print(f"bulkinfer: error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, TypeError) as e:
-        print(f"bulkinfer generate: error: {e}", file=sys.stderr)
-        return 2
     print(json.dumps({k: report[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_per_s", "tokens",
                                              "tokens_per_s", "elapsed_s")}))
     return _exit_status(report, args.output)

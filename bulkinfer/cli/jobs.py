@@ -3,6 +3,7 @@ run's exit status."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -72,6 +73,37 @@ def _job_spec(args, *, output: str | None = None, keep_fields: tuple[str, ...] =
                    allow_missing_ids=args.allow_missing_ids, accelerator=args.accelerator,
                    min_ram=args.min_ram, processes_per_accelerator=args.processes_per_accelerator,
                    **({} if args.unit_size is None else {"unit_size": args.unit_size}))
+
+
+class JobExit(Exception):
+    """A command ends with this exit status; its error line is already on stderr (`main` returns it)."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+@contextlib.contextmanager
+def _job_errors(prefix: str = "bulkinfer", *, settings_prefix: str | None = None, failed: tuple = ()):
+    """Turns a job's errors into one line on stderr and a JobExit: 1 when the job ran and failed (JobFailed,
+    or one of `failed`), 2 for settings, inputs or a checkpoint it cannot use.  The line reads
+    "{prefix}: error: ..." (settings_prefix, if given, for the second kind)."""
+    from bulkinfer.models import CheckpointError
+    from bulkinfer.tasks.run import JobFailed
+
+    try:
+        yield
+    except (JobFailed, *failed) as e:
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        raise JobExit(1) from None
+    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, TypeError) as e:
+        print(f"{settings_prefix or prefix}: error: {e}", file=sys.stderr)
+        raise JobExit(2) from None
+
+
+def _keep_fields(args) -> tuple[str, ...]:
+    """--keep-fields A,B as a tuple of names."""
+    return tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
 
 
 def _exit_status(report: dict, output: str) -> int:

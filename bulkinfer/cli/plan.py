@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from bulkinfer.cli.args import _duration, _model_args, _positive, _size
-from bulkinfer.cli.jobs import _prediction_model
+from bulkinfer.cli.jobs import _job_errors, _keep_fields, _prediction_model
 
 EPILOG_PLAN = """\
 What it does: counts the rows (Parquet footers; JSONL and CSV by a scan for lines), copies a sample of
@@ -64,23 +63,15 @@ def _plan_parser(sub) -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
-    from bulkinfer.models import CheckpointError
     from bulkinfer.tasks import plan
     from bulkinfer.tasks import run as job
 
-    try:
-        keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
+    with _job_errors("bulkinfer plan"):
         spec = job.JobSpec(input=args.input, output="", format=args.format, id_field=args.id_field,
-                           input_field=args.input_field, keep_fields=keep, wave_units=args.wave_units,
+                           input_field=args.input_field, keep_fields=_keep_fields(args), wave_units=args.wave_units,
                            **({} if args.unit_size is None else {"unit_size": args.unit_size}))
         settings = plan.PlanSpec(sample=args.sample, deadline_s=args.deadline, price_per_hour=args.price_per_hour,
                                  accelerator=args.accelerator, rows_per_s=args.rows_per_s)
         report = plan.plan(_prediction_model(args), spec, settings)
-    except job.JobFailed as e:
-        print(f"bulkinfer plan: error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, FileNotFoundError, PermissionError, ValueError, TypeError) as e:
-        print(f"bulkinfer plan: error: {e}", file=sys.stderr)
-        return 2
     print(json.dumps(report, indent=2) if args.json else plan.summary(report))
     return 0

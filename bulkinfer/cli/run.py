@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from bulkinfer.cli.args import _job_args
-from bulkinfer.cli.jobs import _exit_status, _job_model, _job_spec
+from bulkinfer.cli.jobs import _exit_status, _job_errors, _job_model, _job_spec, _keep_fields
 
 EPILOG_RUN = """\
 Any flag not listed above is a Beam pipeline option, passed through unchanged, e.g.
@@ -60,19 +59,9 @@ def _run_parser(sub) -> argparse.ArgumentParser:
 
 
 def _run(args, beam_args) -> int:
-    from bulkinfer.models import CheckpointError
     from bulkinfer.tasks import run as job
 
-    try:
-        model = _job_model(args)
-        keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
-        spec = _job_spec(args, keep_fields=keep)
-        report = job.run(model, spec, beam_args)
-    except job.JobFailed as e:
-        print(f"bulkinfer: error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, TypeError) as e:
-        print(f"bulkinfer: error: {e}", file=sys.stderr)
-        return 2
+    with _job_errors():
+        report = job.run(_job_model(args), _job_spec(args, keep_fields=_keep_fields(args)), beam_args)
     print(json.dumps({k: report[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_per_s", "elapsed_s")}))
     return _exit_status(report, args.output)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from bulkinfer.cli.args import _job_args
-from bulkinfer.cli.jobs import _job_model, _job_spec
+from bulkinfer.cli.jobs import _job_errors, _job_model, _job_spec
 
 EPILOG_STATS = """\
 Runs the model over the input like `bulkinfer run` (into DIR/predictions, resumable, with dead letters),
@@ -55,21 +55,13 @@ def _stats_parser(sub) -> argparse.ArgumentParser:
 
 
 def _stats(args, beam_args) -> int:
-    from bulkinfer.models import CheckpointError
     from bulkinfer.tasks import stats as job
-    from bulkinfer.tasks.run import JobFailed
 
-    try:
+    with _job_errors("bulkinfer stats"):
         spec = job.StatsSpec(slice_fields=tuple(args.slice_field), baseline=args.baseline,
                              probs_field=args.probs_field, embedding_field=args.embedding_field,
                              sample_size=args.sample_size, sketch_k=args.sketch_k)
         result = job.stats(_job_model(args), _job_spec(args), spec, beam_args)
-    except JobFailed as e:
-        print(f"bulkinfer stats: error: {e}", file=sys.stderr)
-        return 1
-    except (CheckpointError, FileNotFoundError, FileExistsError, PermissionError, ValueError, TypeError) as e:
-        print(f"bulkinfer stats: error: {e}", file=sys.stderr)
-        return 2
     for line in job.summary(result):
         print(line)
     out = args.output.rstrip("/")
