@@ -66,7 +66,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="persistent XLA compilation cache, shared across runs and processes, so each batch "
                         "shape compiles once per machine; a path every worker can use (local or gs://...) "
                         "(default: each worker's own $JAX_COMPILATION_CACHE_DIR, $XDG_CACHE_HOME/bulkinfer/xla "
-                        "or ~/.cache/bulkinfer/xla; 'none' turns it off)")
+                        "or ~/.cache/bulkinfer/xla; 'none' turns it off).  In a local directory a text "
+                        "model also keeps its compiled executables, so a warm process skips tracing too")
 
 
 def _duration(value: str) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,8 @@ from bulkinfer.models import bert, checkpoint, weights
 from bulkinfer.models.registry import BUILTIN_MODELS, model_dir_here, resolve_model_dir
 from bulkinfer.models.signature import TEXT, TensorSpec
 from bulkinfer.runtime import Bucketing, Engine
-from bulkinfer.runtime.process import use_compilation_cache
+from bulkinfer.runtime.executables import ExecutableCache, source_digest
+from bulkinfer.runtime.process import compilation_cache_dir, use_compilation_cache
 
 _DTYPES = ("float32", "bfloat16")
 INPUT, OUTPUT = "text", "embedding"  # the text family's tensor names (row fields by default)
@@ -50,7 +52,9 @@ class TextEmbedder:
     warmup: compile every shape at load time instead of on first use.
     compilation_cache_dir: a persistent XLA compilation cache shared across processes and runs: a path
       every worker can use (local, gs://...), or `bulkinfer.runtime.process.WORKER_LOCAL` for each worker's
-      own default (~/.cache/bulkinfer/xla there, resolved on the worker); None: no cache.
+      own default (~/.cache/bulkinfer/xla there, resolved on the worker); None: no cache.  In a local
+      directory the engine keeps its serialized executables (`runtime.executables`), which a warm process
+      loads without tracing or lowering; a URL holds JAX's own cache, consulted after both.
     model_parallel: split the encoder's big matrices over this many devices (a "model" mesh axis),
       for a model larger than one device; the remaining factor of the devices splits the batch.
     """
@@ -119,6 +123,12 @@ def embed_batch(params, batch, **settings):
     return bert.embed(params, batch["input_ids"], batch["mask"], **settings)
 
 
+def _code_key(config: bert.BertConfig, settings: checkpoint.SentenceSettings) -> str:
+    """What `embed_batch` with these settings computes: its modules' source and the bound settings."""
+    return (f"{source_digest(__name__, bert.__name__)} {config!r} pooling={settings.pooling} "
+            f"normalize={settings.normalize} dense={settings.activations}")
+
+
 class LoadedTextEmbedder:
     """A loaded model: parameters on the devices, a tokenizer and an engine.  Thread-safe."""
 
@@ -126,10 +136,15 @@ class LoadedTextEmbedder:
         import jax
 
         t0 = time.perf_counter()
-        use_compilation_cache(spec.compilation_cache_dir)  # resolved here, on the worker
         directory = Path(spec.path)
         config = checkpoint.read_config(directory)
         settings = checkpoint.sentence_settings(directory, config)
+        # Resolved here, on the worker.  A local directory holds this engine's serialized executables, found
+        # without tracing or lowering (runtime.executables); a URL is JAX's own cache, consulted after both.
+        cache_dir = compilation_cache_dir(spec.compilation_cache_dir, os.environ)
+        executable_cache = ExecutableCache.beside(cache_dir, _code_key(config, settings))
+        if executable_cache is None:
+            use_compilation_cache(spec.compilation_cache_dir)
         max_len = min(spec.max_length or settings.max_length, config.max_tokens)
         self.tokenizer = checkpoint.load_tokenizer(directory, max_len)
         dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[spec.dtype]
@@ -143,6 +158,7 @@ class LoadedTextEmbedder:
             fn, params, inputs={"input_ids": ((None,), "int32")}, pad_values={"input_ids": pad_id},
             bucketing=bucketing_for(spec).for_max_length(max_len), max_in_flight=spec.max_in_flight,
             model_parallel=spec.model_parallel, param_spec=bert.param_spec,
+            executable_cache=executable_cache,
         )
         if spec.warmup:
             self.engine.warmup()

@@ -49,8 +49,8 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from bulkinfer.runtime import executables, process, sharding
 from bulkinfer.runtime import inputs as _inputs
-from bulkinfer.runtime import process, sharding
 from bulkinfer.runtime.buckets import Bucketing
 from bulkinfer.runtime.busy import BusyClock
 from bulkinfer.runtime.stats import EngineStats
@@ -95,6 +95,10 @@ class Engine:
     clock: watches dispatched batches for completion and device time: anything with
       `track(output) -> busy.Ticket` (default: a `BusyClock`);
       `bulkinfer.testing.OutOfMemoryWhileRunning` fails batches while they run, as a device out of memory does.
+    executable_cache: an `executables.ExecutableCache` whose code key identifies `fn`: a shape found there
+      is loaded without tracing or lowering (a warm process's fast start), a new one is stored after its
+      compile.  None: every shape is traced and lowered (JAX's own persistent cache, if set, still
+      skips the XLA compile).
 
     Raises ValueError for a bad input declaration, and for a fixed-shape-only model given a bucketing
     over lengths.
@@ -114,6 +118,7 @@ class Engine:
         model_parallel: int = 1,
         param_spec: sharding.ParamSpec | None = None,
         clock=None,
+        executable_cache: executables.ExecutableCache | None = None,
     ):
         if model_parallel > 1 and param_spec is None:
             raise ValueError(f"model_parallel={model_parallel} needs a param_spec saying how to split parameters")
@@ -138,6 +143,7 @@ class Engine:
         self._max_in_flight = max(1, max_in_flight)
         self._lock = threading.Lock()
         self._clock = clock if clock is not None else BusyClock()
+        self._executables = executable_cache
         self.stats = EngineStats()
 
     @property
@@ -157,23 +163,41 @@ class Engine:
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            lowered = self._jitted.lower(self._params, self.batch_spec(batch, length))
-            try:
-                exe = lowered.compile(compiler_options=self.compiler_options or None)
-            except jax.errors.JaxRuntimeError as e:
-                if not self.compiler_options or "INVALID_ARGUMENT" not in str(e):
-                    raise
-                # A jaxlib that does not know an option (or one of its values): XLA's own defaults instead.
-                # Compiled first, so that a model's own INVALID_ARGUMENT error is raised, not blamed on options.
-                exe = lowered.compile()
-                log.warning("this jaxlib refuses the XLA options %s (%s); compiling with XLA's defaults",
-                            self.compiler_options, str(e).splitlines()[0][:200])
-                self.compiler_options = {}
+            spec = self.batch_spec(batch, length)
+            if self._executables is not None:
+                exe = self._executables.load(self._key_parts(spec), list(self._mesh.devices.flat))
+            if exe is None:
+                served = executables.jax_cache_hits() if self._executables is not None else 0
+                exe = self._compile(spec)
+                # Keyed by the options it compiled with (they may have been refused); not one JAX's cache
+                # served, which would not run once stored (executables.jax_cache_hits).
+                if self._executables is not None and executables.jax_cache_hits() == served:
+                    self._executables.store(self._key_parts(spec), exe)
             self._check_outputs(exe.out_info, batch)
             self._compiled[key] = exe
             self.stats.compiles += 1
             self.stats.compile_s += time.perf_counter() - t0
         return exe
+
+    def _key_parts(self, spec: dict[str, jax.ShapeDtypeStruct]) -> dict[str, str]:
+        return executables.key_parts(params=self._params, batch_spec=spec, mesh=self._mesh,
+                                     compiler_options=self.compiler_options, environ=os.environ)
+
+    def _compile(self, spec: dict[str, jax.ShapeDtypeStruct]):
+        """Traces, lowers and compiles `fn` for one batch spec with `compiler_options`."""
+        lowered = self._jitted.lower(self._params, spec)
+        try:
+            return lowered.compile(compiler_options=self.compiler_options or None)
+        except jax.errors.JaxRuntimeError as e:
+            if not self.compiler_options or "INVALID_ARGUMENT" not in str(e):
+                raise
+            # A jaxlib that does not know an option (or one of its values): XLA's own defaults instead.
+            # Compiled first, so that a model's own INVALID_ARGUMENT error is raised, not blamed on options.
+            exe = lowered.compile()
+            log.warning("this jaxlib refuses the XLA options %s (%s); compiling with XLA's defaults",
+                        self.compiler_options, str(e).splitlines()[0][:200])
+            self.compiler_options = {}
+            return exe
 
     def output_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Per output name, its per-row shape and numpy dtype name, like `inputs`: e.g.

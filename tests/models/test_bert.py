@@ -100,3 +100,17 @@ def test_default_bucketing_follows_the_platform_it_loads_on(minilm, minilm_spec)
     assert minilm_spec.bucketing is None
     expected = Bucketing.for_platform(jax.default_backend()).token_budget
     assert minilm.engine.bucketing.token_budget == max(expected, minilm.max_length)
+
+
+def test_a_local_compilation_cache_keeps_the_engines_executables(minilm_spec, tmp_path):
+    import dataclasses
+
+    from bulkinfer.runtime import executables
+
+    loaded = dataclasses.replace(minilm_spec, compilation_cache_dir=str(tmp_path)).load()
+    cache = loaded.engine._executables
+    assert cache.directory == tmp_path / executables.SUBDIR
+    # The code key names this model's settings and changes with the encoder's source.
+    assert "pooling=mean" in cache.code_key and executables.source_digest(
+        "bulkinfer.models.text", "bulkinfer.models.bert") in cache.code_key
+    assert dataclasses.replace(minilm_spec, compilation_cache_dir=None).load().engine._executables is None

@@ -1,0 +1,198 @@
+"""Compiled executables on local disk, found without tracing or lowering: a warm process's fast start.
+
+JAX's persistent compilation cache is keyed by the lowered module, so every process still traces and
+lowers each batch shape before it can look the executable up: 40-145 ms per (batch, length) for MiniLM
+on a 2-core CPU, about 1.8 s for the 18 shapes of a 3,000-row job, spent before the first batch of each
+shape runs (RUNTIME.md section 8).  This cache is keyed instead by everything that decides the
+executable, known before tracing:
+
+- `code_key`: the caller's word for the function, e.g. `source_digest()` of the modules that define
+  it plus the model's settings.  The caller vouches for it: a function whose code may change without a
+  new key (a user's own function, which may call helpers anywhere) must not use this cache.
+- the parameters' tree structure, shapes, dtypes and shardings, and the batch's shapes and dtypes;
+- the devices (ids, kind, platform, the mesh's axes) and the platform's version; on the CPU also the
+  host's model name and instruction-set flags, since XLA:CPU compiles for the host's own ISA;
+- jax and jaxlib versions, the compile options, $XLA_FLAGS and the jax settings that change lowering.
+
+    cache = ExecutableCache("/path/xla-cache/bulkinfer-executables", code_key)
+    exe = cache.load(key_parts)              # a jax.stages.Compiled, or None
+    cache.store(key_parts, lowered.compile())
+
+Entries are files `<sha256>.exe` written atomically (a temporary name, then `os.replace`), so processes
+sharing the directory never read a partial file.  Loading one unpickles it (jax's
+`serialize_executable`): keep the directory as private as the code it caches, as for JAX's own cache.
+A file that fails to load is logged and ignored (the caller compiles), never an error.
+
+An executable that JAX's own persistent cache served cannot be stored (`jax_cache_hits`), so a model
+using this cache should not also turn JAX's on for its compiles (`LoadedTextEmbedder` does not).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import platform
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger(__name__)
+
+SUBDIR = "bulkinfer-executables"  # under a compilation cache directory
+# jax settings that change what a function lowers to (dtypes, precision, PRNG layout).
+_JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable",
+                 "jax_default_prng_impl", "jax_numpy_dtype_promotion")
+
+
+def source_digest(*modules: str) -> str:
+    """sha256 over the names and source bytes of the named modules (e.g. "bulkinfer.models.bert"): a code
+    key for functions defined there that call nothing outside them but jax and numpy."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(name.encode() + b"\0" + _source(name) + b"\0")
+    return h.hexdigest()
+
+
+@functools.cache
+def _source(module: str) -> bytes:
+    import importlib
+
+    return Path(importlib.import_module(module).__file__).read_bytes()
+
+
+_thread = threading.local()
+
+
+@functools.cache
+def _watch_jax_cache() -> None:
+    """Registers (once) a listener noting, per thread, compiles that JAX's persistent cache served."""
+    def listener(event: str, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            _thread.jax_cache_hits = getattr(_thread, "jax_cache_hits", 0) + 1
+
+    jax.monitoring.register_event_listener(listener)
+
+
+def jax_cache_hits() -> int:
+    """Compiles on this thread that JAX's persistent compilation cache served, so far.  Such an executable
+    is deserialized, and serializing it again gives one that fails to run in another process (jaxlib
+    0.10.2 on the CPU: "NOT_FOUND: Function ... not found"), so it must not be stored here."""
+    _watch_jax_cache()
+    return getattr(_thread, "jax_cache_hits", 0)
+
+
+@functools.cache
+def _host_cpu() -> str:
+    """The CPU's model name and flags (Linux /proc/cpuinfo), else the machine type."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    keep = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    return platform.machine() + "\n" + "\n".join(dict.fromkeys(keep))  # one line per distinct value
+
+
+def key_parts(*, params, batch_spec: Mapping, mesh, compiler_options: Mapping[str, str],
+              environ: Mapping[str, str]) -> dict[str, str]:
+    """What, besides the function's code, decides an executable: the argument types, the devices, the
+    versions and settings (see the module docstring).  Values are strings, for hashing."""
+    devices = list(mesh.devices.flat)
+    client = devices[0].client
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    param_types = [(tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None))) for x in leaves]
+    parts = {
+        "params": f"{tree}\n{param_types}",
+        "batch": repr(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch_spec.items())),
+        "devices": repr([(d.id, d.platform, d.device_kind) for d in devices]) + repr(dict(mesh.shape)),
+        "platform": f"{client.platform} {client.platform_version}",
+        "versions": f"jax {jax.__version__} jaxlib {jax.lib.__version__}",
+        "options": repr(sorted(compiler_options.items())),
+        "env": repr([environ.get(k, "") for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")]),
+        "settings": repr([(k, str(getattr(jax.config, k, None))) for k in _JAX_SETTINGS]),
+    }
+    if client.platform == "cpu":
+        parts["host"] = _host_cpu()
+    return parts
+
+
+class ExecutableCache:
+    """Serialized `jax.stages.Compiled` executables in `directory`, keyed by `code_key` and `key_parts`.
+
+    directory: a local directory (created on the first store).
+    code_key: what identifies the function's code and settings (see the module docstring).
+    """
+
+    def __init__(self, directory: str | os.PathLike, code_key: str):
+        self.directory = Path(directory)
+        self.code_key = code_key
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def beside(cls, compilation_cache_dir: str | None, code_key: str) -> ExecutableCache | None:
+        """The cache in `compilation_cache_dir`/SUBDIR, or None without a directory or for a URL
+        (gs://...: there JAX's own cache serves, after tracing and lowering)."""
+        if not compilation_cache_dir or "://" in compilation_cache_dir:
+            return None
+        return cls(Path(compilation_cache_dir) / SUBDIR, code_key)
+
+    def _path(self, parts: Mapping[str, str]) -> Path:
+        h = hashlib.sha256(self.code_key.encode())
+        for name in sorted(parts):
+            h.update(b"\0" + name.encode() + b"\0" + parts[name].encode())
+        return self.directory / f"{h.hexdigest()}.exe"
+
+    def load(self, parts: Mapping[str, str], devices) -> jax.stages.Compiled | None:
+        """The executable stored under these parts, loaded onto `devices` (the mesh's, in its order),
+        or None when there is none or it cannot be loaded (logged)."""
+        from jax.experimental import serialize_executable
+
+        path = self._path(parts)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except OSError as e:
+            log.warning("cannot read the cached executable %s (%s); compiling instead", path, e)
+            self.misses += 1
+            return None
+        try:
+            payload, in_tree, out_tree = pickle.loads(blob)
+            exe = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                            backend=devices[0].client,
+                                                            execution_devices=list(devices))
+        except Exception as e:  # noqa: BLE001 - a stale or damaged entry only costs a compile
+            log.warning("cannot load the cached executable %s (%s: %s); compiling instead", path,
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            self.misses += 1
+            return None
+        self.hits += 1
+        return exe
+
+    def store(self, parts: Mapping[str, str], compiled: jax.stages.Compiled) -> bool:
+        """Writes `compiled` under these parts; False (logged) when it cannot be serialized or written."""
+        from jax.experimental import serialize_executable
+
+        path = self._path(parts)
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(compiled))
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=path.name, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(blob)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except Exception as e:  # noqa: BLE001 - the cache is an optimisation; the executable still runs
+            log.warning("cannot cache the executable in %s (%s: %s)", self.directory, type(e).__name__, e)
+            return False
+        return True
