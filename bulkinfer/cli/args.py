@@ -59,8 +59,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate texts to this many tokens (default: the model's max_seq_length)")
     p.add_argument("--token-budget", type=int, default=None,
-                   help="tokens per device batch, rows x padded length (default: 1024 on the CPU, 2048 on an "
-                        "accelerator: Bucketing.for_platform)")
+                   help="tokens per device batch: rows x padded length, or tokens end to end when packed "
+                        "(default: 1024 on the CPU, 2048 on an accelerator: Bucketing.for_platform)")
+    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                   help="padding-free batches for text models: rows' tokens end to end, so the token-wise layers "
+                        "compute no padding (auto: on when the engine runs on the CPU and splits no batch over "
+                        "devices; RUNTIME.md section 9)")
     p.add_argument("--warmup", action="store_true", help="compile every batch shape before taking data")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
                    help="persistent XLA compilation cache, shared across runs and processes, so each batch "

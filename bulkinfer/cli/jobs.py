@@ -19,7 +19,8 @@ def _model(args):
     settings = dict(warmup=args.warmup, compilation_cache_dir=_compilation_cache(args.compilation_cache))
     text_only = {"--dtype": ("dtype", args.dtype if args.dtype != "float32" else None),
                  "--max-length": ("max_length", args.max_length),
-                 "--token-budget": ("bucketing", args.token_budget and Bucketing(token_budget=args.token_budget))}
+                 "--token-budget": ("bucketing", args.token_budget and Bucketing(token_budget=args.token_budget)),
+                 "--packing": ("packed", {"auto": None, "on": True, "off": False}[args.packing])}
     given = {flag: kv for flag, kv in text_only.items() if kv[1] is not None}
     if args.model in BUILTIN_FUNCTIONS and given:
         raise ValueError(f"{', '.join(given)} apply to text models only, not to {args.model!r}")
@@ -32,7 +33,7 @@ def _job_model(args):
     if args.server:
         local_only = [f for f, v in (("--max-length", args.max_length), ("--token-budget", args.token_budget),
                                      ("--warmup", args.warmup), ("--compilation-cache", args.compilation_cache),
-                                     ("--dtype", args.dtype != "float32"),
+                                     ("--dtype", args.dtype != "float32"), ("--packing", args.packing != "auto"),
                                      ("--processes-per-accelerator", args.processes_per_accelerator)) if v]
         if local_only:
             raise ValueError(f"{', '.join(local_only)} configure the local engine and do not apply with --server; "

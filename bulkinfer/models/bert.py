@@ -18,6 +18,7 @@ one `lax.scan`; D = hidden size, F = intermediate size, N = number of layers):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -169,32 +170,79 @@ def encode_tokens(params: Params, input_ids: jax.Array, mask: jax.Array, *, conf
     input_ids, mask: [B, L] int32 (mask 1 for real tokens, 0 for padding).  Returns [B, L, D].
     """
     emb = params["embeddings"]
-    b, length = input_ids.shape
-    dtype = emb["word"].dtype
-    x = emb["word"][input_ids] + _positions(emb["position"], input_ids, mask, config)  # [B, L, D]
+    x = _embed(emb, emb["word"][input_ids] + _positions(emb["position"], input_ids, mask, config), config)  # [B, L, D]
+    bias = _attention_bias(mask, x.dtype)
+    x, _ = jax.lax.scan(functools.partial(_layer, attend=lambda qkv: _attend(qkv, bias, config), config=config),
+                        x, params["layers"])
+    return x
+
+
+def encode_packed(params: Params, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                  token_index: jax.Array, mask: jax.Array, *, config: BertConfig) -> jax.Array:
+    """Token states of the encoder over packed rows (`Engine(packed=True)`): the same values as
+    `encode_tokens`, with the token-wise layers (embeddings, projections, feed-forward, LayerNorms)
+    computed on the real tokens alone.  Only attention uses the padded layout, gathered per layer.
+
+    input_ids: [T] int32, the rows' tokens end to end; positions, segment_ids: [T] int32, each token's
+    position in its row and its row (B, out of range, after the last real token); token_index: [B, L]
+    int32, where row b's token l is in [T] (T, out of range, on padding); mask: [B, L] int32.  Both
+    directions are gathers (XLA's scatter is a slow loop on the CPU): [T] -> [B, L] by token_index,
+    [B, L] -> [T] by slot = segment_ids * L + positions.  Returns [B, L, D] (zeros on padding).
+    The method ("removing padding", as in NVIDIA's Effective Transformer and ByteTransformer) computes
+    what the padded encoder does on real tokens, so outputs agree with it to float32 rounding.
+    """
+    emb = params["embeddings"]
+    length = token_index.shape[1]
+    slot = segment_ids * length + positions  # [T]: each token's place in the flattened [B * L] layout
+
+    def unpad(values):  # [B, L, C] -> [T, C]; tokens past the last row get zeros
+        return jnp.take(values.reshape(-1, values.shape[-1]), slot, axis=0, mode="fill", fill_value=0)
+
+    if config.padding_idx is None:
+        position = emb["position"][positions]  # [T, D]
+    else:  # RoBERTa positions count real tokens in the row: computed in the padded layout
+        padded_ids = jnp.take(input_ids, token_index, axis=0, mode="fill", fill_value=0)  # [B, L]
+        position = unpad(_positions(emb["position"], padded_ids, mask, config))  # [T, D]
+    x = _embed(emb, emb["word"][input_ids] + position, config)  # [T, D]
+    bias = _attention_bias(mask, x.dtype)
+
+    def attend(qkv):  # [T, 3D] -> [T, D]
+        padded = jnp.take(qkv, token_index, axis=0, mode="fill", fill_value=0)  # [B, L, 3D]
+        return unpad(_attend(padded, bias, config))
+
+    x, _ = jax.lax.scan(functools.partial(_layer, attend=attend, config=config), x, params["layers"])
+    return jnp.take(x, token_index, axis=0, mode="fill", fill_value=0)  # [B, L, D]
+
+
+def _embed(emb: Params, x: jax.Array, config: BertConfig) -> jax.Array:
+    """Word + position embeddings [..., D] -> the encoder's input: + token type 0, LayerNorm."""
     if config.type_vocab_size:
         x = x + emb["token_type"][0]  # every token has type 0
-    x = _layer_norm(x, emb["ln_scale"], emb["ln_bias"], config.layer_norm_eps)
-    # Additive attention bias: 0 where the key is a real token, a large negative number on padding.
-    bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)  # [B, 1, 1, L]
+    return _layer_norm(x, emb["ln_scale"], emb["ln_bias"], config.layer_norm_eps)
+
+
+def _attention_bias(mask: jax.Array, dtype) -> jax.Array:
+    """Additive attention bias [B, 1, 1, L]: 0 where the key is a real token, a large negative number on padding."""
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def _attend(qkv: jax.Array, bias: jax.Array, config: BertConfig) -> jax.Array:
+    """Multi-head self-attention context [B, L, D] from the fused projections qkv [B, L, 3D]."""
+    b, length, _ = qkv.shape
     h, hd = config.num_heads, config.head_dim
-    act = _ACTIVATIONS[config.hidden_act]
+    q, k, v = (t.reshape(b, length, h, hd) for t in jnp.split(qkv, 3, axis=-1))  # [B, L, H, Dh]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) + bias  # [B, H, L, L]
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(qkv.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, h * hd)  # [B, L, D]
+
+
+def _layer(x: jax.Array, p: Params, *, attend, config: BertConfig):
+    """One post-LayerNorm encoder layer over token states x [..., D]; attend(qkv [..., 3D]) -> [..., D]."""
     eps = config.layer_norm_eps
-
-    def layer(x, p):
-        qkv = x @ p["qkv_w"] + p["qkv_b"]  # [B, L, 3D]
-        q, k, v = jnp.split(qkv, 3, axis=-1)  # 3 x [B, L, D]
-        q, k, v = (t.reshape(b, length, h, hd) for t in (q, k, v))  # [B, L, H, Dh]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd) + bias  # [B, H, L, L]
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, h * hd)  # [B, L, D]
-        x = _layer_norm(x + ctx @ p["out_w"] + p["out_b"], p["ln1_scale"], p["ln1_bias"], eps)
-        ffn = act(x @ p["ffn_in_w"] + p["ffn_in_b"]) @ p["ffn_out_w"] + p["ffn_out_b"]  # [B, L, D]
-        x = _layer_norm(x + ffn, p["ln2_scale"], p["ln2_bias"], eps)
-        return x, None
-
-    x, _ = jax.lax.scan(layer, x, params["layers"])
-    return x
+    ctx = attend(x @ p["qkv_w"] + p["qkv_b"])
+    x = _layer_norm(x + ctx @ p["out_w"] + p["out_b"], p["ln1_scale"], p["ln1_bias"], eps)
+    ffn = _ACTIVATIONS[config.hidden_act](x @ p["ffn_in_w"] + p["ffn_in_b"]) @ p["ffn_out_w"] + p["ffn_out_b"]
+    return _layer_norm(x + ffn, p["ln2_scale"], p["ln2_bias"], eps), None
 
 
 def pool(tokens: jax.Array, mask: jax.Array, *, mode: str, normalize: bool) -> jax.Array:
@@ -227,14 +275,20 @@ def embed(
     pooling: str,
     normalize: bool,
     dense: tuple[str, ...] = (),
+    packed: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Sentence embeddings [B, E] float32 for token ids [B, L]: encoder, pooling, Dense layers, Normalize.
+
+    packed: (positions [T], segment_ids [T], token_index [B, L]) when input_ids are packed rows [T]
+      (`encode_packed`).
 
     dense: the activation (`DENSE_ACTIVATIONS`) of each sentence-transformers Dense layer, in order;
       their weights are params["dense"][i] = {"w": [In, Out], "b": [Out]}.  E is the last layer's Out
       (D without Dense layers).  Order as sentence-transformers: Pooling -> Dense... -> Normalize.
     """
-    out = pool(encode_tokens(params, input_ids, mask, config=config), mask, mode=pooling, normalize=False)  # [B, D]
+    tokens = (encode_tokens(params, input_ids, mask, config=config) if packed is None else
+              encode_packed(params, input_ids, *packed, mask, config=config))  # [B, L, D]
+    out = pool(tokens, mask, mode=pooling, normalize=False)  # [B, D]
     if dense:
         if len(params["dense"]) != len(dense):
             raise ValueError(f"{len(dense)} Dense activations for {len(params['dense'])} Dense layers")

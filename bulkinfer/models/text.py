@@ -57,6 +57,10 @@ class TextEmbedder:
       loads without tracing or lowering; a URL holds JAX's own cache, consulted after both.
     model_parallel: split the encoder's big matrices over this many devices (a "model" mesh axis),
       for a model larger than one device; the remaining factor of the devices splits the batch.
+    packed: run padding-free batches (`Engine(packed=True)`, `bert.encode_packed`): the token-wise layers
+      compute real tokens only.  None: on where the engine splits no batch over devices and runs on the
+      CPU, whose throughput follows the tokens computed (RUNTIME.md section 9); off on accelerators,
+      where it is not measured yet.
     """
 
     path: str = dataclasses.field(compare=False)
@@ -70,6 +74,7 @@ class TextEmbedder:
     warmup: bool = False
     compilation_cache_dir: str | None = None
     model_parallel: int = 1
+    packed: bool | None = None
 
     output_name = OUTPUT  # the row field its predictions go to (the loaded model says the same)
     input_signature = (TensorSpec(INPUT, (), TEXT),)  # known before loading: JaxModelHandler checks elements with it
@@ -116,11 +121,21 @@ def bucketing_for(spec: TextEmbedder) -> Bucketing:
     return spec.bucketing if spec.bucketing is not None else Bucketing.for_platform(jax.default_backend())
 
 
+def packed_for(spec: TextEmbedder) -> bool:
+    """spec.packed, or when it is None: True on the CPU when the mesh's data axis is one device."""
+    import jax
+
+    if spec.packed is not None:
+        return spec.packed
+    return jax.default_backend() == "cpu" and len(jax.local_devices()) // spec.model_parallel == 1
+
+
 def embed_batch(params, batch, **settings):
     """The engine's function for text: `bert.embed` over batch["input_ids"] [B, L] int32 and
     batch["mask"] [B, L] int32, giving [B, D] float32; settings (config, pooling, normalize) are bound
-    with functools.partial."""
-    return bert.embed(params, batch["input_ids"], batch["mask"], **settings)
+    with functools.partial.  A packed batch (`Engine(packed=True)`) has input_ids [T] and the packed keys."""
+    packed = (batch["positions"], batch["segment_ids"], batch["token_index"]) if "token_index" in batch else None
+    return bert.embed(params, batch["input_ids"], batch["mask"], packed=packed, **settings)
 
 
 def _code_key(config: bert.BertConfig, settings: checkpoint.SentenceSettings) -> str:
@@ -158,7 +173,7 @@ class LoadedTextEmbedder:
             fn, params, inputs={"input_ids": ((None,), "int32")}, pad_values={"input_ids": pad_id},
             bucketing=bucketing_for(spec).for_max_length(max_len), max_in_flight=spec.max_in_flight,
             model_parallel=spec.model_parallel, param_spec=bert.param_spec,
-            executable_cache=executable_cache,
+            executable_cache=executable_cache, packed=packed_for(spec),
         )
         if spec.warmup:
             self.engine.warmup()

@@ -127,17 +127,69 @@ class Bucketing:
         batches, _ = self._plan(lengths, final=final)
         return batches
 
+    def packed_rows(self, length: int) -> int:
+        """Row slots of a packed batch whose longest row is in the bucket `length`: as many rows of that
+        bucket as `token_budget` tokens can hold (each is longer than the bucket below), capped at max_batch."""
+        k = self.lengths.index(length)
+        shortest = self.lengths[k - 1] + 1 if k else 1
+        return max(1, min(self.max_batch, self.token_budget // shortest))
+
+    def packed_tokens(self) -> tuple[int, ...]:
+        """Token capacities of packed batches, largest first: the budget and `ladder` halvings of it."""
+        return tuple(sorted({max(1, self.token_budget >> k) for k in range(self.ladder + 1)}, reverse=True))
+
+    def packed_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (rows, length, tokens) a packed plan may use, for warm-up."""
+        return [(self.packed_rows(n), n, t) for n in self.lengths for t in self.packed_tokens()]
+
+    def pack(self, lengths: np.ndarray) -> list[tuple[int, int, int, np.ndarray]]:
+        """Cuts rows into padding-free batches: a list of (rows, length, tokens, row indices).
+
+        A packed batch lays its rows' tokens end to end, `tokens` of them at most (the size its
+        token-wise layers compute, `token_budget` or a halving for the last batch), and holds at most
+        `rows` rows, none longer than `length` (the [rows, length] layout attention uses).  Rows go
+        longest first; a batch that has no room for the next longest row is topped up with the
+        shortest rows, so every batch but the last is nearly full.  Row indices refer to `lengths`.
+        Raises ValueError for a row longer than the last bucket.
+        """
+        lengths = self._checked(lengths)
+        order = np.argsort(-lengths, kind="stable")  # [N] longest first
+        size = lengths[order].tolist()
+        bucket = np.asarray(self.lengths)[np.searchsorted(self.lengths, lengths[order])].tolist()
+        budget, capacities = self.token_budget, self.packed_tokens()
+        batches, lo, hi = [], 0, len(order)
+        while lo < hi:
+            length = bucket[lo]
+            cap = self.packed_rows(length)
+            take, used = [lo], size[lo]
+            lo += 1
+            while lo < hi and len(take) < cap and used + size[lo] <= budget:  # the next longest
+                take.append(lo)
+                used += size[lo]
+                lo += 1
+            while lo < hi and len(take) < cap and used + size[hi - 1] <= budget:  # top up with the shortest
+                hi -= 1
+                take.append(hi)
+                used += size[hi]
+            tokens = min((t for t in capacities if t >= used), default=budget)
+            batches.append((cap, length, tokens, order[take]))
+        return batches
+
     def carry(self, lengths: np.ndarray) -> np.ndarray:
         """The rows `plan(lengths, final=False)` leaves out, to run with later rows."""
         _, rest = self._plan(lengths, final=False)
         return rest
 
-    def _plan(self, lengths, *, final: bool):
+    def _checked(self, lengths) -> np.ndarray:
         lengths = np.asarray(lengths)
         if lengths.size and lengths.max() > self.lengths[-1]:
             row = int(np.argmax(lengths))
             raise ValueError(f"row {row} has {lengths[row]} tokens; the longest bucket is {self.lengths[-1]}; "
                              f"truncate it or add a longer bucket")
+        return lengths
+
+    def _plan(self, lengths, *, final: bool):
+        lengths = self._checked(lengths)
         order = np.argsort(-lengths, kind="stable")  # [N] longest first
         bucket_of = np.searchsorted(self.lengths, lengths[order])  # [N] bucket index per sorted row
         pad_len = np.asarray(self.lengths)[bucket_of]  # [N] each row's own padded length

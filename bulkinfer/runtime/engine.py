@@ -66,7 +66,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 @dataclasses.dataclass
 class _InFlight:
     rows: np.ndarray  # [n] indices into the caller's rows
-    shape: tuple[int, int]  # (batch, length)
+    shape: tuple  # (batch, length), or (batch, length, tokens) when packed
     budget: int  # token budget of the bucketing that planned it
     ticket: object  # busy.Ticket
 
@@ -95,6 +95,12 @@ class Engine:
     clock: watches dispatched batches for completion and device time: anything with
       `track(output) -> busy.Ticket` (default: a `BusyClock`);
       `bulkinfer.testing.OutOfMemoryWhileRunning` fails batches while they run, as a device out of memory does.
+    packed: run padding-free batches (`Bucketing.pack`): each variable-axis input arrives as its rows'
+      tokens end to end, [T, *rest], with batch["token_index"] [B, L], batch["segment_ids"] [T] and
+      batch["positions"] [T] int32 saying where each token belongs (`inputs.pack`), and `fn` must still
+      return [B, ...] per row.  Token-wise layers then compute no padding; only the [B, L] layout `fn`
+      gathers for attention does.  Needs every variable axis to be axis 0 and one device on the mesh's
+      data axis.
     executable_cache: an `executables.ExecutableCache` whose code key identifies `fn`: a shape found there
       is loaded without tracing or lowering (a warm process's fast start), a new one is stored after its
       compile.  None: every shape is traced and lowered (JAX's own persistent cache, if set, still
@@ -119,6 +125,7 @@ class Engine:
         param_spec: sharding.ParamSpec | None = None,
         clock=None,
         executable_cache: executables.ExecutableCache | None = None,
+        packed: bool = False,
     ):
         if model_parallel > 1 and param_spec is None:
             raise ValueError(f"model_parallel={model_parallel} needs a param_spec saying how to split parameters")
@@ -130,6 +137,15 @@ class Engine:
                 f"lengths {bucketing.lengths}; use Bucketing.for_rows(batch_size=...)")
         self._output_name = output_name
         self._mesh = sharding.make_mesh(devices, model_parallel)
+        if packed:
+            bad = [i.name for i in self._inputs if i.axis not in (None, 0)]
+            if not self._variable or bad:
+                raise ValueError(f"packed=True needs inputs whose variable axis is their first (tokens); "
+                                 f"{bad or 'no input has a variable axis'}")
+            if self._mesh.shape[sharding.DATA] > 1:
+                raise ValueError(f"packed=True runs on one device per model replica; this mesh splits rows over "
+                                 f"{self._mesh.shape[sharding.DATA]} devices (use packed=False)")
+        self.packed = packed
         self.bucketing = dataclasses.replace(bucketing, multiple=self._mesh.shape[sharding.DATA])
         param_shardings = sharding.param_shardings(params, self._mesh, param_spec)
         self._rows_sharded = sharding.batch_sharding(self._mesh)
@@ -150,20 +166,31 @@ class Engine:
     def mesh_shape(self) -> dict[str, int]:
         return dict(self._mesh.shape)
 
-    def batch_spec(self, batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """The `batch` argument `fn` gets for one shape: {name: ShapeDtypeStruct [batch, ...]}."""
-        spec = {i.name: jax.ShapeDtypeStruct(i.batch_shape(batch, length), i.dtype, sharding=self._rows_sharded)
-                for i in self._inputs}
+    def batch_spec(self, batch: int, length: int, tokens: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        """The `batch` argument `fn` gets for one shape: {name: ShapeDtypeStruct [batch, ...]}; with
+        `tokens` (packed), variable-axis inputs are [tokens, ...] and the packed keys are added."""
+        def struct(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=self._rows_sharded)
+
+        spec = {i.name: struct((tokens,) + i.shape[1:] if tokens and i.axis is not None else
+                               i.batch_shape(batch, length), i.dtype) for i in self._inputs}
         if self._variable:
-            spec[_inputs.MASK] = jax.ShapeDtypeStruct((batch, length), np.int32, sharding=self._rows_sharded)
+            spec[_inputs.MASK] = struct((batch, length), np.int32)
+        if tokens:
+            spec[_inputs.TOKEN_INDEX] = struct((batch, length), np.int32)
+            spec[_inputs.SEGMENT_IDS] = spec[_inputs.POSITIONS] = struct((tokens,), np.int32)
         return spec
 
-    def _executable(self, batch: int, length: int) -> Callable:
-        key = (batch, length)
+    def shapes(self) -> list[tuple]:
+        """Every shape `run` may compile: (batch, length), or (batch, length, tokens) when packed."""
+        return self.bucketing.packed_shapes() if self.packed else self.bucketing.shapes()
+
+    def _executable(self, batch: int, length: int, tokens: int | None = None) -> Callable:
+        key = (batch, length, tokens)
         exe = self._compiled.get(key)
         if exe is None:
             t0 = time.perf_counter()
-            spec = self.batch_spec(batch, length)
+            spec = self.batch_spec(batch, length, tokens)
             if self._executables is not None:
                 exe = self._executables.load(self._key_parts(spec), list(self._mesh.devices.flat))
             if exe is None:
@@ -203,8 +230,8 @@ class Engine:
         """Per output name, its per-row shape and numpy dtype name, like `inputs`: e.g.
         {"probs": ((10,), "float32"), "label": ((), "int32")}.  Traces `fn` once on the smallest
         batch shape (no compile, nothing runs).  Raises ValueError for an output that is not [B, ...]."""
-        batch, length = min(self.bucketing.shapes())
-        info = jax.eval_shape(self._jitted, self._params, self.batch_spec(batch, length))
+        batch, *shape = min(self.shapes())
+        info = jax.eval_shape(self._jitted, self._params, self.batch_spec(batch, *shape))
         self._check_outputs(info, batch)
         outs = info if isinstance(info, dict) else {self._output_name: info}
         return {name: (tuple(v.shape[1:]), np.dtype(v.dtype).name) for name, v in outs.items()}
@@ -236,13 +263,13 @@ class Engine:
             done = False
             while not done:
                 try:
-                    for batch, length in self.bucketing.shapes():
-                        self._executable(batch, length)
+                    for shape in self.shapes():
+                        self._executable(*shape)
                     done = True
                 except Exception as e:
                     if not is_out_of_memory(e):
                         raise
-                    self._back_off(self.bucketing.token_budget, (batch, length), e, self.stats)
+                    self._back_off(self.bucketing.token_budget, shape, e, self.stats)
 
     def run(self, inputs: Mapping[str, np.ndarray | Sequence[np.ndarray]],
             stats: EngineStats | None = None) -> dict[str, np.ndarray]:
@@ -296,7 +323,7 @@ class Engine:
                     out[name] = np.empty((n,) + host.shape[1:], host.dtype)
                 out[name][job.rows] = host[: len(job.rows)]
             call.batches += 1
-            call.padded_tokens += job.shape[0] * job.shape[1]
+            call.padded_tokens += job.shape[2] if self.packed else job.shape[0] * job.shape[1]
             call.busy_s += job.ticket.busy_s
 
         while todo or pending:
@@ -305,40 +332,47 @@ class Engine:
                 continue
             group = todo.popleft()
             bucketing = self.bucketing
-            plan = bucketing.plan(lengths[group])
-            for k, (batch, length, idx) in enumerate(plan):
+            plan = (bucketing.pack(lengths[group]) if self.packed else
+                    [(batch, length, None, idx) for batch, length, idx in bucketing.plan(lengths[group])])
+            for k, (batch, length, tokens, idx) in enumerate(plan):
                 rows = group[idx]
+                shape = (batch, length, tokens) if self.packed else (batch, length)
                 try:
-                    exe = self._executable(batch, length)
-                    batch_in = _inputs.pad(self._inputs, arrays, rows, lengths[rows], batch, length)
+                    exe = self._executable(batch, length, tokens)
+                    if self.packed:
+                        batch_in = _inputs.pack(self._inputs, arrays, rows, lengths[rows], batch, length, tokens)
+                    else:
+                        batch_in = _inputs.pad(self._inputs, arrays, rows, lengths[rows], batch, length)
                     output = exe(self._params, batch_in)  # async: returns before the batch is computed
                 except Exception as e:
                     if not is_out_of_memory(e):
                         raise
-                    self._back_off(bucketing.token_budget, (batch, length), e, call)
+                    self._back_off(bucketing.token_budget, shape, e, call)
                     # This batch and the rest of the plan were cut for the old budget: replan them.
-                    todo.append(np.concatenate([rows] + [group[rest] for _, _, rest in plan[k + 1:]]))
+                    todo.append(np.concatenate([rows] + [group[rest] for *_, rest in plan[k + 1:]]))
                     break
                 if not isinstance(output, dict):
                     output = {self._output_name: output}
                 for value in output.values():
                     value.copy_to_host_async()
-                pending.append(_InFlight(rows, (batch, length), bucketing.token_budget, self._clock.track(output)))
+                pending.append(_InFlight(rows, shape, bucketing.token_budget, self._clock.track(output)))
                 if len(pending) > self._max_in_flight:
                     drain_one()
                     if self.bucketing is not bucketing and k + 1 < len(plan):
                         # A batch failed while running and the budget was halved: the rest of this plan
                         # was cut for the old budget, so replan it instead of running into the same failure.
-                        todo.append(np.concatenate([group[rest] for _, _, rest in plan[k + 1:]]))
+                        todo.append(np.concatenate([group[rest] for *_, rest in plan[k + 1:]]))
                         break
         return out
 
-    def _back_off(self, budget: int, shape: tuple[int, int], error: BaseException, call: EngineStats) -> None:
-        """After an out-of-memory failure of a batch planned with `budget`: halve the budget (once per budget)."""
+    def _back_off(self, budget: int, shape: tuple, error: BaseException, call: EngineStats) -> None:
+        """After an out-of-memory failure of a batch planned with `budget`: halve the budget (once per budget).
+        shape: (batch, length), or (batch, length, tokens) when packed."""
         call.oom_backoffs += 1
+        what = f"{shape[0]} x {shape[1]} batch" + (f" ({shape[2]} tokens)" if len(shape) > 2 else "")
         if budget != self.bucketing.token_budget:  # an earlier failure already lowered it
-            log.warning("out of device memory on a %d x %d batch; rerunning its rows at token_budget %d",
-                        *shape, self.bucketing.token_budget)
+            log.warning("out of device memory on a %s; rerunning its rows at token_budget %d",
+                        what, self.bucketing.token_budget)
             return
         half = self.bucketing.halved()
         if half is None:
@@ -347,10 +381,8 @@ class Engine:
                        f"max_length, more devices with model_parallel, or a device with more memory")
             else:
                 fix = "a single row does not fit; use more devices with model_parallel, or a device with more memory"
-            raise RuntimeError(
-                f"out of device memory on a {shape[0]} x {shape[1]} batch even at token_budget {budget}, "
-                f"{fix}") from error
-        log.warning("out of device memory on a %d x %d batch (token_budget %d); halving the token budget "
+            raise RuntimeError(f"out of device memory on a {what} even at token_budget {budget}, {fix}") from error
+        log.warning("out of device memory on a %s (token_budget %d); halving the token budget "
                     "to %d for the rest of the run and rerunning its rows: %s",
-                    *shape, budget, half.token_budget, str(error).splitlines()[0][:200])
+                    what, budget, half.token_budget, str(error).splitlines()[0][:200])
         self.bucketing = half

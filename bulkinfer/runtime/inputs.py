@@ -19,6 +19,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 MASK = "mask"  # the batch key of the [B, L] int32 mask; no input may use it
+# The other keys of a packed batch (`pack`); no input may use them either.
+TOKEN_INDEX, SEGMENT_IDS, POSITIONS = "token_index", "segment_ids", "positions"
+RESERVED = (MASK, TOKEN_INDEX, SEGMENT_IDS, POSITIONS)
 
 # Per input name: (per-row shape, None marking the variable axis; numpy dtype name).
 InputSpec = Mapping[str, tuple[tuple[int | None, ...], str]]
@@ -50,8 +53,9 @@ def parse(inputs: InputSpec, pad_values: Mapping[str, float | int] | None = None
         raise ValueError(f"pad_values names {unknown}, which are not inputs; inputs are {sorted(inputs)}")
     parsed = []
     for name, spec in inputs.items():
-        if name == MASK:
-            raise ValueError(f"the input name {MASK!r} is reserved for the engine's [B, L] mask; rename that input")
+        if name in RESERVED:
+            raise ValueError(f"the input name {name!r} is reserved for the engine's batch keys {RESERVED}; "
+                             f"rename that input")
         if not (isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[0], tuple | list)):
             raise ValueError(f"input {name!r}: expected (per-row shape, dtype name) such as ((8, 8), 'float32'), "
                              f"got {spec!r}")
@@ -150,6 +154,39 @@ def pad(specs: Sequence[Input], arrays: Mapping[str, object], rows: np.ndarray, 
                 buf[(b,) + (slice(None),) * spec.axis + (slice(0, lengths[b]),)] = value[i]
         padded[spec.name] = buf
     return padded
+
+
+def pack(specs: Sequence[Input], arrays: Mapping[str, object], rows: np.ndarray, lengths: np.ndarray,
+         batch: int, length: int, tokens: int) -> dict[str, np.ndarray]:
+    """The padding-free batch for `rows` (see `PACKED_KEYS`): each variable-axis input as its rows' tokens
+    end to end, [tokens, *rest] (pad values after the last real token); each fixed-shape input [batch,
+    ...] as in `pad`; "mask" [batch, length] int32; "token_index" [batch, length] int32, the position in
+    [tokens] of each row's token, `tokens` (out of range) on padding; "segment_ids" [tokens] int32, the row
+    of each token, `batch` (out of range) after the last real one; "positions" [tokens] int32, each
+    token's position in its row.  Needs every variable axis to be axis 0 (`Engine` checks)."""
+    n = len(rows)
+    total = int(lengths.sum())
+    starts = np.zeros(n, np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    mask = np.zeros((batch, length), np.int32)  # [B, L]
+    mask[:n] = np.arange(length)[None, :] < lengths[:, None]
+    token_index = np.full((batch, length), tokens, np.int32)  # [B, L]
+    token_index[:n] = np.where(mask[:n], starts[:, None] + np.arange(length)[None, :], tokens)
+    segment_ids = np.full(tokens, batch, np.int32)  # [T]
+    segment_ids[:total] = np.repeat(np.arange(n, dtype=np.int32), lengths)
+    positions = np.zeros(tokens, np.int32)  # [T]
+    positions[:total] = np.arange(total) - np.repeat(starts, lengths)
+    packed = {MASK: mask, TOKEN_INDEX: token_index, SEGMENT_IDS: segment_ids, POSITIONS: positions}
+    for spec in specs:
+        value = arrays[spec.name]
+        if spec.axis is None:
+            buf = np.full(spec.batch_shape(batch, length), spec.pad, spec.dtype)  # [B, *shape]
+            buf[:n] = value[rows]
+        else:
+            buf = np.full((tokens,) + spec.shape[1:], spec.pad, spec.dtype)  # [T, *rest]
+            buf[:total] = np.concatenate([value[i] for i in rows])
+        packed[spec.name] = buf
+    return packed
 
 
 def _fixed(spec: Input, value) -> np.ndarray:

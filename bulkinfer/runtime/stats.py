@@ -9,7 +9,9 @@ import dataclasses
 class EngineStats:
     """Counts of one `Engine.run` call, or (`Engine.stats`) of everything an engine ran in this process.
 
-    real_tokens / padded_tokens: tokens of the rows vs. tokens of the padded batches they ran in.
+    real_tokens / padded_tokens: tokens of the rows vs. tokens of the padded batches they ran in (packed
+      batches: their token capacity, what the token-wise layers compute; attention's [B, L] layout is
+      not counted).
     compiles, compile_s: shapes compiled (each once per process) and the seconds that took.
     run_s: wall seconds inside `Engine.run` (padding, dispatch, waiting for results).
     busy_s: seconds during which the devices had at least one batch running (from dispatch, or the

@@ -33,10 +33,13 @@ def texts():
     return json.loads((FIXTURES / "family_texts.json").read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=[(f, packed) for f in FAMILIES for packed in (False, True)],
+                ids=lambda p: f"{p[0]}-{'packed' if p[1] else 'padded'}")
 def family_model(request):
-    """(family, loaded model) through the public path: a directory name, from_name, load, the engine."""
-    return request.param, TextEmbedder.from_name(str(model_dir(request.param))).load()
+    """(family, loaded model) through the public path: a directory name, from_name, load, the engine;
+    with padded and with packed batches (`TextEmbedder.packed`)."""
+    family, packed = request.param
+    return family, TextEmbedder.from_name(str(model_dir(family)), packed=packed).load()
 
 
 def test_embeddings_match_sentence_transformers(family_model, texts):
