@@ -26,7 +26,7 @@ for the rest of the run (`Bucketing.halved`: same lengths, half the batch sizes)
 rows with it and runs them again; nothing is lost, and `stats.oom_backoffs` counts it.
 
 Each executable is compiled with `process.compiler_options` for the devices' platform (on CPU, YNNPACK
-dot fusion; RUNTIME.md section 7); the user's own XLA_FLAGS win, BULKINFER_XLA_DEFAULTS=0 turns them off,
+dot fusion for padded batches; RUNTIME.md sections 7 and 9); the user's own XLA_FLAGS win, BULKINFER_XLA_DEFAULTS=0 turns them off,
 and a jaxlib that refuses them compiles with XLA's defaults (a warning says so).
 
 Threads share one engine; `run` is serialized by a lock, so the devices see one stream of batches.
@@ -153,7 +153,8 @@ class Engine:
         # Static: the shape of each batch (one executable per (batch, length)).  Dynamic: params, batch.
         self._jitted = jax.jit(fn, in_shardings=(param_shardings, self._rows_sharded))
         # XLA options per executable for this platform (process.compiler_options; the user's XLA_FLAGS win).
-        self.compiler_options = process.compiler_options(self._mesh.devices.flat[0].platform, os.environ)
+        self.compiler_options = process.compiler_options(self._mesh.devices.flat[0].platform, os.environ,
+                                                         packed=packed)
         self._compiled: dict[tuple[int, int], Callable] = {}
         self._row_shapes: dict[str, tuple[int, ...]] | None = None  # per-row output shapes, from the first compile
         self._max_in_flight = max(1, max_in_flight)

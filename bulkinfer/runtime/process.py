@@ -34,6 +34,8 @@ WORKER_LOCAL = "worker-local"  # compilation_cache_dir: the default cache of the
 # subgraphs (the attention's batched matmuls with what surrounds them) to YNNPACK instead of XLA's own dot
 # emitter.  Measured with bench/xla_cpu.py on an AMD EPYC (Zen 4, AVX-512), jax 0.10.2, one thread, MiniLM:
 # CPU seconds per 16 x 128 batch 574 vs 677 ms (ONNX Runtime fp32: 554); 32 x 32 unchanged (RUNTIME.md, 7).
+# Packed batches (RUNTIME.md, 9) have no long padded attention and their 2-D dots run faster under XLA's own
+# emitter (2-6% less CPU time per batch at every length), so they compile with XLA's defaults.
 XLA_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 DEFAULTS_ENV = "BULKINFER_XLA_DEFAULTS"  # "0": compile with XLA's own defaults only
 
@@ -119,15 +121,15 @@ def use_compilation_cache(value: str | None) -> str | None:
     return path
 
 
-def compiler_options(platform: str, environ: Mapping[str, str]) -> dict[str, str]:
+def compiler_options(platform: str, environ: Mapping[str, str], *, packed: bool = False) -> dict[str, str]:
     """The XLA options the engine compiles with on `platform` ("cpu", "gpu", "tpu"): `XLA_CPU_OPTIONS` on
-    cpu, {} elsewhere.  An option the user names in $XLA_FLAGS is left out (the user's own setting wins),
+    cpu for padded batches, {} for packed ones and elsewhere.  An option the user names in $XLA_FLAGS is left out (the user's own setting wins),
     and $BULKINFER_XLA_DEFAULTS=0 leaves out all of them.  Raises ValueError for another value of that variable.
     """
     switch = environ.get(DEFAULTS_ENV, "1").strip()
     if switch not in ("0", "1"):
         raise ValueError(f"${DEFAULTS_ENV}={switch!r}; set it to 0 (XLA's own defaults) or 1 (bulkinfer's)")
-    if platform != "cpu" or switch == "0":
+    if platform != "cpu" or switch == "0" or packed:
         return {}
     user = environ.get("XLA_FLAGS", "")
     return {name: value for name, value in XLA_CPU_OPTIONS.items() if f"--{name}=" not in user and
