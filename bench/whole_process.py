@@ -2,10 +2,13 @@
 issue's end-to-end row on its own, without the rest of `make bench` (about 3 minutes on 2 cores).
 
     .venv-bench/bin/python bench/whole_process.py --rounds 3
+    .venv-bench/bin/python bench/whole_process.py --rounds 2 --copies 4    # 4 x the corpus: fixed costs amortized
 
 Each round runs ONNX Runtime (`bench/onnx_peer.py job`, 2 intra-op threads = this process's cores) and
 bulkinfer (`python -m bulkinfer.cli run --model minilm`, its compilation cache warm) in alternating order,
-each a fresh process from start to exit, on the same 4 Parquet shards of `corpus.real_texts()`; the ONNX
+each a fresh process from start to exit, on the same 4 Parquet shards of `corpus.real_texts()` (with
+`--copies N`, the corpus N times over in 4N shards, ids distinct: a longer job, in which each process's
+fixed costs, start-up and exit, weigh less); the ONNX
 export and the cache warm-up are made first and not timed (the cache under `--workdir`/cache is shared
 with `make bench`).  Prints one JSON object: each run's wall seconds, CPU seconds, 1-minute load before
 it and start-up seconds (wall minus the job's own), the best and the mean rate of each side, and the ratio
@@ -30,6 +33,7 @@ from bench import corpus, process, run  # noqa: E402
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side, interleaved (default 3)")
+    parser.add_argument("--copies", type=int, default=1, help="the corpus this many times over (default 1)")
     parser.add_argument("--workdir", default=".bench")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
@@ -40,7 +44,9 @@ def main(argv=None) -> None:
     xla_cache = str(cache / "xla")
     process.run([sys.executable, "-c", run.WARM_CACHE, xla_cache])
     texts, info = corpus.real_texts()
-    glob = corpus.write_shards(str(work / "whole-input-real"), texts, 4)
+    texts = texts * args.copies
+    name = "whole-input-real" if args.copies == 1 else f"whole-input-real-x{args.copies}"
+    glob = corpus.write_shards(str(work / name), texts, 4 * args.copies)
     runs: dict = {"ort": [], "bulkinfer": []}
     for k in range(args.rounds):
         for side in (("ort", "bulkinfer") if k % 2 == 0 else ("bulkinfer", "ort")):
@@ -54,7 +60,7 @@ def main(argv=None) -> None:
     summary = {side: {"best_rows_per_s": max(x["rows_per_s"] for x in v),
                       "mean_rows_per_s": round(len(v) * len(texts) / sum(x["wall_s"] for x in v), 1)}
                for side, v in runs.items()}
-    print(json.dumps({"rows": len(texts), "corpus_sha256": info.get("sha256"), "threads": threads, "runs": runs,
+    print(json.dumps({"rows": len(texts), "copies": args.copies, "corpus_sha256": info.get("sha256"), "threads": threads, "runs": runs,
                       "summary": summary,
                       "ratio_best": round(summary["bulkinfer"]["best_rows_per_s"] / summary["ort"]["best_rows_per_s"], 3),
                       "ratio_mean": round(summary["bulkinfer"]["mean_rows_per_s"] / summary["ort"]["mean_rows_per_s"], 3)},

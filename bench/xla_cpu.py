@@ -4,6 +4,7 @@
     flock /work/bench.lock .venv-bench/bin/python bench/xla_cpu.py compare --out /tmp/xlacpu [--rows 2500]
     .venv-bench/bin/python bench/xla_cpu.py shapes                           # kernel split per (batch, length)
     .venv-bench/bin/python bench/xla_cpu.py machine                          # lscpu model, flags, XLA target
+    taskset -c 1 .venv-bench/bin/python bench/xla_cpu.py packed              # packed batches: XLA's emitter vs YNNPACK
 
 The corpus is real English: sentences from the long descriptions of the packages installed in this
 interpreter (their METADATA) and from the Python reference manual that CPython ships, deduplicated and shuffled with a fixed seed, so two runs on one
@@ -149,7 +150,7 @@ def compare(args) -> None:
     texts = json.loads((out / "texts.json").read_text())[: args.rows]
     ref = np.load(out / "st.npy")[: args.rows]
     ort_model = OrtEmbedder(out / "minilm.onnx", args.threads)
-    settings = json.loads(args.settings) if args.settings else {}
+    settings = {"packed": False, **(json.loads(args.settings) if args.settings else {})}  # options matter padded
     if "bucketing" in settings:
         from bulkinfer.runtime.buckets import Bucketing
 
@@ -202,7 +203,7 @@ def shapes(args) -> None:
     from bulkinfer.runtime import process
 
     os.environ[process.DEFAULTS_ENV] = "1" if args.defaults else "0"
-    ours = TextEmbedder.from_name("minilm").load()
+    ours = TextEmbedder.from_name("minilm", packed=False).load()
     rng = np.random.default_rng(0)
     result = []
     for shape in args.shapes.split(","):
@@ -229,6 +230,41 @@ def shapes(args) -> None:
     print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""), "load1": os.getloadavg()[0],
                       "compiler_options": ours.engine.compiler_options, "unroll": args.unroll,
                       "shapes": result}))
+
+
+def packed(args) -> None:
+    """Per length range: the first packed batch of a plan over rows of those lengths, compiled with XLA's own
+    options and with `process.XLA_CPU_OPTIONS` (YNNPACK dot fusion), min CPU ms of `--repeats` alternating
+    calls (run it under `taskset -c N` for one core), and the largest output difference between the two."""
+    import jax
+
+    from bulkinfer.models.text import TextEmbedder
+    from bulkinfer.runtime import inputs, process
+
+    engine = TextEmbedder.from_name("minilm", packed=True).load().engine
+    rng = np.random.default_rng(0)
+    result = []
+    for span in args.lengths.split(","):
+        lo, hi = (int(v) for v in span.split("-"))
+        lengths = rng.integers(lo, hi + 1, 2000)
+        rows, length, tokens, idx = engine.bucketing.pack(lengths)[0]
+        arrays = {"input_ids": [rng.integers(1000, 20000, n).astype(np.int32) for n in lengths]}
+        batch = inputs.pack(engine._inputs, arrays, idx, lengths[idx], rows, length, tokens)
+        lowered = engine._jitted.lower(engine._params, engine.batch_spec(rows, length, tokens))
+        exes = {"xla": lowered.compile(), "ynnpack_dot": lowered.compile(compiler_options=process.XLA_CPU_OPTIONS)}
+        cpu = {k: [] for k in exes}
+        for _ in range(args.repeats):
+            for k, exe in exes.items():
+                c0 = time.process_time()
+                jax.block_until_ready(exe(engine._params, batch))
+                cpu[k].append(time.process_time() - c0)
+        outs = {k: np.asarray(exe(engine._params, batch)) for k, exe in exes.items()}
+        best = {k: min(v) for k, v in cpu.items()}
+        result.append({"lengths": span, "shape": [rows, length, tokens], "real_tokens": int(lengths[idx].sum()),
+                       **{f"{k}_cpu_ms": round(v * 1e3, 1) for k, v in best.items()},
+                       "xla_over_ynnpack": round(best["xla"] / best["ynnpack_dot"], 3),
+                       "max_abs_diff": float(np.abs(outs["xla"] - outs["ynnpack_dot"]).max())})
+    print(json.dumps({"load1": os.getloadavg()[0], "affinity": len(os.sched_getaffinity(0)), "batches": result}))
 
 
 def machine() -> dict:
@@ -276,6 +312,9 @@ def main(argv=None) -> None:
     p.add_argument("--unroll", action="store_true", help="unroll the layers' scan (probe)")
     p.add_argument("--defaults", type=int, default=1, help="1: bulkinfer's XLA:CPU options, 0: XLA's own")
     sub.add_parser("machine")
+    p = sub.add_parser("packed")
+    p.add_argument("--lengths", default="8-16,20-40,50-64,100-128", help="row length ranges, one batch each")
+    p.add_argument("--repeats", type=int, default=6)
     args = parser.parse_args(argv)
     if args.command == "export":
         export(Path(args.out), args.rows)
@@ -283,6 +322,8 @@ def main(argv=None) -> None:
         compare(args)
     elif args.command == "shapes":
         shapes(args)
+    elif args.command == "packed":
+        packed(args)
     else:
         print(json.dumps(machine(), indent=1))
 

@@ -148,6 +148,8 @@ def test_digits_labels_held_out_images_with_their_targets_kept(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-model"], "neither a built-in name (digits, minilm) nor a directory"),
     (["--model", "minilm", "--input", "/nonexistent/*.jsonl"], "no input file matches"),
+    (["--model", "digits", "--packing", "on"], "--packing apply to text models only, not to 'digits'"),
+    (["--server", "http://127.0.0.1:1", "--packing", "off"], "--packing configure the local engine"),
 ])
 def test_bad_configuration_is_one_clear_line(tmp_path, args, message):
     base = {"--model": "minilm", "--input": str(ROOT / "data/sample/part-0.jsonl"), "--output": str(tmp_path / "o")}

@@ -177,23 +177,23 @@ def encode_tokens(params: Params, input_ids: jax.Array, mask: jax.Array, *, conf
     return x
 
 
-def encode_packed(params: Params, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+def encode_packed(params: Params, input_ids: jax.Array, positions: jax.Array, row_ids: jax.Array,
                   token_index: jax.Array, mask: jax.Array, *, config: BertConfig) -> jax.Array:
     """Token states of the encoder over packed rows (`Engine(packed=True)`): the same values as
     `encode_tokens`, with the token-wise layers (embeddings, projections, feed-forward, LayerNorms)
     computed on the real tokens alone.  Only attention uses the padded layout, gathered per layer.
 
-    input_ids: [T] int32, the rows' tokens end to end; positions, segment_ids: [T] int32, each token's
+    input_ids: [T] int32, the rows' tokens end to end; positions, row_ids: [T] int32, each token's
     position in its row and its row (B, out of range, after the last real token); token_index: [B, L]
     int32, where row b's token l is in [T] (T, out of range, on padding); mask: [B, L] int32.  Both
     directions are gathers (XLA's scatter is a slow loop on the CPU): [T] -> [B, L] by token_index,
-    [B, L] -> [T] by slot = segment_ids * L + positions.  Returns [B, L, D] (zeros on padding).
+    [B, L] -> [T] by slot = row_ids * L + positions.  Returns [B, L, D] (zeros on padding).
     The method ("removing padding", as in NVIDIA's Effective Transformer and ByteTransformer) computes
     what the padded encoder does on real tokens, so outputs agree with it to float32 rounding.
     """
     emb = params["embeddings"]
     length = token_index.shape[1]
-    slot = segment_ids * length + positions  # [T]: each token's place in the flattened [B * L] layout
+    slot = row_ids * length + positions  # [T]: each token's place in the flattened [B * L] layout
 
     def unpad(values):  # [B, L, C] -> [T, C]; tokens past the last row get zeros
         return jnp.take(values.reshape(-1, values.shape[-1]), slot, axis=0, mode="fill", fill_value=0)
@@ -279,7 +279,7 @@ def embed(
 ) -> jax.Array:
     """Sentence embeddings [B, E] float32 for token ids [B, L]: encoder, pooling, Dense layers, Normalize.
 
-    packed: (positions [T], segment_ids [T], token_index [B, L]) when input_ids are packed rows [T]
+    packed: (positions [T], row_ids [T], token_index [B, L]) when input_ids are packed rows [T]
       (`encode_packed`).
 
     dense: the activation (`DENSE_ACTIVATIONS`) of each sentence-transformers Dense layer, in order;

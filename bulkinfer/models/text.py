@@ -134,7 +134,7 @@ def embed_batch(params, batch, **settings):
     """The engine's function for text: `bert.embed` over batch["input_ids"] [B, L] int32 and
     batch["mask"] [B, L] int32, giving [B, D] float32; settings (config, pooling, normalize) are bound
     with functools.partial.  A packed batch (`Engine(packed=True)`) has input_ids [T] and the packed keys."""
-    packed = (batch["positions"], batch["segment_ids"], batch["token_index"]) if "token_index" in batch else None
+    packed = (batch["positions"], batch["row_ids"], batch["token_index"]) if "token_index" in batch else None
     return bert.embed(params, batch["input_ids"], batch["mask"], packed=packed, **settings)
 
 

@@ -129,18 +129,22 @@ class Bucketing:
 
     def packed_rows(self, length: int) -> int:
         """Row slots of a packed batch whose longest row is in the bucket `length`: as many rows of that
-        bucket as `token_budget` tokens can hold (each is longer than the bucket below), capped at max_batch."""
+        bucket as `token_budget` tokens can hold (each is longer than the bucket below), capped at
+        max_batch and so that attention's [rows, length] layout stays within 2 x token_budget positions
+        (a coarse ladder, e.g. lengths (512,), would otherwise give it 512 x 512)."""
         k = self.lengths.index(length)
         shortest = self.lengths[k - 1] + 1 if k else 1
-        return max(1, min(self.max_batch, self.token_budget // shortest))
+        return max(1, min(self.max_batch, self.token_budget // shortest, 2 * self.token_budget // length))
 
     def packed_tokens(self) -> tuple[int, ...]:
         """Token capacities of packed batches, largest first: the budget and `ladder` halvings of it."""
         return tuple(sorted({max(1, self.token_budget >> k) for k in range(self.ladder + 1)}, reverse=True))
 
     def packed_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (rows, length, tokens) a packed plan may use, for warm-up."""
-        return [(self.packed_rows(n), n, t) for n in self.lengths for t in self.packed_tokens()]
+        """Every (rows, length, tokens) a packed plan may use, for warm-up: a batch whose longest row is in
+        bucket n holds more tokens than the bucket below n, so smaller capacities are left out."""
+        below = dict(zip(self.lengths, (0,) + self.lengths[:-1]))
+        return [(self.packed_rows(n), n, t) for n in self.lengths for t in self.packed_tokens() if t > below[n]]
 
     def pack(self, lengths: np.ndarray) -> list[tuple[int, int, int, np.ndarray]]:
         """Cuts rows into padding-free batches: a list of (rows, length, tokens, row indices).

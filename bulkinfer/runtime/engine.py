@@ -96,7 +96,7 @@ class Engine:
       `track(output) -> busy.Ticket` (default: a `BusyClock`);
       `bulkinfer.testing.OutOfMemoryWhileRunning` fails batches while they run, as a device out of memory does.
     packed: run padding-free batches (`Bucketing.pack`): each variable-axis input arrives as its rows'
-      tokens end to end, [T, *rest], with batch["token_index"] [B, L], batch["segment_ids"] [T] and
+      tokens end to end, [T, *rest], with batch["token_index"] [B, L], batch["row_ids"] [T] and
       batch["positions"] [T] int32 saying where each token belongs (`inputs.pack`), and `fn` must still
       return [B, ...] per row.  Token-wise layers then compute no padding; only the [B, L] layout `fn`
       gathers for attention does.  Needs every variable axis to be axis 0 and one device on the mesh's
@@ -155,7 +155,7 @@ class Engine:
         # XLA options per executable for this platform (process.compiler_options; the user's XLA_FLAGS win).
         self.compiler_options = process.compiler_options(self._mesh.devices.flat[0].platform, os.environ,
                                                          packed=packed)
-        self._compiled: dict[tuple[int, int], Callable] = {}
+        self._compiled: dict[tuple[int, int, int | None], Callable] = {}  # (batch, length, tokens or None)
         self._row_shapes: dict[str, tuple[int, ...]] | None = None  # per-row output shapes, from the first compile
         self._max_in_flight = max(1, max_in_flight)
         self._lock = threading.Lock()
@@ -179,7 +179,7 @@ class Engine:
             spec[_inputs.MASK] = struct((batch, length), np.int32)
         if tokens:
             spec[_inputs.TOKEN_INDEX] = struct((batch, length), np.int32)
-            spec[_inputs.SEGMENT_IDS] = spec[_inputs.POSITIONS] = struct((tokens,), np.int32)
+            spec[_inputs.ROW_IDS] = spec[_inputs.POSITIONS] = struct((tokens,), np.int32)
         return spec
 
     def shapes(self) -> list[tuple]:
@@ -195,11 +195,8 @@ class Engine:
             if self._executables is not None:
                 exe = self._executables.load(self._key_parts(spec), list(self._mesh.devices.flat))
             if exe is None:
-                served = executables.jax_cache_hits() if self._executables is not None else 0
                 exe = self._compile(spec)
-                # Keyed by the options it compiled with (they may have been refused); not one JAX's cache
-                # served, which would not run once stored (executables.jax_cache_hits).
-                if self._executables is not None and executables.jax_cache_hits() == served:
+                if self._executables is not None:  # keyed by the options it compiled with (they may be refused)
                     self._executables.store(self._key_parts(spec), exe)
             self._check_outputs(exe.out_info, batch)
             self._compiled[key] = exe

@@ -1,17 +1,18 @@
 """Compiled executables on local disk, found without tracing or lowering: a warm process's fast start.
 
 JAX's persistent compilation cache is keyed by the lowered module, so every process still traces and
-lowers each batch shape before it can look the executable up: 40-145 ms per (batch, length) for MiniLM
-on a 2-core CPU, about 1.8 s for the 18 shapes of a 3,000-row job, spent before the first batch of each
-shape runs (RUNTIME.md section 8).  This cache is keyed instead by everything that decides the
+lowers each batch shape before it can look the executable up: about 1.7 s of main-thread time for the 23
+MiniLM shapes of a 3,000-row job on a 2-core CPU (RUNTIME.md section 8).  This cache is keyed instead by everything that decides the
 executable, known before tracing:
 
 - `code_key`: the caller's word for the function, e.g. `source_digest()` of the modules that define
   it plus the model's settings.  The caller vouches for it: a function whose code may change without a
   new key (a user's own function, which may call helpers anywhere) must not use this cache.
-- the parameters' tree structure, shapes, dtypes and shardings, and the batch's shapes and dtypes;
+- the parameters' tree structure, shapes, dtypes and shardings, and the batch's shapes, dtypes and
+  shardings; the source of the engine modules that wrap the function (`ENGINE_MODULES`);
 - the devices (ids, kind, platform, the mesh's axes) and the platform's version; on the CPU also the
-  host's model name and instruction-set flags, since XLA:CPU compiles for the host's own ISA;
+  host's model name and instruction-set flags (XLA:CPU compiles for the host's own ISA) and the number
+  of cores this process may use;
 - jax and jaxlib versions, the compile options, $XLA_FLAGS and the jax settings that change lowering.
 
     cache = ExecutableCache("/path/xla-cache/bulkinfer-executables", code_key)
@@ -23,8 +24,11 @@ sharing the directory never read a partial file.  Loading one unpickles it (jax'
 `serialize_executable`): keep the directory as private as the code it caches, as for JAX's own cache.
 A file that fails to load is logged and ignored (the caller compiles), never an error.
 
-An executable that JAX's own persistent cache served cannot be stored (`jax_cache_hits`), so a model
-using this cache should not also turn JAX's on for its compiles (`LoadedTextEmbedder` does not).
+Nothing is stored while JAX's own persistent cache is in use in the process (`jax_cache_in_use`): an
+executable it served fails to run once stored.  A model using this cache therefore leaves JAX's off
+(`LoadedTextEmbedder` does).  Files are written owner-only (the directory 0700, entries 0600), and a file
+that another user owns or others may write is not loaded.  Nothing is evicted: each change of the code
+key (a new bulkinfer version, say) adds a set of files; delete the directory to reclaim the space.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import os
 import pickle
 import platform
 import tempfile
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,6 +48,8 @@ import jax
 log = logging.getLogger(__name__)
 
 SUBDIR = "bulkinfer-executables"  # under a compilation cache directory
+# The modules that turn a function into the program compiled (jit, shardings, the batch layout).
+ENGINE_MODULES = ("bulkinfer.runtime.engine", "bulkinfer.runtime.inputs", "bulkinfer.runtime.sharding")
 # jax settings that change what a function lowers to (dtypes, precision, PRNG layout).
 _JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable",
                  "jax_default_prng_impl", "jax_numpy_dtype_promotion")
@@ -66,25 +71,13 @@ def _source(module: str) -> bytes:
     return Path(importlib.import_module(module).__file__).read_bytes()
 
 
-_thread = threading.local()
-
-
-@functools.cache
-def _watch_jax_cache() -> None:
-    """Registers (once) a listener noting, per thread, compiles that JAX's persistent cache served."""
-    def listener(event: str, **_):
-        if event == "/jax/compilation_cache/cache_hits":
-            _thread.jax_cache_hits = getattr(_thread, "jax_cache_hits", 0) + 1
-
-    jax.monitoring.register_event_listener(listener)
-
-
-def jax_cache_hits() -> int:
-    """Compiles on this thread that JAX's persistent compilation cache served, so far.  Such an executable
-    is deserialized, and serializing it again gives one that fails to run in another process (jaxlib
-    0.10.2 on the CPU: "NOT_FOUND: Function ... not found"), so it must not be stored here."""
-    _watch_jax_cache()
-    return getattr(_thread, "jax_cache_hits", 0)
+def jax_cache_in_use(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when JAX's own persistent compilation cache is configured in this process (its directory set
+    in jax's config or $JAX_COMPILATION_CACHE_DIR).  An executable compiled then may be one that cache
+    served (also through jit's in-memory cache, which reports no event); serialized again, such an
+    executable fails to run in another process (jaxlib 0.10.2 on the CPU: "NOT_FOUND: Function ... not
+    found").  So nothing is stored while it is in use."""
+    return bool(jax.config.jax_compilation_cache_dir or environ.get("JAX_COMPILATION_CACHE_DIR"))
 
 
 @functools.cache
@@ -108,7 +101,8 @@ def key_parts(*, params, batch_spec: Mapping, mesh, compiler_options: Mapping[st
     param_types = [(tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", None))) for x in leaves]
     parts = {
         "params": f"{tree}\n{param_types}",
-        "batch": repr(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch_spec.items())),
+        "batch": repr(sorted((k, tuple(v.shape), str(v.dtype), str(v.sharding)) for k, v in batch_spec.items())),
+        "engine": source_digest(*ENGINE_MODULES),
         "devices": repr([(d.id, d.platform, d.device_kind) for d in devices]) + repr(dict(mesh.shape)),
         "platform": f"{client.platform} {client.platform_version}",
         "versions": f"jax {jax.__version__} jaxlib {jax.lib.__version__}",
@@ -117,7 +111,7 @@ def key_parts(*, params, batch_spec: Mapping, mesh, compiler_options: Mapping[st
         "settings": repr([(k, str(getattr(jax.config, k, None))) for k in _JAX_SETTINGS]),
     }
     if client.platform == "cpu":
-        parts["host"] = _host_cpu()
+        parts["host"] = f"{_host_cpu()}\ncores {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
     return parts
 
 
@@ -155,6 +149,12 @@ class ExecutableCache:
 
         path = self._path(parts)
         try:
+            info = path.stat()
+            if info.st_mode & 0o022 or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+                log.warning("not loading the cached executable %s: another user owns it or others may write it "
+                            "(mode %o); compiling instead", path, info.st_mode & 0o777)
+                self.misses += 1
+                return None
             blob = path.read_bytes()
         except FileNotFoundError:
             self.misses += 1
@@ -177,13 +177,16 @@ class ExecutableCache:
         return exe
 
     def store(self, parts: Mapping[str, str], compiled: jax.stages.Compiled) -> bool:
-        """Writes `compiled` under these parts; False (logged) when it cannot be serialized or written."""
+        """Writes `compiled` under these parts; False when JAX's own cache is in use (`jax_cache_in_use`),
+        or (logged) when it cannot be serialized or written."""
         from jax.experimental import serialize_executable
 
+        if jax_cache_in_use():
+            return False
         path = self._path(parts)
         try:
             blob = pickle.dumps(serialize_executable.serialize(compiled))
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=path.name, suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:

@@ -20,8 +20,8 @@ import numpy as np
 
 MASK = "mask"  # the batch key of the [B, L] int32 mask; no input may use it
 # The other keys of a packed batch (`pack`); no input may use them either.
-TOKEN_INDEX, SEGMENT_IDS, POSITIONS = "token_index", "segment_ids", "positions"
-RESERVED = (MASK, TOKEN_INDEX, SEGMENT_IDS, POSITIONS)
+TOKEN_INDEX, ROW_IDS, POSITIONS = "token_index", "row_ids", "positions"
+RESERVED = (MASK, TOKEN_INDEX, ROW_IDS, POSITIONS)
 
 # Per input name: (per-row shape, None marking the variable axis; numpy dtype name).
 InputSpec = Mapping[str, tuple[tuple[int | None, ...], str]]
@@ -158,11 +158,12 @@ def pad(specs: Sequence[Input], arrays: Mapping[str, object], rows: np.ndarray, 
 
 def pack(specs: Sequence[Input], arrays: Mapping[str, object], rows: np.ndarray, lengths: np.ndarray,
          batch: int, length: int, tokens: int) -> dict[str, np.ndarray]:
-    """The padding-free batch for `rows` (see `PACKED_KEYS`): each variable-axis input as its rows' tokens
+    """The padding-free batch for `rows` (its keys: `RESERVED`): each variable-axis input as its rows' tokens
     end to end, [tokens, *rest] (pad values after the last real token); each fixed-shape input [batch,
     ...] as in `pad`; "mask" [batch, length] int32; "token_index" [batch, length] int32, the position in
-    [tokens] of each row's token, `tokens` (out of range) on padding; "segment_ids" [tokens] int32, the row
-    of each token, `batch` (out of range) after the last real one; "positions" [tokens] int32, each
+    [tokens] of each row's token, `tokens` (out of range) on padding; "row_ids" [tokens] int32, the row
+    (0-based slot) of each token, `batch` (out of range) after the last real one (not the 1-based
+    segment ids with 0 for padding of T5X and MaxText); "positions" [tokens] int32, each
     token's position in its row.  Needs every variable axis to be axis 0 (`Engine` checks)."""
     n = len(rows)
     total = int(lengths.sum())
@@ -172,11 +173,11 @@ def pack(specs: Sequence[Input], arrays: Mapping[str, object], rows: np.ndarray,
     mask[:n] = np.arange(length)[None, :] < lengths[:, None]
     token_index = np.full((batch, length), tokens, np.int32)  # [B, L]
     token_index[:n] = np.where(mask[:n], starts[:, None] + np.arange(length)[None, :], tokens)
-    segment_ids = np.full(tokens, batch, np.int32)  # [T]
-    segment_ids[:total] = np.repeat(np.arange(n, dtype=np.int32), lengths)
+    row_ids = np.full(tokens, batch, np.int32)  # [T]
+    row_ids[:total] = np.repeat(np.arange(n, dtype=np.int32), lengths)
     positions = np.zeros(tokens, np.int32)  # [T]
     positions[:total] = np.arange(total) - np.repeat(starts, lengths)
-    packed = {MASK: mask, TOKEN_INDEX: token_index, SEGMENT_IDS: segment_ids, POSITIONS: positions}
+    packed = {MASK: mask, TOKEN_INDEX: token_index, ROW_IDS: row_ids, POSITIONS: positions}
     for spec in specs:
         value = arrays[spec.name]
         if spec.axis is None:

@@ -35,7 +35,8 @@ WORKER_LOCAL = "worker-local"  # compilation_cache_dir: the default cache of the
 # emitter.  Measured with bench/xla_cpu.py on an AMD EPYC (Zen 4, AVX-512), jax 0.10.2, one thread, MiniLM:
 # CPU seconds per 16 x 128 batch 574 vs 677 ms (ONNX Runtime fp32: 554); 32 x 32 unchanged (RUNTIME.md, 7).
 # Packed batches (RUNTIME.md, 9) have no long padded attention and their 2-D dots run faster under XLA's own
-# emitter (2-6% less CPU time per batch at every length), so they compile with XLA's defaults.
+# emitter (3-5% less CPU time per batch at every length: `bench/xla_cpu.py packed`), so they compile with XLA's
+# defaults.
 XLA_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 DEFAULTS_ENV = "BULKINFER_XLA_DEFAULTS"  # "0": compile with XLA's own defaults only
 

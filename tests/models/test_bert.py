@@ -114,3 +114,17 @@ def test_a_local_compilation_cache_keeps_the_engines_executables(minilm_spec, tm
     assert "pooling=mean" in cache.code_key and executables.source_digest(
         "bulkinfer.models.text", "bulkinfer.models.bert") in cache.code_key
     assert dataclasses.replace(minilm_spec, compilation_cache_dir=None).load().engine._executables is None
+
+
+def test_packing_is_on_by_default_for_one_cpu_device(minilm, minilm_spec):
+    import dataclasses
+
+    import jax
+
+    assert minilm_spec.packed is None
+    assert minilm.engine.packed == (jax.default_backend() == "cpu" and len(jax.local_devices()) == 1)
+    assert minilm.engine.compiler_options == {}  # packed batches compile with XLA's own options
+    off = dataclasses.replace(minilm_spec, packed=False).load()
+    assert not off.engine.packed
+    np.testing.assert_allclose(off.embed(["a short text", "and a longer one, with more words in it"]),
+                               minilm.embed(["a short text", "and a longer one, with more words in it"]), atol=2e-6)

@@ -50,6 +50,17 @@ def test_every_row_is_packed_once_within_its_batch_shape(lengths):
         assert lengths.sum() / computed >= 0.9 and computed < padded
 
 
+@pytest.mark.parametrize("bucketing", [Bucketing(lengths=(512,), token_budget=1024),
+                                       Bucketing(lengths=(16, 32, 64, 128), token_budget=256, ladder=2),
+                                       Bucketing().for_max_length(256)])
+def test_attention_layouts_stay_within_twice_the_token_budget(bucketing):
+    # Without the cap, a first bucket of 512 would get 1024 row slots of 512 positions.
+    lengths = np.random.default_rng(2).integers(1, bucketing.lengths[-1] + 1, 400)
+    shapes = bucketing.packed_shapes()
+    assert all(rows * length <= 2 * bucketing.token_budget for rows, length, _ in shapes)
+    assert {(r, n, t) for r, n, t, _ in bucketing.pack(lengths)} <= set(shapes)
+
+
 def test_a_row_longer_than_the_last_bucket_is_an_error_naming_it():
     with pytest.raises(ValueError, match="row 1 has 17 tokens; the longest bucket is 16"):
         BUCKETS.pack(np.array([3, 17]))
@@ -62,7 +73,7 @@ def test_the_packed_batch_says_where_every_token_belongs():
     rows, lengths = np.array([2, 0]), np.array([2, 3])
     b = _inputs.pack(specs, arrays, rows, lengths, batch=3, length=4, tokens=8)
     np.testing.assert_array_equal(b["ids"], [9, 10, 5, 6, 7, -1, -1, -1])  # [T]: rows end to end, then pads
-    np.testing.assert_array_equal(b["segment_ids"], [0, 0, 1, 1, 1, 3, 3, 3])  # filler tokens: row B (3)
+    np.testing.assert_array_equal(b["row_ids"], [0, 0, 1, 1, 1, 3, 3, 3])  # filler tokens: row B (3)
     np.testing.assert_array_equal(b["positions"], [0, 1, 0, 1, 2, 0, 0, 0])
     np.testing.assert_array_equal(b["token_index"], [[0, 1, 8, 8], [2, 3, 4, 8], [8, 8, 8, 8]])  # padding: T
     np.testing.assert_array_equal(b["mask"], [[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]])
@@ -105,12 +116,13 @@ def test_warmup_compiles_every_packed_shape_and_runs_compile_nothing(model):
 def test_out_of_memory_while_running_halves_the_tokens_and_loses_no_row(model, rows, caplog):
     fn, params = model
     want = run(Engine(fn, params, inputs=TINY_BERT_INPUTS, bucketing=BUCKETS), rows)
-    clock = OutOfMemoryWhileRunning(max_rows=16)  # packed batches: their first leaf is input_ids [T]
+    clock = OutOfMemoryWhileRunning(max_rows=16)  # batches whose output has more than 16 row slots fail
     engine = Engine(fn, params, inputs=TINY_BERT_INPUTS, bucketing=BUCKETS, packed=True, clock=clock)
     with caplog.at_level(logging.WARNING, logger="bulkinfer.runtime.engine"):
         got = run(engine, rows)
     np.testing.assert_allclose(got, want, atol=2e-6)
-    assert clock.failures >= 1 and engine.bucketing.token_budget <= 16
+    assert clock.failures >= 1 and engine.bucketing.token_budget < BUCKETS.token_budget
+    assert max(rows for rows, _, _ in engine.bucketing.packed_shapes()) <= 16
     assert "tokens) (token_budget 64); halving the token budget" in caplog.text
 
 

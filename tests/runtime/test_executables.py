@@ -37,10 +37,17 @@ def test_a_fresh_process_runs_the_stored_executables_untraced(tmp_path):
     second = check(tmp_path, "second", "--executables", store)
     assert second["traces"] == 0 and second["hits"] == second["compiles"] == first["compiles"]
     np.testing.assert_array_equal(second["out"], first["out"])
+    # Entries are the owner's alone; one that others may write is not loaded (it is compiled instead).
+    entries = sorted(Path(store).glob("*.exe"))
+    assert all(e.stat().st_mode & 0o077 == 0 for e in entries) and Path(store).stat().st_mode & 0o077 == 0
+    entries[0].chmod(0o666)
+    third = check(tmp_path, "third", "--executables", store)
+    assert (third["hits"], third["misses"], third["traces"]) == (first["compiles"] - 1, 1, 1)
+    np.testing.assert_array_equal(third["out"], first["out"])
 
 
-def test_an_executable_served_by_jax_cache_is_not_stored(tmp_path):
-    # Stored, it would fail to run in the next process (executables.jax_cache_hits says why).
+def test_nothing_is_stored_while_jax_cache_is_in_use(tmp_path):
+    # An executable JAX's cache served would fail to run in the next process (executables.jax_cache_in_use).
     jax_cache = str(tmp_path / "jax")
     warm = check(tmp_path, "warm", "--jax-cache", jax_cache)
     both = check(tmp_path, "both", "--jax-cache", jax_cache, "--executables", str(tmp_path / "exe"))
@@ -63,6 +70,7 @@ def test_the_key_holds_what_decides_an_executable(tmp_path, monkeypatch):
         assert cache._path(ex.key_parts(**{**base, **change})) != path, change
     assert ex.ExecutableCache(tmp_path, "other code")._path(ex.key_parts(**base)) != path
     assert jax.__version__ in ex.key_parts(**base)["versions"]
+    assert ex.key_parts(**base)["engine"] == ex.source_digest(*ex.ENGINE_MODULES)  # jit and batch layout code
     monkeypatch.setattr(ex, "_host_cpu", lambda: "x86_64\nflags : sse2")  # XLA:CPU compiles for the host's ISA
     assert cache._path(ex.key_parts(**base)) != path
 
