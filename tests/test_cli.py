@@ -148,8 +148,8 @@ def test_digits_labels_held_out_images_with_their_targets_kept(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-model"], "neither a built-in name (digits, minilm) nor a directory"),
     (["--model", "minilm", "--input", "/nonexistent/*.jsonl"], "no input file matches"),
-    (["--model", "digits", "--packing", "on"], "--packing apply to text models only, not to 'digits'"),
-    (["--server", "http://127.0.0.1:1", "--packing", "off"], "--packing configure the local engine"),
+    (["--model", "digits", "--packing", "on"], "--packing applies to text models only, not to 'digits'"),
+    (["--server", "http://127.0.0.1:1", "--packing", "off"], "--packing configures the local engine and does not apply"),
 ])
 def test_bad_configuration_is_one_clear_line(tmp_path, args, message):
     base = {"--model": "minilm", "--input": str(ROOT / "data/sample/part-0.jsonl"), "--output": str(tmp_path / "o")}
@@ -252,6 +252,8 @@ def test_compilation_cache_defaults_to_each_workers_own_cache_dir(monkeypatch, t
     # The launcher's home never travels to workers: the spec says "worker-local", resolved on the worker.
     assert _compilation_cache(None) == WORKER_LOCAL
     assert _compilation_cache("none") is None and _compilation_cache("/x") == "/x"
+    monkeypatch.chdir(tmp_path)  # a relative path is the launcher's, made absolute as --input and --output are
+    assert _compilation_cache("rel") == str(tmp_path / "rel") and _compilation_cache("gs://b/x") == "gs://b/x"
     worker = {"XDG_CACHE_HOME": str(tmp_path)}
     assert compilation_cache_dir(_compilation_cache(None), worker) == str(tmp_path / "bulkinfer" / "xla")
     assert compilation_cache_dir(WORKER_LOCAL, {**worker, "JAX_COMPILATION_CACHE_DIR": "/elsewhere"}) is None
@@ -349,3 +351,13 @@ def test_a_kept_field_an_output_would_overwrite_is_a_bad_setting_not_a_wave_to_r
                  "--keep-fields", "label"]) == 2
     err = capsys.readouterr().err
     assert "keep_fields ['label'] would be overwritten" in err and "rerun" not in err
+
+
+def test_a_token_budget_below_the_default_ladder_is_taken_and_zero_is_a_flag_error(tmp_path):
+    from bulkinfer.cli.jobs import _budget_bucketing
+
+    # The default ladder reaches 512; a budget of 256 cuts it there (MiniLM's own max length caps it again).
+    assert _budget_bucketing(256).lengths[-1] == 256 and _budget_bucketing(256).for_max_length(128).token_budget == 256
+    proc = bulkinfer("run", "--model", "minilm", "--input", str(ROOT / "data/sample/part-0.jsonl"),
+                     "--output", str(tmp_path / "o"), "--token-budget", "0")
+    assert proc.returncode == 2 and "--token-budget: '0' must be > 0" in proc.stderr

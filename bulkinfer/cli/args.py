@@ -4,6 +4,7 @@ check that the flags a job's parser did not take are Beam pipeline options."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -58,20 +59,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate texts to this many tokens (default: the model's max_seq_length)")
-    p.add_argument("--token-budget", type=int, default=None,
+    p.add_argument("--token-budget", type=_positive(int), default=None,
                    help="tokens per device batch: rows x padded length, or tokens end to end when packed "
                         "(default: 1024 on the CPU, 2048 on an accelerator: Bucketing.for_platform)")
     p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
                    help="padding-free batches for text models: rows' tokens end to end, so the token-wise layers "
-                        "compute no padding (auto: on when the engine runs on the CPU and splits no batch over "
-                        "devices; RUNTIME.md section 9)")
+                        "compute no padding (default auto: on when the engine runs on the CPU and splits no batch "
+                        "over devices; outputs equal padded ones to float32 rounding; RUNTIME.md section 9)")
     p.add_argument("--warmup", action="store_true", help="compile every batch shape before taking data")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
                    help="persistent XLA compilation cache, shared across runs and processes, so each batch "
                         "shape compiles once per machine; a path every worker can use (local or gs://...) "
                         "(default: each worker's own $JAX_COMPILATION_CACHE_DIR, $XDG_CACHE_HOME/bulkinfer/xla "
                         "or ~/.cache/bulkinfer/xla; 'none' turns it off).  In a local directory a text "
-                        "model also keeps its compiled executables, so a warm process skips tracing too")
+                        "model keeps its compiled executables in DIR/bulkinfer-executables, so a warm process "
+                        "skips tracing too; they are unpickled when loaded, so keep DIR private")
 
 
 def _duration(value: str) -> float:
@@ -118,7 +120,9 @@ def _compilation_cache(value: str | None) -> str | None:
     from bulkinfer.runtime.process import WORKER_LOCAL
 
     if value is not None:
-        return None if value.lower() == "none" else value
+        if value.lower() == "none":
+            return None
+        return value if "://" in value else os.path.abspath(value)  # a relative path means the launcher's
     return WORKER_LOCAL
 
 

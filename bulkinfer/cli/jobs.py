@@ -14,18 +14,26 @@ def _model(args):
     """The model spec for --model and the engine flags; text-only flags on another model are an error."""
     from bulkinfer.models.registry import BUILTIN_FUNCTIONS
     from bulkinfer.models.resolve import model_spec
-    from bulkinfer.runtime import Bucketing
 
     settings = dict(warmup=args.warmup, compilation_cache_dir=_compilation_cache(args.compilation_cache))
     text_only = {"--dtype": ("dtype", args.dtype if args.dtype != "float32" else None),
                  "--max-length": ("max_length", args.max_length),
-                 "--token-budget": ("bucketing", args.token_budget and Bucketing(token_budget=args.token_budget)),
+                 "--token-budget": ("bucketing", args.token_budget and _budget_bucketing(args.token_budget)),
                  "--packing": ("packed", {"auto": None, "on": True, "off": False}[args.packing])}
     given = {flag: kv for flag, kv in text_only.items() if kv[1] is not None}
     if args.model in BUILTIN_FUNCTIONS and given:
-        raise ValueError(f"{', '.join(given)} apply to text models only, not to {args.model!r}")
+        raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to text models only, "
+                         f"not to {args.model!r}")
     settings.update(dict(given.values()))
     return model_spec(args.model, **settings)
+
+
+def _budget_bucketing(token_budget: int):
+    """The default length ladder cut at --token-budget (the model's max length caps it again at load)."""
+    from bulkinfer.runtime import DEFAULT_LENGTHS, Bucketing
+
+    return Bucketing(token_budget=token_budget,
+                     lengths=tuple(n for n in DEFAULT_LENGTHS if n < token_budget) + (token_budget,))
 
 
 def _job_model(args):
@@ -36,7 +44,8 @@ def _job_model(args):
                                      ("--dtype", args.dtype != "float32"), ("--packing", args.packing != "auto"),
                                      ("--processes-per-accelerator", args.processes_per_accelerator)) if v]
         if local_only:
-            raise ValueError(f"{', '.join(local_only)} configure the local engine and do not apply with --server; "
+            verb = "configures the local engine and does" if len(local_only) == 1 else "configure the local engine and do"
+            raise ValueError(f"{', '.join(local_only)} {verb} not apply with --server; "
                              "pass them to `bulkinfer serve` instead")
         from bulkinfer.serve.client import RemoteModel, RetryPolicy
 

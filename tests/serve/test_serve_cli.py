@@ -17,7 +17,7 @@ def test_serve_help_names_the_routes_and_knobs(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["run", "--model", "minilm", "--server", "http://127.0.0.1:1", "--warmup", "--input", "x.jsonl",
-      "--output", "o"], "--warmup configure the local engine"),
+      "--output", "o"], "--warmup configures the local engine"),
     (["run", "--model", "minilm", "--server-token", "t", "--input", "x.jsonl", "--output", "o"],
      "--server-token needs --server"),
     (["run", "--model", "minilm", "--server", "localhost:8000", "--input", "x.jsonl", "--output", "o"],
