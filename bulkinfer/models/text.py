@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ from bulkinfer.models.signature import TEXT, TensorSpec
 from bulkinfer.runtime import Bucketing, Engine
 from bulkinfer.runtime.executables import ExecutableCache, source_digest
 from bulkinfer.runtime.process import compilation_cache_dir, use_compilation_cache
+
+log = logging.getLogger(__name__)
 
 _DTYPES = ("float32", "bfloat16")
 INPUT, OUTPUT = "text", "embedding"  # the text family's tensor names (row fields by default)
@@ -107,6 +110,9 @@ class TextEmbedder:
         settings = checkpoint.sentence_settings(directory, config)  # checks Dense modules too
         checkpoint.load_tokenizer(directory, settings.max_length)
         checkpoint.check_bert_shapes(checkpoint.safetensors_shapes(directory), config)
+        if self.max_length is not None and self.max_length > config.max_tokens:
+            log.warning("max_length %d is more than the %d positions of %s's position table; texts are truncated "
+                        "at %d tokens", self.max_length, config.max_tokens, self.name, config.max_tokens)
 
     def load(self) -> LoadedTextEmbedder:
         # The launcher's path may not exist here (a remote worker, a moved venv): find the model by content.

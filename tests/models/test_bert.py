@@ -128,3 +128,17 @@ def test_packing_is_on_by_default_for_one_cpu_device(minilm, minilm_spec):
     assert not off.engine.packed
     np.testing.assert_allclose(off.embed(["a short text", "and a longer one, with more words in it"]),
                                minilm.embed(["a short text", "and a longer one, with more words in it"]), atol=2e-6)
+
+
+def test_a_max_length_past_the_position_table_is_named_in_a_warning(caplog):
+    import logging
+
+    from bulkinfer import TextEmbedder
+
+    with caplog.at_level(logging.WARNING, logger="bulkinfer.models.text"):
+        TextEmbedder.from_name("minilm", max_length=1000)
+    assert "max_length 1000 is more than the 512 positions of minilm's position table" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bulkinfer.models.text"):
+        TextEmbedder.from_name("minilm", max_length=128)
+    assert "max_length" not in caplog.text
