@@ -16,7 +16,7 @@ _EXPORTS = {
     "BulkInference": "bulkinfer.beam.transform",
     "Guarded": "bulkinfer.beam.guard",
     "decode_image": "bulkinfer.models.images",
-    "Evaluate": "bulkinfer.tasks.evaluate",
+    "Evaluate": "bulkinfer.tasks.evaluate_transform",
     "JaxModel": "bulkinfer.models.jax_model",
     "JaxModelHandler": "bulkinfer.beam.handler",
     "Rebatch": "bulkinfer.beam.batch",
