@@ -43,7 +43,8 @@ from bulkinfer.metrics.drift import stats_drift
 from bulkinfer.metrics.prediction_stats import DEFAULT_SAMPLE, QUANTILES, PredictionStats
 from bulkinfer.metrics.sketches import DEFAULT_K
 from bulkinfer.tasks import run as run_job
-from bulkinfer.tasks.evaluate import RenameFields, empty_slice_warnings
+from bulkinfer.tasks.evaluate import empty_slice_warnings
+from bulkinfer.tasks.evaluate_transform import RenameFields
 from bulkinfer.tasks.fields import column, vectors
 from bulkinfer.tasks.run import JobFailed, JobSpec
 
