@@ -2,14 +2,16 @@
 
     JAX_PLATFORMS=cpu .venv-bench/bin/python bench/budget.py --budgets 512,1024,2048,4096 --repeats 3
     JAX_PLATFORMS=cpu .venv-bench/bin/python bench/budget.py --budgets 1024 --packing off,on --repeats 5
+    JAX_PLATFORMS=cpu .venv-bench/bin/python bench/budget.py --budgets 1024 --in-flight 0,2 --repeats 5
 
-Each (budget, packing) gets its own loaded engine (same weights, the default length ladder capped at the model's max
+Each (budget, packing, batches in flight) gets its own loaded engine (same weights, the default length ladder capped at the model's max
 length), every shape compiled before timing.  The timed call is `engine.run` over the pre-tokenized corpus
 (real English text, `bench/corpus.real_texts`, and the synthetic mix, `bench/corpus.texts`), the budgets
 interleaved round by round so that a change of machine load hits them alike; each row keeps its best
 round.  Prints one JSON object: rows/s, CPU ms per row (this process's, over that round), padding
 efficiency (real / computed tokens) and batches per (corpus, budget/packing), and each row's rows/s over
-the base row's (budget 2048 with the first packing listed: the default before `Bucketing.for_platform`),
+the base row's (budget 2048 with the first packing and in-flight count listed; 2048 was the default
+before `Bucketing.for_platform`); rows are named budget/packing, plus /in-flight count when several are given,
 with the 1-minute load average and this process's cores.  Run it with `taskset -c 0` to see one core.
 """
 
@@ -37,17 +39,24 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each budget keeps its best")
     parser.add_argument("--packing", default="on",
                         help="comma-separated: on (padding-free batches, the CPU default), off (padded)")
+    parser.add_argument("--in-flight", default="2",
+                        help="comma-separated max_in_flight values (batches dispatched ahead, each on its own "
+                             "thread; 0: one batch at a time); default 2, the engine's")
     parser.add_argument("--synthetic-rows", type=int, default=3000)
     args = parser.parse_args(argv)
     budgets = sorted({int(b) for b in args.budgets.split(",")} | {BASE})
     packings = list(dict.fromkeys(p.strip() for p in args.packing.split(",")))
     if set(packings) - {"on", "off"}:
         parser.error(f"--packing takes on and off, got {args.packing!r}")
+    in_flights = list(dict.fromkeys(int(m) for m in args.in_flight.split(",")))
     corpora = {"real": corpus.real_texts()[0], "synthetic": corpus.texts(args.synthetic_rows, seed=0)}
-    engines = {f"{b}/{p}": LoadedTextEmbedder(TextEmbedder.from_name("minilm", bucketing=Bucketing(token_budget=b),
-                                                                      packed=p == "on"))
-               for b in budgets for p in packings}
-    base = f"{BASE}/{packings[0]}"
+    def name(b, p, m):
+        return f"{b}/{p}" + (f"/{m}" if len(in_flights) > 1 else "")
+
+    engines = {name(b, p, m): LoadedTextEmbedder(TextEmbedder.from_name(
+        "minilm", bucketing=Bucketing(token_budget=b), packed=p == "on", max_in_flight=m))
+               for b in budgets for p in packings for m in in_flights}
+    base = name(BASE, packings[0], in_flights[0])
     seqs = {name: engines[base].tokenize(texts) for name, texts in corpora.items()}
     for loaded in engines.values():
         loaded.engine.warmup()

@@ -51,7 +51,8 @@ class TextEmbedder:
     dtype: compute dtype of the encoder ("float32" or "bfloat16"); pooling is always float32.
     bucketing: the static shapes the engine may run; None: `Bucketing.for_platform` of the platform the
       model loads on (a smaller token budget on the CPU than on an accelerator).
-    max_in_flight: batches dispatched ahead of the one the host waits for (pipelined dispatch).
+    max_in_flight: batches dispatched ahead of the one the host waits for (pipelined dispatch), each by a
+      thread of its own: on the CPU they compute at once (`Engine`); 0 runs one batch at a time.
     warmup: compile every shape at load time instead of on first use.
     compilation_cache_dir: a persistent XLA compilation cache shared across processes and runs: a path
       every worker can use (local, gs://...), or `bulkinfer.runtime.process.WORKER_LOCAL` for each worker's

@@ -17,9 +17,12 @@ rows alone (`Bucketing.for_rows`: a full batch size and a few halvings, the last
 smallest that holds it).  It compiles each shape once (explicitly, so a new shape is visible in
 `stats.compiles`), splits every input's leading axis over the "data" axis of a device mesh (and, with
 `model_parallel > 1`, the parameters over its "model" axis), and keeps `max_in_flight` batches
-dispatched ahead of the one whose result it waits for.  JAX dispatch is asynchronous (on CPU too), so
-while batch i computes the host pads batch i+1, and batch i-1's result is already on its way back
-(`copy_to_host_async` right after dispatch) before the host asks for it.
+dispatched ahead of the one whose result it waits for.  Each batch in flight is padded and dispatched
+by a thread of its own.  Dispatch is asynchronous, so while batch i computes, batch i+1 is padded and
+batch i-1's result is already on its way back (`copy_to_host_async` right after dispatch).  On the
+CPU the threads matter more: XLA:CPU runs the batches of one dispatching thread one after another,
+those of several threads at once, so the batches in flight fill the cores that one batch's serial
+stretches leave idle (RUNTIME.md section 2; `max_in_flight=0` runs one batch at a time).
 
 When a batch runs out of device memory (at compile or at run time) the engine halves the token budget
 for the rest of the run (`Bucketing.halved`: same lengths, half the batch sizes), replans that batch's
@@ -45,6 +48,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -68,7 +72,7 @@ class _InFlight:
     rows: np.ndarray  # [n] indices into the caller's rows
     shape: tuple  # (batch, length), or (batch, length, tokens) when packed
     budget: int  # token budget of the bucketing that planned it
-    ticket: object  # busy.Ticket
+    dispatched: Future  # of its busy.Ticket: the dispatch thread pads, calls the executable and tracks it
 
 
 class Engine:
@@ -88,6 +92,8 @@ class Engine:
       Without a variable axis it must be `Bucketing.for_rows(...)` (lengths (1,): rows alone).
     pad_values: per input, the value of padded positions and filler rows (default 0).
     output_name: the key of a single-array output in `run`'s result.
+    max_in_flight: batches dispatched ahead of the one whose result the host waits for, each by a
+      thread of its own (on the CPU they compute at once); 0 runs one batch at a time.
     devices: the devices to use (default: all local devices).
     model_parallel: size of the mesh's "model" axis; the data axis gets the rest of the devices.
     param_spec: (path, leaf) -> PartitionSpec splitting a parameter along "model" (or None to
@@ -106,8 +112,8 @@ class Engine:
       compile.  None: every shape is traced and lowered (JAX's own persistent cache, if set, still
       skips the XLA compile).
 
-    Raises ValueError for a bad input declaration, and for a fixed-shape-only model given a bucketing
-    over lengths.
+    Raises ValueError for a bad input declaration, a negative max_in_flight, and for a fixed-shape-only
+    model given a bucketing over lengths.
     """
 
     def __init__(
@@ -127,6 +133,8 @@ class Engine:
         executable_cache: executables.ExecutableCache | None = None,
         packed: bool = False,
     ):
+        if max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be >= 0, got {max_in_flight}")
         if model_parallel > 1 and param_spec is None:
             raise ValueError(f"model_parallel={model_parallel} needs a param_spec saying how to split parameters")
         self._inputs = _inputs.parse(inputs, pad_values)
@@ -157,7 +165,8 @@ class Engine:
                                                          packed=packed)
         self._compiled: dict[tuple[int, int, int | None], Callable] = {}  # (batch, length, tokens or None)
         self._row_shapes: dict[str, tuple[int, ...]] | None = None  # per-row output shapes, from the first compile
-        self._max_in_flight = max(1, max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._clock = clock if clock is not None else BusyClock()
         self._executables = executable_cache
@@ -307,22 +316,28 @@ class Engine:
 
         def drain_one():
             job = pending.popleft()
-            job.ticket.wait()
-            error = job.ticket.error
+            try:
+                ticket = job.dispatched.result()  # raises what padding or the call raised
+                ticket.wait()
+                error = ticket.error
+            except Exception as e:
+                error = e
             if error is not None:
                 if not is_out_of_memory(error):
+                    for other in pending:  # not yet started: do not run them; started ones finish unread
+                        other.dispatched.cancel()
                     raise error
                 self._back_off(job.budget, job.shape, error, call)
                 todo.append(job.rows)
                 return
-            for name, value in job.ticket.output.items():
+            for name, value in ticket.output.items():
                 host = np.asarray(value)  # [B, ...]; already copied, does not block
                 if name not in out:
                     out[name] = np.empty((n,) + host.shape[1:], host.dtype)
                 out[name][job.rows] = host[: len(job.rows)]
             call.batches += 1
             call.padded_tokens += job.shape[2] if self.packed else job.shape[0] * job.shape[1]
-            call.busy_s += job.ticket.busy_s
+            call.busy_s += ticket.busy_s
 
         while todo or pending:
             if not todo:
@@ -337,11 +352,6 @@ class Engine:
                 shape = (batch, length, tokens) if self.packed else (batch, length)
                 try:
                     exe = self._executable(batch, length, tokens)
-                    if self.packed:
-                        batch_in = _inputs.pack(self._inputs, arrays, rows, lengths[rows], batch, length, tokens)
-                    else:
-                        batch_in = _inputs.pad(self._inputs, arrays, rows, lengths[rows], batch, length)
-                    output = exe(self._params, batch_in)  # async: returns before the batch is computed
                 except Exception as e:
                     if not is_out_of_memory(e):
                         raise
@@ -349,11 +359,8 @@ class Engine:
                     # This batch and the rest of the plan were cut for the old budget: replan them.
                     todo.append(np.concatenate([rows] + [group[rest] for *_, rest in plan[k + 1:]]))
                     break
-                if not isinstance(output, dict):
-                    output = {self._output_name: output}
-                for value in output.values():
-                    value.copy_to_host_async()
-                pending.append(_InFlight(rows, shape, bucketing.token_budget, self._clock.track(output)))
+                dispatched = self._dispatcher().submit(self._dispatch, exe, arrays, rows, lengths[rows], shape)
+                pending.append(_InFlight(rows, shape, bucketing.token_budget, dispatched))
                 if len(pending) > self._max_in_flight:
                     drain_one()
                     if self.bucketing is not bucketing and k + 1 < len(plan):
@@ -362,6 +369,29 @@ class Engine:
                         todo.append(np.concatenate([group[rest] for *_, rest in plan[k + 1:]]))
                         break
         return out
+
+    def _dispatcher(self) -> ThreadPoolExecutor:
+        """The threads that pad and dispatch batches, one per batch in flight (made on first use)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._max_in_flight + 1, thread_name_prefix="bulkinfer-dispatch")
+        return self._pool
+
+    def _dispatch(self, exe: Callable, arrays, rows: np.ndarray, lengths: np.ndarray, shape: tuple):
+        """On a dispatch thread: pads (or packs) one batch, calls its executable, starts the copy of its
+        outputs to the host and hands them to the clock.  Returns the clock's busy.Ticket.
+
+        XLA:CPU runs the batches one thread dispatches one after another, even though each call returns
+        at once; batches dispatched from different threads run at the same time (RUNTIME.md section 2)."""
+        if self.packed:
+            batch_in = _inputs.pack(self._inputs, arrays, rows, lengths, *shape)
+        else:
+            batch_in = _inputs.pad(self._inputs, arrays, rows, lengths, *shape)
+        output = exe(self._params, batch_in)  # on accelerators: returns before the batch is computed
+        if not isinstance(output, dict):
+            output = {self._output_name: output}
+        for value in output.values():
+            value.copy_to_host_async()
+        return self._clock.track(output)
 
     def _back_off(self, budget: int, shape: tuple, error: BaseException, call: EngineStats) -> None:
         """After an out-of-memory failure of a batch planned with `budget`: halve the budget (once per budget).

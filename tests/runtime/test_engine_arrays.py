@@ -3,6 +3,8 @@ token sequences.  Outputs are compared with the function called directly on the 
 
 import functools
 import logging
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -216,3 +218,35 @@ def test_outputs_that_are_not_per_row_are_refused_at_compile():
                     bucketing=Bucketing(lengths=(2, 4), token_budget=8, ladder=0))
     with pytest.raises(ValueError, match="must not depend on the bucket length"):
         engine.warmup()
+
+
+@pytest.mark.parametrize("max_in_flight", [0, 2])
+def test_batches_in_flight_run_at_once_and_zero_runs_one_at_a_time(max_in_flight):
+    """Each batch in flight has its own dispatch thread, so (on the CPU too) they compute at the same
+    time; a host callback that sleeps 50 ms inside each batch counts how many overlap."""
+    lock, running = threading.Lock(), {"now": 0, "peak": 0}
+
+    def slow_identity(x):
+        with lock:
+            running["now"] += 1
+            running["peak"] = max(running["peak"], running["now"])
+        time.sleep(0.05)
+        with lock:
+            running["now"] -= 1
+        return x
+
+    def fn(params, batch):  # [B, 2] float32 -> [B, 2] float32
+        x = jax.pure_callback(slow_identity, jax.ShapeDtypeStruct(batch["x"].shape, jnp.float32), batch["x"])
+        return x * params["w"]
+
+    engine = Engine(fn, {"w": np.float32(3.0)}, inputs={"x": ((2,), "float32")},
+                    bucketing=Bucketing.for_rows(batch_size=4, ladder=0), max_in_flight=max_in_flight)
+    x = np.arange(48, dtype=np.float32).reshape(24, 2)  # 6 batches of 4 rows
+    np.testing.assert_array_equal(engine.run({"x": x})["output"], 3 * x)
+    assert running["peak"] == max_in_flight + 1
+
+
+def test_a_negative_max_in_flight_is_refused(model):
+    fn, params = model
+    with pytest.raises(ValueError, match="max_in_flight must be >= 0, got -1"):
+        Engine(fn, params, inputs=PIXELS, bucketing=ROWS8, max_in_flight=-1)
