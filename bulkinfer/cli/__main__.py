@@ -1,7 +1,5 @@
 """`python -m bulkinfer.cli`: the same as the `bulkinfer` command."""
 
-import sys
+from bulkinfer.cli import entry
 
-from bulkinfer.cli import main
-
-sys.exit(main())
+entry()

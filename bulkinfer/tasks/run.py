@@ -267,7 +267,8 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
     elapsed = time.perf_counter() - t0
     records = {key: r for key, r in commit.committed(job.out).items() if key in keys}
     outputs = [FileSystems.join(job.out, f) for r in records.values() for f in r["files"]]
-    duplicates = commit.count_duplicate_ids(outputs, job.id_field, runner=_default_runner(options), options=options)
+    # Counted in this process for the embedded runner (the job's workers were here too), else on the job's runner.
+    duplicates = commit.count_duplicate_ids(outputs, job.id_field, options=None if embedded else options)
     report = make_report(records, plan, counters, elapsed=elapsed, model=getattr(model, "name", str(model)),
                          runner=runner_name, duplicate_ids=duplicates)
     _write_json(FileSystems.join(job.out, "report.json"), report)

@@ -78,3 +78,19 @@ def test_a_record_still_being_written_is_not_a_commit(tmp_path):
     (records / ".tmp-unit-a.json").write_text("")
     (records / "unit-b.json").write_text(json.dumps({"key": "unit-b", "rows_in": 3}))
     assert commit.committed(str(tmp_path)) == {"unit-b": {"key": "unit-b", "rows_in": 3}}
+
+
+def test_duplicate_ids_counted_in_process_and_by_a_pipeline_agree(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    pq.write_table(pa.table({"key": [str(i) for i in range(40)] + [None]}), tmp_path / "part-a-00000.parquet")
+    (tmp_path / "part-b-00000.jsonl").write_text("".join(json.dumps({"key": i}) + "\n" for i in range(30, 50)))
+    (tmp_path / "failed-b-00000.jsonl").write_text(json.dumps({"id": 7}) + "\n" + json.dumps({"id": None}) + "\n")
+    paths = [str(tmp_path / n) for n in ("part-a-00000.parquet", "part-b-00000.jsonl", "failed-b-00000.jsonl")]
+    # Output rows keep the id under `key`, dead letters under "id"; "7" and 7 are one id; nulls are not ids.
+    expected = 10 + 1  # 30..39 twice, and 7
+    assert commit.count_duplicate_ids(paths, "key") == expected
+    assert commit.count_duplicate_ids(paths, "key", runner=FnApiRunner(), buckets=4) == expected
+    assert commit.count_duplicate_ids([], "key") == 0
