@@ -4,15 +4,16 @@
     JAX_PLATFORMS=cpu .venv-bench/bin/python bench/budget.py --budgets 1024 --packing off,on --repeats 5
     JAX_PLATFORMS=cpu .venv-bench/bin/python bench/budget.py --budgets 1024 --in-flight 0,2 --repeats 5
 
-Each (budget, packing, batches in flight) gets its own loaded engine (same weights, the default length ladder capped at the model's max
-length), every shape compiled before timing.  The timed call is `engine.run` over the pre-tokenized corpus
-(real English text, `bench/corpus.real_texts`, and the synthetic mix, `bench/corpus.texts`), the budgets
-interleaved round by round so that a change of machine load hits them alike; each row keeps its best
-round.  Prints one JSON object: rows/s, CPU ms per row (this process's, over that round), padding
-efficiency (real / computed tokens) and batches per (corpus, budget/packing), and each row's rows/s over
-the base row's (budget 2048 with the first packing and in-flight count listed; 2048 was the default
-before `Bucketing.for_platform`); rows are named budget/packing, plus /in-flight count when several are given,
-with the 1-minute load average and this process's cores.  Run it with `taskset -c 0` to see one core.
+Each (budget, packing, batches in flight) gets its own loaded engine (same weights, the default length
+ladder capped at the model's max length), every shape compiled before timing.  The timed call is
+`engine.run` over the pre-tokenized corpus (real English text, `bench/corpus.real_texts`, and the
+synthetic mix, `bench/corpus.texts`), the settings interleaved round by round so that a change of
+machine load hits them alike; each row keeps its best round.  Prints one JSON object: rows/s, CPU ms
+per row (this process's, over that round), padding efficiency (real / computed tokens) and batches per
+(corpus, setting), and each row's rows/s over the base row's (budget 2048 with the first packing and
+in-flight count listed; 2048 was the default before `Bucketing.for_platform`).  Rows are named
+budget/packing, plus /max_in_flight when several are given.  With the 1-minute load average and this
+process's cores.  Run it with `taskset -c 0` to see one core.
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ def main(argv=None) -> None:
         parser.error(f"--packing takes on and off, got {args.packing!r}")
     in_flights = list(dict.fromkeys(int(m) for m in args.in_flight.split(",")))
     corpora = {"real": corpus.real_texts()[0], "synthetic": corpus.texts(args.synthetic_rows, seed=0)}
-    def name(b, p, m):
+    def row_name(b, p, m):
         return f"{b}/{p}" + (f"/{m}" if len(in_flights) > 1 else "")
 
-    engines = {name(b, p, m): LoadedTextEmbedder(TextEmbedder.from_name(
+    engines = {row_name(b, p, m): LoadedTextEmbedder(TextEmbedder.from_name(
         "minilm", bucketing=Bucketing(token_budget=b), packed=p == "on", max_in_flight=m))
                for b in budgets for p in packings for m in in_flights}
-    base = name(BASE, packings[0], in_flights[0])
+    base = row_name(BASE, packings[0], in_flights[0])
     seqs = {name: engines[base].tokenize(texts) for name, texts in corpora.items()}
     for loaded in engines.values():
         loaded.engine.warmup()

@@ -368,17 +368,17 @@ def count_duplicate_ids(paths: list[str], id_field: str, *, buckets: int = 256, 
     id: a Parquet column of mixed types stores numbers as text).  Null ids are not counted.
     paths: part-*.parquet / part-*.jsonl / failed-*.jsonl files.
 
-    With neither `runner` nor `options`, the hashes are counted in this process (8 bytes per id: for
-    the embedded runner, whose job ran in this process too; a Beam pipeline would add about 0.15 s
-    of start-up to count a few thousand ids).  Otherwise a Beam pipeline on that runner counts them
-    keyed: each file's hashes go to one of `buckets` keys, whose duplicates are counted apart, so no
-    worker holds all ids.
+    With neither `runner` nor `options` (what `bulkinfer.tasks.run` does), the hashes are counted in this
+    process: 8 bytes per id, plus one file's ids as Python objects at a time.  Otherwise a Beam pipeline
+    on that runner counts them keyed: each file's hashes go to one of `buckets` keys, whose duplicates
+    are counted apart, so no worker holds all ids.
     """
     if not paths:
         return 0
     if runner is None and options is None:
-        hashes = [h for path in paths for _, h in _bucketed_id_hashes(path, id_field, 1)]
-        return _duplicates_among(hashes)
+        hashes = np.concatenate([_id_hashes(path, id_field) for path in paths])
+        hashes.sort()
+        return int(np.count_nonzero(hashes[1:] == hashes[:-1]))
     p = beam.Pipeline(runner=runner, options=options)
     _ = (p | "Files" >> beam.Create(sorted(paths))
          | "Hash" >> beam.FlatMap(_bucketed_id_hashes, id_field, buckets)
@@ -400,13 +400,17 @@ def _ids_of(path: str, id_field: str) -> list:
         return [json.loads(line).get(field) for line in f.read().decode("utf-8").splitlines() if line.strip()]
 
 
+def _id_hashes(path: str, id_field: str) -> np.ndarray:
+    """[N] uint64: 64 bits of BLAKE2b of the text of each non-null id in one file."""
+    texts = (i if isinstance(i, str) else to_json(i) for i in _ids_of(path, id_field) if i is not None)
+    return np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                                    "little") for t in texts], np.uint64)
+
+
 def _bucketed_id_hashes(path: str, id_field: str, buckets: int):
-    ids = [i for i in _ids_of(path, id_field) if i is not None]
-    if not ids:
+    hashes = _id_hashes(path, id_field)
+    if not len(hashes):
         return
-    texts = (i if isinstance(i, str) else to_json(i) for i in ids)  # as output files may store them
-    hashes = np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                                      "little") for t in texts], np.uint64)
     keys = hashes % np.uint64(buckets)
     for k in np.unique(keys):
         yield int(k), hashes[keys == k]
@@ -415,14 +419,9 @@ def _bucketed_id_hashes(path: str, id_field: str, buckets: int):
 _duplicates = Metrics.counter(NAMESPACE, "duplicate_ids")
 
 
-def _duplicates_among(arrays) -> int:
-    """Extra occurrences among the uint64 hashes of several arrays."""
-    hashes = np.concatenate(list(arrays)) if arrays else np.zeros(0, np.uint64)
-    return len(hashes) - len(np.unique(hashes))
-
-
 def _count_duplicates(keyed):
     _, arrays = keyed
-    n = _duplicates_among(list(arrays))
+    hashes = np.concatenate(list(arrays))
+    n = len(hashes) - len(np.unique(hashes))
     _duplicates.inc(n)
     return n

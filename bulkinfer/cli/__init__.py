@@ -39,8 +39,10 @@ def entry() -> None:
     """The `bulkinfer` console script and `python -m bulkinfer.cli`: `main()`, then exit with its status.
 
     Before exiting it freezes the garbage collector's objects (`gc.freeze`): the interpreter's last
-    collection at exit would otherwise walk the few million objects Beam and JAX leave behind, 0.35-0.4 s
-    of a single core after a MiniLM job (RUNTIME.md section 10); they are freed all the same."""
+    collection at exit would otherwise walk the millions of objects Beam and JAX leave behind, about
+    0.4 s of one core after a MiniLM job (RUNTIME.md section 10).  Frozen reference cycles are not
+    collected, so their finalizers do not run; the operating system takes back the memory, and
+    atexit handlers run as before."""
     status = main()
     gc.freeze()
     sys.exit(status)

@@ -79,9 +79,9 @@ class JaxModel:
             raise ValueError("JaxModel inputs are arrays; tokenize text first (or use TextEmbedder)")
         if "mask" in self.inputs:
             raise ValueError("the input name 'mask' is reserved for the variable axis' mask; rename the input")
-        if self.batch_size < 1 or self.ladder < 0 or self.max_length < 1:
-            raise ValueError(f"need batch_size >= 1 ({self.batch_size}), ladder >= 0 ({self.ladder}) "
-                             f"and max_length >= 1 ({self.max_length})")
+        if self.batch_size < 1 or self.ladder < 0 or self.max_length < 1 or self.max_in_flight < 0:
+            raise ValueError(f"need batch_size >= 1 ({self.batch_size}), ladder >= 0 ({self.ladder}), "
+                             f"max_length >= 1 ({self.max_length}) and max_in_flight >= 0 ({self.max_in_flight})")
         object.__setattr__(self, "inputs", {s.name: (s.shape, s.dtype) for s in specs})
         if self.name is None:
             object.__setattr__(self, "name", getattr(self.fn, "__name__", "jax-model"))

@@ -90,6 +90,8 @@ class TextEmbedder:
             object.__setattr__(self, "digest", weights.fingerprint(self.path))
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; expected one of {_DTYPES}")
+        if self.max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be >= 0, got {self.max_in_flight}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for [CLS] and [SEP]), got {self.max_length}")
 

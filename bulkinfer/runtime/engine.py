@@ -32,7 +32,7 @@ Each executable is compiled with `process.compiler_options` for the devices' pla
 dot fusion for padded batches; RUNTIME.md sections 7 and 9); the user's own XLA_FLAGS win, BULKINFER_XLA_DEFAULTS=0 turns them off,
 and a jaxlib that refuses them compiles with XLA's defaults (a warning says so).
 
-Threads share one engine; `run` is serialized by a lock, so the devices see one stream of batches.
+Threads share one engine; `run` is serialized by a lock, so the devices see one caller's batches at a time.
 Rows of concurrent callers are not merged into shared batches: each BulkInference flush brings
 thousands of rows, enough for full batches, and the padding that merging could save is bounded by
 the tails of one flush (bench/padding.py: 0.909 per 8192-row flush vs. 0.927 with no tails at all),
@@ -62,6 +62,21 @@ from bulkinfer.runtime.stats import EngineStats
 log = logging.getLogger(__name__)
 
 
+def _abandon(pending) -> None:
+    """After `run` failed: batches not yet started are cancelled, and the call waits for the started ones
+    to finish (their results and errors unread), so that none still holds device memory, or a dispatch
+    thread, when it returns."""
+    for job in pending:
+        job.future.cancel()
+    for job in pending:
+        if job.future.cancelled():
+            continue
+        try:
+            job.future.result().wait()
+        except Exception:  # noqa: BLE001 -- the error that ended the run is the one raised
+            pass
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for XLA's out-of-memory failures (a JaxRuntimeError whose status is RESOURCE_EXHAUSTED)."""
     return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
@@ -72,7 +87,7 @@ class _InFlight:
     rows: np.ndarray  # [n] indices into the caller's rows
     shape: tuple  # (batch, length), or (batch, length, tokens) when packed
     budget: int  # token budget of the bucketing that planned it
-    dispatched: Future  # of its busy.Ticket: the dispatch thread pads, calls the executable and tracks it
+    future: Future  # of its busy.Ticket: a dispatch thread pads it, calls the executable and tracks it
 
 
 class Engine:
@@ -98,8 +113,8 @@ class Engine:
     model_parallel: size of the mesh's "model" axis; the data axis gets the rest of the devices.
     param_spec: (path, leaf) -> PartitionSpec splitting a parameter along "model" (or None to
       replicate it); needed when model_parallel > 1, e.g. `bert.param_spec`.
-    clock: watches dispatched batches for completion and device time: anything with
-      `track(output) -> busy.Ticket` (default: a `BusyClock`);
+    clock: watches dispatched batches for completion and device time: anything with a thread-safe
+      `track(output) -> busy.Ticket`, called on the dispatch threads (default: a `BusyClock`);
       `bulkinfer.testing.OutOfMemoryWhileRunning` fails batches while they run, as a device out of memory does.
     packed: run padding-free batches (`Bucketing.pack`): each variable-axis input arrives as its rows'
       tokens end to end, [T, *rest], with batch["token_index"] [B, L], batch["row_ids"] [T] and
@@ -166,7 +181,8 @@ class Engine:
         self._compiled: dict[tuple[int, int, int | None], Callable] = {}  # (batch, length, tokens or None)
         self._row_shapes: dict[str, tuple[int, ...]] | None = None  # per-row output shapes, from the first compile
         self._max_in_flight = max_in_flight
-        self._pool: ThreadPoolExecutor | None = None
+        self._dispatchers: list[ThreadPoolExecutor] = []
+        self._submitted = 0  # batches handed to dispatch threads, ever
         self._lock = threading.Lock()
         self._clock = clock if clock is not None else BusyClock()
         self._executables = executable_cache
@@ -317,15 +333,13 @@ class Engine:
         def drain_one():
             job = pending.popleft()
             try:
-                ticket = job.dispatched.result()  # raises what padding or the call raised
+                ticket = job.future.result()  # raises what padding or the call raised
                 ticket.wait()
                 error = ticket.error
             except Exception as e:
                 error = e
             if error is not None:
                 if not is_out_of_memory(error):
-                    for other in pending:  # not yet started: do not run them; started ones finish unread
-                        other.dispatched.cancel()
                     raise error
                 self._back_off(job.budget, job.shape, error, call)
                 todo.append(job.rows)
@@ -339,42 +353,52 @@ class Engine:
             call.padded_tokens += job.shape[2] if self.packed else job.shape[0] * job.shape[1]
             call.busy_s += ticket.busy_s
 
-        while todo or pending:
-            if not todo:
-                drain_one()
-                continue
-            group = todo.popleft()
-            bucketing = self.bucketing
-            plan = (bucketing.pack(lengths[group]) if self.packed else
-                    [(batch, length, None, idx) for batch, length, idx in bucketing.plan(lengths[group])])
-            for k, (batch, length, tokens, idx) in enumerate(plan):
-                rows = group[idx]
-                shape = (batch, length, tokens) if self.packed else (batch, length)
-                try:
-                    exe = self._executable(batch, length, tokens)
-                except Exception as e:
-                    if not is_out_of_memory(e):
-                        raise
-                    self._back_off(bucketing.token_budget, shape, e, call)
-                    # This batch and the rest of the plan were cut for the old budget: replan them.
-                    todo.append(np.concatenate([rows] + [group[rest] for *_, rest in plan[k + 1:]]))
-                    break
-                dispatched = self._dispatcher().submit(self._dispatch, exe, arrays, rows, lengths[rows], shape)
-                pending.append(_InFlight(rows, shape, bucketing.token_budget, dispatched))
-                if len(pending) > self._max_in_flight:
+        try:
+            while todo or pending:
+                if not todo:
                     drain_one()
-                    if self.bucketing is not bucketing and k + 1 < len(plan):
-                        # A batch failed while running and the budget was halved: the rest of this plan
-                        # was cut for the old budget, so replan it instead of running into the same failure.
-                        todo.append(np.concatenate([group[rest] for *_, rest in plan[k + 1:]]))
+                    continue
+                group = todo.popleft()
+                bucketing = self.bucketing
+                plan = (bucketing.pack(lengths[group]) if self.packed else
+                        [(batch, length, None, idx) for batch, length, idx in bucketing.plan(lengths[group])])
+                for k, (batch, length, tokens, idx) in enumerate(plan):
+                    rows = group[idx]
+                    shape = (batch, length, tokens) if self.packed else (batch, length)
+                    try:
+                        exe = self._executable(batch, length, tokens)
+                    except Exception as e:
+                        if not is_out_of_memory(e):
+                            raise
+                        self._back_off(bucketing.token_budget, shape, e, call)
+                        # This batch and the rest of the plan were cut for the old budget: replan them.
+                        todo.append(np.concatenate([rows] + [group[rest] for *_, rest in plan[k + 1:]]))
                         break
+                    future = self._dispatcher().submit(self._dispatch, exe, arrays, rows, lengths[rows], shape)
+                    pending.append(_InFlight(rows, shape, bucketing.token_budget, future))
+                    if len(pending) > self._max_in_flight:
+                        drain_one()
+                        if self.bucketing is not bucketing and k + 1 < len(plan):
+                            # A batch failed while running and the budget was halved: the rest of this plan
+                            # was cut for the old budget, so replan it instead of running into the same failure.
+                            todo.append(np.concatenate([group[rest] for *_, rest in plan[k + 1:]]))
+                            break
+        except BaseException:
+            _abandon(pending)
+            raise
         return out
 
     def _dispatcher(self) -> ThreadPoolExecutor:
-        """The threads that pad and dispatch batches, one per batch in flight (made on first use)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._max_in_flight + 1, thread_name_prefix="bulkinfer-dispatch")
-        return self._pool
+        """The dispatch thread of the next batch: `max_in_flight + 1` one-thread executors (made on first
+        use), taken in turn.  The batches in flight are the last `max_in_flight + 1` submitted, so each
+        has a thread of its own (a shared pool would hand a batch to any idle thread, and a dispatch
+        call returns at once, leaving the thread of a running batch idle)."""
+        if not self._dispatchers:
+            self._dispatchers = [ThreadPoolExecutor(1, thread_name_prefix=f"bulkinfer-dispatch-{k}")
+                                 for k in range(self._max_in_flight + 1)]
+        executor = self._dispatchers[self._submitted % len(self._dispatchers)]
+        self._submitted += 1
+        return executor
 
     def _dispatch(self, exe: Callable, arrays, rows: np.ndarray, lengths: np.ndarray, shape: tuple):
         """On a dispatch thread: pads (or packs) one batch, calls its executable, starts the copy of its

@@ -142,3 +142,10 @@ def test_a_max_length_past_the_position_table_is_named_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="bulkinfer.models.text"):
         TextEmbedder.from_name("minilm", max_length=128)
     assert "max_length" not in caplog.text
+
+
+def test_a_negative_max_in_flight_fails_when_the_spec_is_made(minilm_spec):
+    import dataclasses
+
+    with pytest.raises(ValueError, match="max_in_flight must be >= 0, got -1"):
+        dataclasses.replace(minilm_spec, max_in_flight=-1)

@@ -88,6 +88,8 @@ def test_bad_declarations_fail_when_the_spec_is_made():
         bulkinfer.JaxModel(tiny_classifier, params={}, inputs={"pixels": (4, 3)})
     with pytest.raises(ValueError, match="tokenize text first"):
         bulkinfer.JaxModel(tiny_classifier, params={}, inputs={"text": ((), "string")})
+    with pytest.raises(ValueError, match=r"max_in_flight >= 0 \(-1\)"):
+        bulkinfer.JaxModel(tiny_classifier, params={}, inputs={"pixels": ((4, 3), "float32")}, max_in_flight=-1)
     spec = bulkinfer.JaxModel(per_token, params={"w": np.ones(5, np.float32)}, inputs={"ids": ((None,), "int32")})
     with pytest.raises(ValueError, match="output 'output' must be \\[B, ...\\] with a per-row shape"):
         spec.load()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bulkinfer.runtime import Bucketing, Engine, EngineStats
+from bulkinfer.runtime import Bucketing, BusyClock, Engine, EngineStats
 from bulkinfer.testing import OutOfMemoryWhileRunning, out_of_memory_above
 
 PIXELS = {"pixels": ((4, 4), "float32"), "scale": ((2,), "float32")}
@@ -125,13 +125,33 @@ def test_variable_axes_that_are_not_tokens_match_fn_row_by_row():
         np.testing.assert_allclose(out["ids"][i], exact["ids"][0], atol=1e-5, err_msg=f"row {i}")
 
 
-@pytest.mark.parametrize("inject", ["compile", "run"])
+class FailingAtDispatch:
+    """An Engine clock that raises `error(rows)` on the dispatch thread, as the executable's call would,
+    for batches of more than max_rows rows (`times` times at most), and times the others with a BusyClock."""
+
+    def __init__(self, max_rows: int, error=None, times: int | None = None):
+        self.max_rows, self.times, self.failures = max_rows, times, 0
+        self.error = error or (lambda rows: jax.errors.JaxRuntimeError(
+            f"RESOURCE_EXHAUSTED: injected out of memory dispatching a batch of {rows} rows"))
+        self._clock, self._lock = BusyClock(), threading.Lock()
+
+    def track(self, output):
+        rows = jax.tree.leaves(output)[0].shape[0]
+        with self._lock:
+            fail = rows > self.max_rows and (self.times is None or self.failures < self.times)
+            self.failures += fail
+        if fail:
+            raise self.error(rows)
+        return self._clock.track(output)
+
+
+@pytest.mark.parametrize("inject", ["compile", "dispatch", "run"])
 def test_out_of_memory_on_fixed_shapes_backs_off_and_loses_no_row(model, inject, caplog):
     fn, params = model
     if inject == "compile":
         engine = Engine(out_of_memory_above(fn, 2), params, inputs=PIXELS, bucketing=ROWS8)
     else:
-        clock = OutOfMemoryWhileRunning(max_rows=2)
+        clock = OutOfMemoryWhileRunning(max_rows=2) if inject == "run" else FailingAtDispatch(max_rows=2)
         engine = Engine(fn, params, inputs=PIXELS, bucketing=ROWS8, clock=clock)
     data = images(29)
     stats = EngineStats()
@@ -140,9 +160,45 @@ def test_out_of_memory_on_fixed_shapes_backs_off_and_loses_no_row(model, inject,
     np.testing.assert_allclose(out["probs"], direct(fn, params, data)["probs"], atol=1e-5)
     assert stats.rows == 29 and stats.oom_backoffs >= 1
     assert engine.bucketing.batch_sizes(1)[0] == 2  # 8 -> 4 -> 2 rows
-    if inject == "run":
+    if inject != "compile":
         assert clock.failures == stats.oom_backoffs
     assert any("halving the token budget" in r.getMessage() for r in caplog.records)
+
+
+def test_an_error_on_a_dispatch_thread_is_raised_and_the_engine_runs_again(model):
+    fn, params = model
+    clock = FailingAtDispatch(max_rows=0, error=lambda rows: ValueError(f"broken batch of {rows} rows"), times=1)
+    engine = Engine(fn, params, inputs=PIXELS, bucketing=ROWS8, clock=clock)
+    data = images(29)
+    with pytest.raises(ValueError, match="broken batch of 8 rows"):
+        engine.run(data)
+    assert engine.stats.oom_backoffs == 0 and engine.bucketing.batch_sizes(1)[0] == 8  # not taken for an OOM
+    out = engine.run(data)  # the failed run left no batch behind on the dispatch threads
+    np.testing.assert_allclose(out["probs"], direct(fn, params, data)["probs"], atol=1e-5)
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 3])
+def test_each_batch_in_flight_is_dispatched_by_a_thread_of_its_own(max_in_flight):
+    """A dispatch call returns before its batch is computed, so a pool that hands work to any idle thread
+    would put batches in flight on one thread, where XLA:CPU runs them one after another."""
+    lock, thread_of = threading.Lock(), {}  # batch index -> the thread that dispatched it
+
+    class Recording(BusyClock):
+        def track(self, output):
+            first_row = int(np.asarray(output["output"])[0])  # the rows are numbered: row // 8 is the batch
+            with lock:
+                thread_of[first_row // 8] = threading.get_ident()
+            return super().track(output)
+
+    engine = Engine(lambda params, batch: batch["x"] * params["one"], {"one": np.int32(1)},
+                    inputs={"x": ((), "int32")}, bucketing=ROWS8, clock=Recording(), max_in_flight=max_in_flight)
+    x = np.arange(8 * 20, dtype=np.int32)  # 20 batches of 8 rows, planned in order
+    np.testing.assert_array_equal(engine.run({"x": x})["output"], x)
+    slots = max_in_flight + 1  # the batch awaited and the ones dispatched ahead of it
+    threads = [thread_of[k] for k in range(20)]
+    assert len(set(threads)) == slots
+    for k in range(20 - slots + 1):
+        assert len(set(threads[k:k + slots])) == slots, f"batches {k}..{k + slots - 1} share a thread"
 
 
 def test_out_of_memory_on_one_row_names_the_fix(model):
