@@ -410,7 +410,7 @@ class Engine:
             batch_in = _inputs.pack(self._inputs, arrays, rows, lengths, *shape)
         else:
             batch_in = _inputs.pad(self._inputs, arrays, rows, lengths, *shape)
-        output = exe(self._params, batch_in)  # on accelerators: returns before the batch is computed
+        output = exe(self._params, batch_in)  # returns before the batch is computed
         if not isinstance(output, dict):
             output = {self._output_name: output}
         for value in output.values():
