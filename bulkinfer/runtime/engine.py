@@ -331,13 +331,14 @@ class Engine:
         pending: collections.deque[_InFlight] = collections.deque()
 
         def drain_one():
-            job = pending.popleft()
+            job = pending[0]  # still pending while waited for: an interrupted wait leaves it to `_abandon`
             try:
                 ticket = job.future.result()  # raises what padding or the call raised
                 ticket.wait()
                 error = ticket.error
             except Exception as e:
                 error = e
+            pending.popleft()
             if error is not None:
                 if not is_out_of_memory(error):
                     raise error
