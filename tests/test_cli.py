@@ -150,6 +150,8 @@ def test_digits_labels_held_out_images_with_their_targets_kept(tmp_path):
     (["--model", "minilm", "--input", "/nonexistent/*.jsonl"], "no input file matches"),
     (["--model", "digits", "--packing", "on"], "--packing applies to text models only, not to 'digits'"),
     (["--server", "http://127.0.0.1:1", "--packing", "off"], "--packing configures the local engine and does not apply"),
+    (["--server", "http://127.0.0.1:1", "--max-in-flight", "0"],
+     "--max-in-flight configures the local engine and does not apply"),
 ])
 def test_bad_configuration_is_one_clear_line(tmp_path, args, message):
     base = {"--model": "minilm", "--input": str(ROOT / "data/sample/part-0.jsonl"), "--output": str(tmp_path / "o")}
@@ -361,3 +363,19 @@ def test_a_token_budget_below_the_default_ladder_is_taken_and_zero_is_a_flag_err
     proc = bulkinfer("run", "--model", "minilm", "--input", str(ROOT / "data/sample/part-0.jsonl"),
                      "--output", str(tmp_path / "o"), "--token-budget", "0")
     assert proc.returncode == 2 and "--token-budget: '0' must be > 0" in proc.stderr
+
+
+@pytest.mark.parametrize("flag, expected", [([], 2), (["--max-in-flight", "0"], 0), (["--max-in-flight", "3"], 3)])
+def test_max_in_flight_reaches_text_and_jax_model_specs(flag, expected):
+    from bulkinfer.cli import _parser
+    from bulkinfer.cli.jobs import _model
+
+    for model in ("minilm", "digits"):
+        args, _ = _parser().parse_known_args(["run", "--model", model, "--input", "x", "--output", "y", *flag])
+        assert _model(args).max_in_flight == expected
+
+
+def test_a_negative_max_in_flight_is_a_flag_error(tmp_path):
+    proc = bulkinfer("run", "--model", "minilm", "--input", ROOT / "data/sample/part-0.jsonl", "--output",
+                     tmp_path / "o", "--max-in-flight=-1")
+    assert proc.returncode == 2 and "argument --max-in-flight: '-1' must be >= 0" in proc.stderr

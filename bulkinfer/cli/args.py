@@ -66,6 +66,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="padding-free batches for text models: rows' tokens end to end, so the token-wise layers "
                         "compute no padding (default auto: on when the engine runs on the CPU and splits no batch "
                         "over devices; outputs equal padded ones to float32 rounding; RUNTIME.md section 9)")
+    p.add_argument("--max-in-flight", type=_positive(int, allow_zero=True), default=None, metavar="N",
+                   help="batches the engine dispatches ahead of the one it waits for, each on a thread of its "
+                        "own; on the CPU they compute at once and keep every core busy (default 2; 0: one "
+                        "batch at a time; RUNTIME.md section 2)")
     p.add_argument("--warmup", action="store_true", help="compile every batch shape before taking data")
     p.add_argument("--compilation-cache", metavar="DIR", default=None,
                    help="persistent XLA compilation cache, shared across runs and processes, so each batch "

@@ -16,6 +16,8 @@ def _model(args):
     from bulkinfer.models.resolve import model_spec
 
     settings = dict(warmup=args.warmup, compilation_cache_dir=_compilation_cache(args.compilation_cache))
+    if args.max_in_flight is not None:  # text and JAX models; a decoder LM refuses it by name
+        settings["max_in_flight"] = args.max_in_flight
     text_only = {"--dtype": ("dtype", args.dtype if args.dtype != "float32" else None),
                  "--max-length": ("max_length", args.max_length),
                  "--token-budget": ("bucketing", args.token_budget and _budget_bucketing(args.token_budget)),
@@ -42,6 +44,7 @@ def _job_model(args):
         local_only = [f for f, v in (("--max-length", args.max_length), ("--token-budget", args.token_budget),
                                      ("--warmup", args.warmup), ("--compilation-cache", args.compilation_cache),
                                      ("--dtype", args.dtype != "float32"), ("--packing", args.packing != "auto"),
+                                     ("--max-in-flight", args.max_in_flight is not None),
                                      ("--processes-per-accelerator", args.processes_per_accelerator)) if v]
         if local_only:
             verb = "configures the local engine and does" if len(local_only) == 1 else "configure the local engine and do"
