@@ -20,7 +20,7 @@ _EXPORTS = {
     "JaxModel": "bulkinfer.models.jax_model",
     "JaxModelHandler": "bulkinfer.beam.handler",
     "Rebatch": "bulkinfer.beam.batch",
-    "Statistics": "bulkinfer.tasks.stats",
+    "Statistics": "bulkinfer.tasks.stats_transform",
     "Generator": "bulkinfer.models.generator",
     "SamplingParams": "bulkinfer.runtime.sampling",
     "TextEmbedder": "bulkinfer.models.text",
