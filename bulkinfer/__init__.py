@@ -8,8 +8,20 @@ Names load on first use, so `import bulkinfer` (and the CLI's --help) stays fast
 """
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+
+def _not_apitools_warning(record: logging.LogRecord) -> bool:
+    """False for the warning Beam logs on the root logger when importing its BigQuery clients without
+    apitools, which jobs that never touch BigQuery cannot act on; True for every other record."""
+    return "apitools not found" not in record.getMessage()
+
+
+# Beam logs that warning on its first import (`apache_beam.io.gcp.internal.clients.bigquery`), from
+# whichever bulkinfer module imports Beam first; the filter keeps it out of a user's console.
+logging.getLogger().addFilter(_not_apitools_warning)
 
 _EXPORTS = {
     "Batch": "bulkinfer.beam.batch",

@@ -53,8 +53,6 @@ def _main(argv: list[str] | None) -> int:
     args, beam_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Beam warns on import about optional Google Cloud clients that local jobs never use.
-    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
     jobs = {"run": _run, "eval": _eval, "stats": _stats, "distill": _distill, "generate": _generate}
     if args.command in jobs:  # the flags these do not take are Beam pipeline options
         if _beam_flags_error(args.command, beam_args, parser.commands[args.command]):

@@ -56,7 +56,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="a built-in model name (minilm: all-MiniLM-L6-v2 text embeddings; digits: an 8x8 "
                         "handwritten-digit classifier) or a sentence-transformers/HF text-encoder directory "
                         "on any Beam filesystem")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of a text model's weights and activations (default: float32; bfloat16 "
+                        "halves the weights' memory and moves the outputs slightly)")
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate texts to this many tokens (default: the model's max_seq_length)")
     p.add_argument("--token-budget", type=_positive(int), default=None,

@@ -54,7 +54,8 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=32, metavar="S", help="sequences decoded together (default: 32)")
     p.add_argument("--max-len", type=int, default=None, metavar="N",
                    help="context per sequence in tokens (default: the model's, at most 1024)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the model's weights and activations (default: float32)")
     p.add_argument("--warmup", action="store_true", help="compile every prefill shape before taking data")
     p.add_argument("--keep-fields", default="", metavar="A,B", help="input fields copied to the output")
     p.add_argument("--format", default="parquet", choices=["parquet", "jsonl"], help="output format (default: parquet)")
