@@ -200,24 +200,31 @@ def tiny_classifier_params(seed: int = 0) -> dict:
                       "b": rng.standard_normal(2).astype(np.float32)}}
 
 
-def kill_after_first_commit(cmd: list[str], out_dir, env: dict | None = None) -> None:
-    """Runs `cmd` (a `bulkinfer run` or a script running a job into `out_dir`) and SIGKILLs it as soon as
-    a first commit record appears in out_dir/_committed/ (or when it exits first): a crash mid-job."""
+def kill_after_first_commit(cmd: list[str], out_dir, env: dict | None = None, sig: int | None = None
+                            ) -> tuple[int, str]:
+    """Runs `cmd` (a `bulkinfer run` or a script running a job into `out_dir`) and sends it signal `sig`
+    (default SIGKILL: a crash mid-job; SIGINT: Ctrl-C) as soon as a first commit record appears in
+    out_dir/_committed/ (or when it exits first).  Returns its exit status and its stderr."""
     import os
     import signal
     import subprocess
+    import tempfile
     import time
     from pathlib import Path
 
     committed = Path(out_dir) / "_committed"
-    proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while not list(committed.glob("[!.]*.json")) and proc.poll() is None:  # polls a file, not a timer
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            while not list(committed.glob("[!.]*.json")) and proc.poll() is None:  # polls a file, not a timer
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL if sig is None else sig)
+            proc.wait()
+        err.seek(0)
+        return proc.returncode, err.read()
 
 
 CHROMIUM = "/usr/bin/chromium"

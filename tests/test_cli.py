@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -305,7 +306,8 @@ def test_bom_files_two_processes_with_a_hint_an_edited_input_and_changed_fields(
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_redoes_only_the_unfinished_ranges(tmp_path, minilm):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_a_kill_or_ctrl_c_mid_run_then_rerun_redoes_only_the_unfinished_ranges(tmp_path, minilm, sig):
     from bulkinfer.testing import synthetic_texts
 
     texts = synthetic_texts(1200, seed=3)
@@ -315,10 +317,16 @@ def test_sigkill_mid_run_then_rerun_redoes_only_the_unfinished_ranges(tmp_path, 
     cmd = [sys.executable, "-m", "bulkinfer.cli", "run", "--model", "minilm", "--max-length", "64",
            "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--unit-size", "8KiB", "--wave-units", "3"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    kill_after_first_commit(cmd, out)
+    status, err = kill_after_first_commit(cmd, out, sig=sig)
     committed_at_kill = len(list(out.glob("_committed/*.json")))
     plan = json.loads((out / "_plan.json").read_text())
     assert 1 <= committed_at_kill < len(plan), "the kill must land mid-run for this test to mean anything"
+    if sig == signal.SIGINT:  # one line, the shell's status for Ctrl-C, and what was kept
+        assert status == 130 and "Traceback" not in err and "ERROR" not in err, err
+        assert err.strip().splitlines()[-1] == (f"bulkinfer: interrupted; units committed so far are kept "
+                                                f"({committed_at_kill}); rerun the same command to resume")
+    else:
+        assert status == -signal.SIGKILL
 
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

@@ -28,11 +28,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except JobExit as e:  # its error line is already on stderr
         return e.status
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; a job's text says what it kept
+        print(f"\nbulkinfer: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return INTERRUPTED
 
 
 def entry() -> None:

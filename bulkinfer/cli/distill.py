@@ -29,7 +29,8 @@ Outputs in DIR:
 An interrupted run resumes when the same command is run again; once COMPLETED, the same command does
 nothing, and other settings or changed inputs are refused unless --overwrite.
 
-Exit status: 0 done; 1 the job failed or is incomplete (rerun to resume); 2 bad flags or settings.
+Exit status: 0 done; 1 the job failed or is incomplete (rerun to resume); 2 bad flags or settings;
+130 interrupted by Ctrl-C (committed units are kept; rerun to resume).
 
 Examples:
   bulkinfer distill --model digits --input 'data/digits/test-*.jsonl' --output out/teacher --top-k 3 --temperature 2

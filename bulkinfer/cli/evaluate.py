@@ -37,7 +37,8 @@ below baseline - --max-drop; one where lower is better (log_loss, brier, ece) fa
 above baseline + --max-drop.  The comparison goes into metrics.json under "baseline".
 
 Exit status: 0 done (gate passed); 1 the job failed or is incomplete (rerun to resume), or no row could be
-evaluated; 2 bad flags or settings; 3 the baseline gate failed (everything was still written).
+evaluated; 2 bad flags or settings; 3 the baseline gate failed (everything was still written); 130
+interrupted by Ctrl-C (committed units are kept; rerun to resume).
 
 Outputs in DIR:
   metrics.json               rows_in, rows_out, rows_failed (prediction), rows_evaluated, rows_failed_eval,

@@ -31,7 +31,8 @@ and rerunning the same command later does them.  The job also stops with exit 1 
 --max-failed-fraction of its rows fail (checked once 1000 rows were seen, or when all of at least 100
 rows failed): a systemic fault.
 
-Exit status: 0 done; 1 the job failed or is incomplete (rerun to resume); 2 bad flags or settings.
+Exit status: 0 done; 1 the job failed or is incomplete (rerun to resume); 2 bad flags or settings;
+130 interrupted by Ctrl-C (committed units are kept; rerun to resume).
 
 Outputs in DIR:
   part-*.parquet (or .jsonl)  one row per input row that succeeded: the id field, --keep-fields and the

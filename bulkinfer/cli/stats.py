@@ -24,7 +24,7 @@ DIR/stats.json, overall and per --slice-field value:
 DIR/report.html (+ PNGs): class distribution, confidence histogram, norm histogram, drift.
 
 Exit status: 0 done; 1 a pipeline failed, the predictions are incomplete (rerun to resume) or no row was
-predicted; 2 bad flags or settings.
+predicted; 2 bad flags or settings; 130 interrupted by Ctrl-C (committed units are kept; rerun to resume).
 
 Examples:
   bulkinfer stats --model digits --input 'data/digits/test-*.jsonl' --output out/digits-stats

@@ -31,6 +31,7 @@ from bulkinfer.beam.batch import FAILED, NAMESPACE
 from bulkinfer.beam.transform import BulkInference
 from bulkinfer.beam.units import UNIT_SIZE, Unit, delete, escape_glob, plan_units
 from bulkinfer.errors import BadSettings
+from bulkinfer.tasks.interrupt import interruptible
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
@@ -164,6 +165,12 @@ def prepare_output(model, job: JobSpec, units: list[Unit]) -> Plan:
                                   "it, or choose another --output")
     elif FileSystems.match([FileSystems.join(escape_glob(out), "part-*")])[0].metadata_list:
         raise FileExistsError(f"{out} holds outputs that are not from a bulkinfer run; pass --overwrite")
+    else:
+        others = [m.path for m in FileSystems.match([FileSystems.join(escape_glob(out), "*")])[0].metadata_list]
+        if others:  # nothing of ours to clash with, but a mistyped --output is likelier than a shared folder
+            names = ", ".join(sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in others)[:3])
+            log.warning("%s already holds %d file(s) that no bulkinfer run wrote (%s%s); the job writes its "
+                        "outputs beside them", out, len(others), names, ", ..." if len(others) > 3 else "")
     earlier = set(_read_json(FileSystems.join(out, PLAN_FILE), []))
     _write_json(settings_path, _settings(model, job))
     # Units whose input changed since their commit: forget them (records first, then files).
@@ -222,7 +229,8 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
     """Runs the job to completion (resuming an interrupted one) and returns and writes its report.
 
     transform, preprocess: see `build`.  Raises JobFailed when a wave's pipeline fails (the units committed before
-    stay committed), and the errors of `prepare_output` (FileExistsError, PermissionError).
+    stay committed), KeyboardInterrupt on Ctrl-C (the same; its text says how many units are kept), and the
+    errors of `prepare_output` (FileExistsError, PermissionError).
     """
     options = PipelineOptions(pipeline_args or [])
     runner_name = options.view_as(StandardOptions).runner or "FnApiRunner"
@@ -240,7 +248,10 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
     embedded = not options.view_as(StandardOptions).runner
     live = progress.Progress(io.estimate_rows(todo_files) if plan.todo and sys.stderr.isatty() else None) if (
         embedded) else contextlib.nullcontext()
-    with live:
+    def kept() -> str:
+        return f"units committed so far are kept ({len(commit.committed(job.out))}); rerun the same command to resume"
+
+    with live, interruptible(kept) as interrupt:
         before = [r for key, r in commit.committed(job.out).items() if key in keys]
         seen, failed = sum(r["rows_in"] for r in before), sum(r["rows_failed"] for r in before)
         for k, wave in enumerate(waves):
@@ -253,12 +264,12 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
                 result = p.run()
                 result.wait_until_finish()
             except Exception as e:  # noqa: BLE001 -- any pipeline failure: say what failed, keep what committed
+                if interrupt.requested:  # Ctrl-C, which the runner hands back as a RuntimeError naming it
+                    raise KeyboardInterrupt from e
                 cause = _cause(e)
                 if cause.startswith(("BadSettings", "bulkinfer.errors.BadSettings")):  # no rerun fixes it
                     raise BadSettings(cause.split(": ", 1)[-1]) from e
-                raise JobFailed(
-                    f"wave {k + 1} of {len(waves)} failed: {cause}; units committed so far are kept "
-                    f"({len(commit.committed(job.out))}); rerun the same command to resume") from e
+                raise JobFailed(f"wave {k + 1} of {len(waves)} failed: {cause}; {kept()}") from e
             for record in commit.records_of(job.out, [u.key for u in wave]):
                 seen, failed = seen + record["rows_in"], failed + record["rows_failed"]
             for name, value in _counters(result).items():

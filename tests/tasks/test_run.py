@@ -321,6 +321,24 @@ def test_rows_without_an_id_are_dead_letters_unless_allowed(tmp_path):
     assert job.run(CountingModel(), allowed)["rows_out"] == 3
 
 
+def test_an_output_folder_of_unrelated_files_is_named_in_a_warning_and_kept(tmp_path, caplog):
+    _jsonl(tmp_path / "a.jsonl", [{"id": 1, "text": "a"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("notes.txt", "photo.png", "data.csv", "z.bin"):
+        (out / name).write_text("mine")
+    with caplog.at_level("WARNING", logger="bulkinfer.tasks.run"):
+        report = job.run(CountingModel(), job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(out)))
+    assert report["rows_out"] == 1
+    warned = [r.getMessage() for r in caplog.records if "no bulkinfer run wrote" in r.getMessage()]
+    assert len(warned) == 1 and "4 file(s)" in warned[0] and "data.csv, notes.txt, photo.png, ..." in warned[0]
+    assert all((out / name).read_text() == "mine" for name in ("notes.txt", "photo.png", "data.csv", "z.bin"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bulkinfer.tasks.run"):  # a rerun finds its own run there: no warning
+        job.run(CountingModel(), job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(out)))
+    assert not [r for r in caplog.records if "no bulkinfer run wrote" in r.getMessage()]
+
+
 def test_duplicate_ids_are_counted(tmp_path):
     _jsonl(tmp_path / "a.jsonl", [{"id": i, "text": "a"} for i in range(300)])
     _jsonl(tmp_path / "b.jsonl", [{"id": i, "text": "b"} for i in range(250, 310)] + [{"id": "7", "text": "c"}])
