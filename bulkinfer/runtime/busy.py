@@ -36,10 +36,13 @@ class BusyClock:
 
     wait_for: blocks until an output is computed and raises what its batch raised (default
       `jax.block_until_ready`); `bulkinfer.testing.OutOfMemoryWhileRunning` injects failures here.
+    idle_exit_s: seconds without outputs after which the watcher thread ends (the next `track` starts
+      another), so that a clock, and the engine that held it, can be collected once dropped.
     """
 
-    def __init__(self, wait_for: Callable[[object], object] | None = None):
+    def __init__(self, wait_for: Callable[[object], object] | None = None, *, idle_exit_s: float = 5.0):
         self._wait_for = wait_for if wait_for is not None else jax.block_until_ready
+        self._idle_exit_s = idle_exit_s
         self._queue: queue.SimpleQueue[Ticket] = queue.SimpleQueue()
         self._last_done = 0.0
         self._thread: threading.Thread | None = None
@@ -48,16 +51,23 @@ class BusyClock:
     def track(self, output) -> Ticket:
         """Starts timing a just-dispatched output (any pytree of jax arrays)."""
         ticket = Ticket(output, time.perf_counter())
-        with self._start_lock:
+        with self._start_lock:  # a watcher ending for idleness checks the queue under this lock
+            self._queue.put(ticket)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="bulkinfer-busy-clock", daemon=True)
                 self._thread.start()
-        self._queue.put(ticket)
         return ticket
 
     def _watch(self) -> None:
         while True:
-            ticket = self._queue.get()
+            try:
+                ticket = self._queue.get(timeout=self._idle_exit_s)
+            except queue.Empty:
+                with self._start_lock:
+                    if self._queue.empty():  # no `track` since: end; the next one starts a watcher
+                        self._thread = None
+                        return
+                continue
             try:
                 self._wait_for(ticket.output)
             except Exception as e:  # surfaced to the engine by Ticket.error, where it is handled
