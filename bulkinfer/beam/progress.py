@@ -1,7 +1,10 @@
 """Live progress on a terminal: rows done, rows/s and, when the row count is known, the ETA.
 
-BulkInference calls `advance(n)` as rows leave it; the counter lives in this process, so the line shows progress for the
-embedded runner (the default).  Other runners report through Beam metrics and their own UIs.
+BulkInference calls `advance(n)` as rows leave it, and `computed(n)` as the engine completes each batch of
+a flush (thousands of rows, which leave together when the flush ends); the line shows the larger of the
+two counts, so it moves during a long flush too.  The counters live in this process, so the line shows
+progress for the embedded runner (the default).  Other runners report through Beam metrics and their own
+UIs.
 """
 
 from __future__ import annotations
@@ -11,15 +14,24 @@ import threading
 import time
 
 _done = 0
+_computed = 0  # rows of completed engine batches (a flush's rows leave only once all of them completed)
 _tokens = 0  # model tokens (a generator's generated tokens), shown as tokens/s once there are any
 _lock = threading.Lock()
 
 
 def advance(n: int, tokens: int = 0) -> None:
+    """n rows left BulkInference (predicted or failed); `tokens` model tokens were generated."""
     global _done, _tokens
     with _lock:
         _done += n
         _tokens += tokens
+
+
+def computed(n: int) -> None:
+    """The engine completed a batch of n rows (`EngineStats.on_rows`)."""
+    global _computed
+    with _lock:
+        _computed += n
 
 
 class Progress:
@@ -32,8 +44,8 @@ class Progress:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self):
-        global _done, _tokens
-        _done, _tokens = 0, 0
+        global _done, _computed, _tokens
+        _done, _computed, _tokens = 0, 0, 0
         self._t0 = time.perf_counter()
         if self._stream.isatty():
             self._thread.start()
@@ -47,7 +59,9 @@ class Progress:
 
     def line(self) -> str:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
-        n = _done
+        n = max(_done, _computed)  # computed rows may pass the rows seen (a failed batch's rows rerun)
+        if self._total:
+            n = min(n, max(_done, self._total))
         rate = n / elapsed
         text = f"{n:,} rows  {rate:,.0f} rows/s"
         if self._total:

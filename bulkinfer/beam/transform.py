@@ -202,7 +202,7 @@ class _InferDoFn(beam.DoFn):
             progress.advance(sum(len(b) for b, *_ in pending))
             return
         inputs = {spec.name: _concat([p[2][spec.name] for p in pending if p[3]]) for spec in self._loaded.inputs}
-        stats = EngineStats()
+        stats = EngineStats(on_rows=progress.computed)  # the live line moves during a long flush
         preds, errors = predict_isolating(self._loaded, inputs, n, stats)
         report_engine_stats(stats)
         progress.advance(0, tokens=stats.real_tokens)

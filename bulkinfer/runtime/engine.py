@@ -301,8 +301,9 @@ class Engine:
         inputs: every declared input: a fixed-shape one as an array [N, *shape] (or N arrays of that
           shape), a variable-axis one as a sequence of N arrays.  Values are cast to the declared dtype
           when numpy's "same_kind" casting allows it (float64 -> float32, int64 -> int32).
-        stats: if given, receives this call's counts as well as `self.stats` (which is per process).
-          For inputs without a variable axis, real and padded "tokens" count rows.
+        stats: if given, receives this call's counts as well as `self.stats` (which is per process), and
+          its `on_rows`, if set, each batch's rows as the batch completes.  For inputs without a
+          variable axis, real and padded "tokens" count rows.
 
         Raises ValueError naming the input and row for a missing input, a wrong shape or dtype, an
         empty variable axis, or a row longer than the last bucket.  Out-of-memory failures back off
@@ -313,7 +314,7 @@ class Engine:
         with self._lock:
             t0 = time.perf_counter()
             compiles, compile_s = self.stats.compiles, self.stats.compile_s
-            out = self._run_locked(arrays, lengths, call)
+            out = self._run_locked(arrays, lengths, call, stats.on_rows if stats is not None else None)
             call.rows = len(lengths)
             call.real_tokens = int(lengths.sum())
             call.compiles = self.stats.compiles - compiles
@@ -324,7 +325,8 @@ class Engine:
             stats.add(call)
         return out
 
-    def _run_locked(self, arrays, lengths: np.ndarray, call: EngineStats) -> dict[str, np.ndarray]:
+    def _run_locked(self, arrays, lengths: np.ndarray, call: EngineStats,
+                    on_rows: Callable[[int], None] | None) -> dict[str, np.ndarray]:
         n = len(lengths)
         out: dict[str, np.ndarray] = {}
         todo = collections.deque([np.arange(n)])  # groups of rows still to plan and run
@@ -353,6 +355,8 @@ class Engine:
             call.batches += 1
             call.padded_tokens += job.shape[2] if self.packed else job.shape[0] * job.shape[1]
             call.busy_s += ticket.busy_s
+            if on_rows is not None:
+                on_rows(len(job.rows))
 
         try:
             while todo or pending:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 
 @dataclasses.dataclass
@@ -18,6 +19,10 @@ class EngineStats:
       previous batch's completion, to this batch's completion); busy_s / wall time is the
       device-busy fraction.
     oom_backoffs: batches that ran out of device memory and were split and rerun with half the budget.
+    on_rows: if set, `Engine.run` calls it with each completed batch's row count as the batch completes
+      (on the thread that called `run`), for live progress within one long call; not a count, so `add`
+      leaves it alone.  Rows of a call that fails, or that an out-of-memory back-off reruns, are
+      reported when they complete, so the total may pass the call's row count.
     """
 
     rows: int = 0
@@ -29,9 +34,12 @@ class EngineStats:
     run_s: float = 0.0
     busy_s: float = 0.0
     oom_backoffs: int = 0
+    on_rows: Callable[[int], None] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def add(self, other: EngineStats, *, compiles: bool = True) -> None:
         for f in dataclasses.fields(self):
+            if f.name == "on_rows":
+                continue
             if compiles or f.name not in ("compiles", "compile_s"):
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 

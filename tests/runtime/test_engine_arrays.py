@@ -306,3 +306,18 @@ def test_a_negative_max_in_flight_is_refused(model):
     fn, params = model
     with pytest.raises(ValueError, match="max_in_flight must be >= 0, got -1"):
         Engine(fn, params, inputs=PIXELS, bucketing=ROWS8, max_in_flight=-1)
+
+
+def test_on_rows_hears_each_batch_as_it_completes_on_the_calling_thread(model):
+    fn, params = model
+    engine = Engine(fn, params, inputs=PIXELS, bucketing=ROWS8)
+    heard = []
+    stats = EngineStats(on_rows=lambda n: heard.append((n, threading.current_thread())))
+    out = engine.run(images(29), stats=stats)
+    assert sum(n for n, _ in heard) == 29 and len(heard) == stats.batches >= 4  # batches of at most 8 rows
+    assert max(n for n, _ in heard) == 8
+    assert {t for _, t in heard} == {threading.current_thread()}
+    assert len(out["label"]) == 29 and stats.rows == 29
+    total = EngineStats()
+    total.add(stats)  # a hook is not a count: adding stats leaves it out
+    assert total.on_rows is None and total.rows == 29
