@@ -49,7 +49,7 @@ def report_load(model) -> None:
 
 def report_engine_stats(stats: EngineStats) -> None:
     """Adds one engine call's counts to the Beam metrics that report.json reads (once per flush, not per row)."""
-    for name in ("batches", "real_tokens", "padded_tokens", "compiles", "oom_backoffs"):
+    for name in ("batches", "real_tokens", "padded_tokens", "compiles", "cache_loads", "oom_backoffs"):
         Metrics.counter(NAMESPACE, name).inc(getattr(stats, name))
     Metrics.counter(NAMESPACE, "engine_ms").inc(int(stats.run_s * 1000))  # wall time inside engine calls
     Metrics.counter(NAMESPACE, "device_busy_ms").inc(int(stats.busy_s * 1000))

@@ -221,11 +221,13 @@ class Engine:
                 exe = self._executables.load(self._key_parts(spec), list(self._mesh.devices.flat))
             if exe is None:
                 exe = self._compile(spec)
+                self.stats.compiles += 1
                 if self._executables is not None:  # keyed by the options it compiled with (they may be refused)
                     self._executables.store(self._key_parts(spec), exe)
+            else:
+                self.stats.cache_loads += 1
             self._check_outputs(exe.out_info, batch)
             self._compiled[key] = exe
-            self.stats.compiles += 1
             self.stats.compile_s += time.perf_counter() - t0
         return exe
 
@@ -313,11 +315,12 @@ class Engine:
         call = EngineStats()
         with self._lock:
             t0 = time.perf_counter()
-            compiles, compile_s = self.stats.compiles, self.stats.compile_s
+            compiles, loads, compile_s = self.stats.compiles, self.stats.cache_loads, self.stats.compile_s
             out = self._run_locked(arrays, lengths, call, stats.on_rows if stats is not None else None)
             call.rows = len(lengths)
             call.real_tokens = int(lengths.sum())
             call.compiles = self.stats.compiles - compiles
+            call.cache_loads = self.stats.cache_loads - loads
             call.compile_s = self.stats.compile_s - compile_s
             call.run_s = time.perf_counter() - t0
             self.stats.add(call, compiles=False)

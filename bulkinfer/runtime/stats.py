@@ -1,4 +1,5 @@
-"""Counters of what the engine ran: rows, batches, tokens, compiles, device time, out-of-memory back-offs."""
+"""Counters of what the engine ran: rows, batches, tokens, compiles and cache loads, device time, out-of-memory
+back-offs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ class EngineStats:
     real_tokens / padded_tokens: tokens of the rows vs. tokens of the padded batches they ran in (packed
       batches: their token capacity, what the token-wise layers compute; attention's [B, L] layout is
       not counted).
-    compiles, compile_s: shapes compiled (each once per process) and the seconds that took.
+    compiles: shapes compiled (each once per process).
+    cache_loads: shapes loaded from the executable cache instead (`bulkinfer.runtime.executables`).
+    compile_s: seconds spent compiling and loading them.
     run_s: wall seconds inside `Engine.run` (padding, dispatch, waiting for results).
     busy_s: seconds during which the devices had at least one batch running (from dispatch, or the
       previous batch's completion, to this batch's completion); busy_s / wall time is the
@@ -30,6 +33,7 @@ class EngineStats:
     real_tokens: int = 0
     padded_tokens: int = 0
     compiles: int = 0
+    cache_loads: int = 0
     compile_s: float = 0.0
     run_s: float = 0.0
     busy_s: float = 0.0
@@ -40,7 +44,7 @@ class EngineStats:
         for f in dataclasses.fields(self):
             if f.name == "on_rows":
                 continue
-            if compiles or f.name not in ("compiles", "compile_s"):
+            if compiles or f.name not in ("compiles", "cache_loads", "compile_s"):
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     @property

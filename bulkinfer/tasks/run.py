@@ -360,6 +360,7 @@ def make_report(records: dict[str, dict], plan: Plan, c: dict[str, float], *, el
         "batches": int(c.get("batches", 0)),
         "padding_efficiency": round(c.get("real_tokens", 0) / padded, 4) if padded else None,
         "compiles": int(c.get("compiles", 0)),
+        "executables_loaded": int(c.get("cache_loads", 0)),  # from the executable cache instead of compiled
         # Worker processes that loaded the model in this run (each loads it once, in DoFn.setup).
         "model_loads": int(c.get("model_load_ms_count", 0)),
         "model_load_s": round(c.get("model_load_ms_max", 0) / 1000, 3),

@@ -140,7 +140,8 @@ def test_embedding_job_on_portable_workers_equals_the_embedded_runner(cluster, t
     assert json.loads((tmp_path / "portable" / "report.json").read_text()) == report
     # Two waves, two jobs: each loaded the model once, in its own inference worker process (the hinted
     # environment); each job also started one worker process for its other, unhinted, environment.
-    assert report["model_loads"] == 2 and report["compiles"] >= 2 and report["batches"] >= 2
+    assert report["model_loads"] == 2 and report["batches"] >= 2
+    assert report["compiles"] + report["executables_loaded"] >= 2  # each worker got its shapes
     assert cluster.workers_started(0) - workers_before == 2 * 2
     waves = cluster.submitted_pipelines()[jobs_before:jobs_before + 2]
     for proto in waves:

@@ -41,5 +41,5 @@ engine = Engine(counted, params, inputs=TINY_BERT_INPUTS, executable_cache=cache
                 bucketing=Bucketing(lengths=(2, 4, 8, 16), token_budget=64, ladder=1))
 out = engine.run({"input_ids": random_token_rows(40, max_len=16)})["output"]
 np.save(args.out, out)
-print(json.dumps({"traces": len(traces), "compiles": engine.stats.compiles,
+print(json.dumps({"traces": len(traces), "compiles": engine.stats.compiles, "loads": engine.stats.cache_loads,
                   "hits": cache.hits if cache else None, "misses": cache.misses if cache else None}))

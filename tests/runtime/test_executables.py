@@ -31,11 +31,11 @@ def check(tmp_path, name, *flags) -> dict:
 def test_a_fresh_process_runs_the_stored_executables_untraced(tmp_path):
     store = str(tmp_path / "exe")
     first = check(tmp_path, "first", "--executables", store)
-    assert first["hits"] == 0 and first["misses"] == first["compiles"] > 1
+    assert first["hits"] == first["loads"] == 0 and first["misses"] == first["compiles"] > 1
     assert first["traces"] >= first["compiles"]
     assert len(list(Path(store).glob("*.exe"))) == first["compiles"]
     second = check(tmp_path, "second", "--executables", store)
-    assert second["traces"] == 0 and second["hits"] == second["compiles"] == first["compiles"]
+    assert second["traces"] == second["compiles"] == 0 and second["hits"] == second["loads"] == first["compiles"]
     np.testing.assert_array_equal(second["out"], first["out"])
     # Entries are the owner's alone; one that others may write is not loaded (it is compiled instead).
     entries = sorted(Path(store).glob("*.exe"))
@@ -43,6 +43,7 @@ def test_a_fresh_process_runs_the_stored_executables_untraced(tmp_path):
     entries[0].chmod(0o666)
     third = check(tmp_path, "third", "--executables", store)
     assert (third["hits"], third["misses"], third["traces"]) == (first["compiles"] - 1, 1, 1)
+    assert (third["loads"], third["compiles"]) == (first["compiles"] - 1, 1)
     np.testing.assert_array_equal(third["out"], first["out"])
 
 

@@ -125,7 +125,7 @@ def assumptions(costs: Costs, *, rows: int, files: int, spec: PlanSpec, job: job
         f"per-row time {costs.per_row_s * 1000:.3f} ms on this machine ("
         + (f"{1 / costs.per_row_s:,.0f} rows/s" if costs.per_row_s else "too small to measure") + ")",
         f"fixed costs on this machine: {costs.load_compile_s:.2f} s model load and compile in a fresh process "
-        f"({costs.compiles} batch shapes, from the compilation cache this plan filled), {costs.per_run_s:.2f} s "
+        f"({costs.compiles} batch shapes, compiled or loaded from the compilation cache this plan filled), {costs.per_run_s:.2f} s "
         f"per run, {costs.per_wave_s:.2f} s per wave of up to {job.wave_units} units, "
         f"{costs.per_unit_s * 1000:.1f} ms per unit of work",
         "predicted_seconds: the wall time of the whole job on this machine (tasks.run.run; `bulkinfer run` "

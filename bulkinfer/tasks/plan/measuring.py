@@ -32,7 +32,7 @@ class Costs:
     sample_rows: int
     sample_units: int
     sample_failed: int  # rows of the sample that failed (dead letters)
-    compiles: int  # batch shapes the sample compiled in R2
+    compiles: int  # batch shapes the sample compiled or loaded from the executable cache in R2
     device: str
 
     def seconds(self, *, rows: int, units: int, waves: int) -> float:
@@ -97,7 +97,8 @@ def measure(model, job: job_run.JobSpec, sample_files: list[str], workdir: str,
     per_run = max(0.0, t4 - per_wave - per_unit - per_row)
     return Costs(per_row_s=per_row, per_unit_s=per_unit, per_wave_s=per_wave, per_run_s=per_run,
                  load_compile_s=max(0.0, t2 - t3), first_compile_s=t1, sample_rows=n, sample_units=u,
-                 sample_failed=warm["rows_failed"], compiles=fresh["compiles"], device=device)
+                 sample_failed=warm["rows_failed"], compiles=fresh["compiles"] + fresh["executables_loaded"],
+                 device=device)
 
 
 def _with_warmup(model):
