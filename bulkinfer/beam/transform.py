@@ -88,7 +88,7 @@ class BulkInference(beam.PTransform):
         if server_token is not None and server is None:
             raise ValueError("server_token needs server=URL")
         if server is not None:
-            from bulkinfer.serve.client import RemoteModel
+            from bulkinfer.serve.remote_model import RemoteModel
 
             model = RemoteModel.for_model(server, model, token=server_token)
         else:

@@ -50,7 +50,7 @@ def _job_model(args):
             verb = "configures the local engine and does" if len(local_only) == 1 else "configure the local engine and do"
             raise ValueError(f"{', '.join(local_only)} {verb} not apply with --server; "
                              "pass them to `bulkinfer serve` instead")
-        from bulkinfer.serve.client import RemoteModel, RetryPolicy
+        from bulkinfer.serve.remote_model import RemoteModel, RetryPolicy
 
         retry = RetryPolicy() if args.server_retry_budget_s is None else RetryPolicy(
             budget_s=args.server_retry_budget_s)
@@ -153,7 +153,7 @@ def _served(args):
 def _check_served(model) -> None:
     """Raises ValueError when the server answers that it does not serve the model or refuses the token;
     a server that cannot be reached now is left to the job's retry budget."""
-    from bulkinfer.serve.client import RemoteError, V2Client
+    from bulkinfer.serve.v2_client import RemoteError, V2Client
 
     try:
         V2Client(model.url, token=model.token, timeout_s=30).model_metadata(model.name)

@@ -6,8 +6,9 @@
 `import bulkinfer` does not import this package; it loads only when a server or client is used.
 """
 
-from bulkinfer.serve.client import LoadedRemoteModel, RemoteError, RemoteModel, RetryPolicy, V2Client
+from bulkinfer.serve.remote_model import LoadedRemoteModel, RemoteModel, RetryPolicy
 from bulkinfer.serve.server import ServeConfig, Server, serve, start
+from bulkinfer.serve.v2_client import RemoteError, V2Client
 
 __all__ = ["LoadedRemoteModel", "RemoteError", "RemoteModel", "RetryPolicy", "ServeConfig", "Server", "V2Client",
            "serve", "start"]

@@ -138,7 +138,7 @@ def test_reading_without_tensors_checks_names_and_reads_the_rest():
 
 
 def test_language_model_paths_resolve(tmp_path):
-    from bulkinfer.serve.client import model_name
+    from bulkinfer.serve.remote_model import model_name
 
     name, path = resolve_language_model(str(FIXTURES / "tiny-qwen2.gguf"))
     assert (name, path) == ("tiny-qwen2", (FIXTURES / "tiny-qwen2.gguf").resolve())

@@ -14,8 +14,8 @@ import pytest
 
 from bulkinfer.errors import ModelUnavailable
 from bulkinfer.serve import RemoteError, RemoteModel, RetryPolicy
-from bulkinfer.serve.client import LoadedRemoteModel
 from bulkinfer.serve.protocol import HEADER_LENGTH, decode_bytes, split_body
+from bulkinfer.serve.remote_model import LoadedRemoteModel
 
 DEADLINE_S = 30.0  # a barrier not met in this long means the requests did not overlap
 

@@ -115,7 +115,7 @@ def test_the_client_retries_a_503_for_lack_of_connections_until_one_is_free(serv
             holder.close()
             _until(lambda: srv.connections == 0, "the holder's slot is free")
 
-    from bulkinfer.serve.client import LoadedRemoteModel
+    from bulkinfer.serve.remote_model import LoadedRemoteModel
 
     spec = RemoteModel(url=srv.url, name="my-model", retry=server_retry())
     loaded = LoadedRemoteModel(spec, sleep=sleep)

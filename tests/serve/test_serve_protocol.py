@@ -70,7 +70,8 @@ def test_flatten_nested_json_data():
 def test_backoff_is_jittered_exponential_but_never_sooner_than_retry_after():
     import random
 
-    from bulkinfer.serve.client import RetryPolicy, _retry_after
+    from bulkinfer.serve.remote_model import RetryPolicy
+    from bulkinfer.serve.v2_client import _retry_after
 
     policy, rng = RetryPolicy(base_s=0.1, max_backoff_s=5.0), random.Random(0)
     delays = [policy.backoff(k, rng) for k in range(1, 8)]
@@ -88,7 +89,7 @@ def test_an_unreadable_reply_is_model_unavailable_not_a_row_error():
     import pytest
 
     from bulkinfer.errors import ModelUnavailable
-    from bulkinfer.serve.client import V2Client
+    from bulkinfer.serve.v2_client import V2Client
 
     class NotV2(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 -- the stdlib's name

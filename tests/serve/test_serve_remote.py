@@ -95,7 +95,7 @@ def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_retry(e
         while srv.connections:  # the server drops the kept-alive connection after 0.3 s idle
             assert time.monotonic() < deadline, "the idle connection was not closed within 30 s"
             time.sleep(0.01)
-        with caplog.at_level("WARNING", logger="bulkinfer.serve.client"):
+        with caplog.at_level("WARNING", logger="bulkinfer.serve.remote_model"):
             np.testing.assert_allclose(loaded.embed(["second"]), embedder.embed(["second"]), atol=1e-6)
         assert not [r for r in caplog.records if "retry" in r.getMessage()]
     finally:

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from bulkinfer.models.signature import TensorSpec
 from bulkinfer.serve import protocol
-from bulkinfer.serve.client import signature_from_metadata
 from bulkinfer.serve.protocol import ProtocolError
+from bulkinfer.serve.remote_model import signature_from_metadata
 
 
 def _response(tensors: list[tuple[str, str, object, bool]]) -> tuple[bytes, str]:
