@@ -352,15 +352,19 @@ def test_sizes_are_read_in_bytes_or_binary_units():
             _size(bad)
 
 
-def test_a_kept_field_an_output_would_overwrite_is_a_bad_setting_not_a_wave_to_resume(tmp_path, capsys):
+def test_a_kept_field_an_output_would_overwrite_is_a_bad_setting_not_a_wave_to_resume(tmp_path):
     # digits outputs "label"; keeping the input's "label" beside it cannot work, and no rerun fixes it.
-    from bulkinfer.cli import main
-
     (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "pixels": [0] * 64, "label": 3}) + "\n")
-    assert main(["run", "--model", "digits", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"),
-                 "--keep-fields", "label"]) == 2
-    err = capsys.readouterr().err
-    assert "keep_fields ['label'] would be overwritten" in err and "rerun" not in err
+    args = ["run", "--model", "digits", "--input", tmp_path / "in.jsonl", "--output", tmp_path / "o"]
+    done = bulkinfer(*args, "--keep-fields", "label")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [  # one line: no runner traceback of the bundle before it
+        "bulkinfer: error: keep_fields ['label'] would be overwritten by the model's outputs of the same names; "
+        "rename those input fields first, or keep other fields"]
+    assert not list((tmp_path / "o").iterdir())  # nothing committed, no settings left to refuse the fixed command
+    fixed = bulkinfer(*args, "--keep-fields", "id")
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["rows_out"] == 1
 
 
 def test_a_token_budget_below_the_default_ladder_is_taken_and_zero_is_a_flag_error(tmp_path):

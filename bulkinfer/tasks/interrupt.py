@@ -15,9 +15,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
-# The loggers through which Beam's runner and SDK harness report a bundle that raised.
-BEAM_LOGGERS = ("apache_beam.runners.common", "apache_beam.runners.worker.sdk_worker",
-                "apache_beam.runners.portability.fn_api_runner.fn_runner")
+from bulkinfer.tasks.beam_log import BEAM_LOGGERS
 
 
 class Interrupt:

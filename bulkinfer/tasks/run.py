@@ -30,7 +30,8 @@ from bulkinfer.beam import commit, io, progress, writers
 from bulkinfer.beam.batch import FAILED, NAMESPACE
 from bulkinfer.beam.transform import BulkInference
 from bulkinfer.beam.units import UNIT_SIZE, Unit, delete, escape_glob, plan_units
-from bulkinfer.errors import BadSettings
+from bulkinfer.errors import BadSettings, ModelUnavailable
+from bulkinfer.tasks.beam_log import quiet_own_errors
 from bulkinfer.tasks.interrupt import interruptible
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,8 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
     def kept() -> str:
         return f"units committed so far are kept ({len(commit.committed(job.out))}); rerun the same command to resume"
 
-    with live, interruptible(kept) as interrupt:
+    own = (BadSettings, ModelUnavailable, commit.UnitNotReconciled, commit.TooManyFailures)  # said in one line
+    with live, interruptible(kept) as interrupt, quiet_own_errors(own):
         before = [r for key, r in commit.committed(job.out).items() if key in keys]
         seen, failed = sum(r["rows_in"] for r in before), sum(r["rows_failed"] for r in before)
         for k, wave in enumerate(waves):
@@ -268,6 +270,9 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
                     raise KeyboardInterrupt from e
                 cause = _cause(e)
                 if cause.startswith(("BadSettings", "bulkinfer.errors.BadSettings")):  # no rerun fixes it
+                    if not commit.committed(job.out):  # nothing done: a corrected command starts afresh here
+                        delete([FileSystems.join(job.out, name) for name in (JOB_FILE, PLAN_FILE)
+                                if FileSystems.exists(FileSystems.join(job.out, name))])
                     raise BadSettings(cause.split(": ", 1)[-1]) from e
                 raise JobFailed(f"wave {k + 1} of {len(waves)} failed: {cause}; {kept()}") from e
             for record in commit.records_of(job.out, [u.key for u in wave]):

@@ -4,7 +4,8 @@ import signal
 
 import pytest
 
-from bulkinfer.tasks.interrupt import BEAM_LOGGERS, interruptible
+from bulkinfer.tasks.beam_log import BEAM_LOGGERS
+from bulkinfer.tasks.interrupt import interruptible
 
 
 def test_ctrl_c_in_the_block_is_noted_raised_with_what_was_kept_and_beams_log_of_it_dropped(caplog):
