@@ -215,7 +215,8 @@ def kill_after_first_commit(cmd: list[str], out_dir, env: dict | None = None, si
     committed = Path(out_dir) / "_committed"
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
-                                stdout=subprocess.DEVNULL, stderr=err)
+                                stdout=subprocess.DEVNULL, stderr=err,  # SIGINT as a terminal delivers it,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even under nohup
         try:
             while not list(committed.glob("[!.]*.json")) and proc.poll() is None:  # polls a file, not a timer
                 time.sleep(0.02)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobExit as e:  # its error line is already on stderr
         return e.status
     except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; a job's text says what it kept
-        print(f"\nbulkinfer: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+        print(f"bulkinfer: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
         return INTERRUPTED
 
 

@@ -359,7 +359,10 @@ class Engine:
             call.padded_tokens += job.shape[2] if self.packed else job.shape[0] * job.shape[1]
             call.busy_s += ticket.busy_s
             if on_rows is not None:
-                on_rows(len(job.rows))
+                try:
+                    on_rows(len(job.rows))
+                except Exception:  # noqa: BLE001 -- a progress hook must not fail the rows
+                    log.exception("stats.on_rows raised; the batch's rows are kept")
 
         try:
             while todo or pending:

@@ -50,7 +50,7 @@ from bulkinfer.beam.units import delete, escape_glob, fingerprint
 from bulkinfer.beam.writers import ensure_dir, rows_to_table
 from bulkinfer.models.resolve import model_spec
 from bulkinfer.tasks import run as run_job
-from bulkinfer.tasks.interrupt import interruptible
+from bulkinfer.tasks.interrupt import run_interruptibly
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions"
@@ -229,15 +229,9 @@ def distill(model, job: run_job.JobSpec, spec: DistillSpec = DistillSpec(),
         p = beam.Pipeline(runner=run_job._default_runner(options), options=options)
         _ = (p | "Units" >> beam.Create(todo)
              | "WriteShards" >> beam.ParDo(_WriteUnitShards(out, spec.format, spec.rows_per_shard)))
-        with interruptible(lambda: "units whose shards were written are kept; rerun the same command to resume"
-                           ) as interrupt:
-            try:
-                p.run().wait_until_finish()
-            except Exception as e:  # noqa: BLE001 -- any pipeline failure: say what failed; a rerun resumes
-                if interrupt.requested:  # Ctrl-C, handed back by the runner as a RuntimeError naming it
-                    raise KeyboardInterrupt from e
-                raise run_job.JobFailed(f"writing shards failed: {run_job._cause(e)}; units whose shards were "
-                                        "written are kept; rerun the same command to resume") from e
+        kept = "units whose shards were written are kept; rerun the same command to resume"
+        run_interruptibly(p, kept=kept, failed=lambda e: run_job.JobFailed(
+            f"writing shards failed: {run_job._cause(e)}; {kept}"))
     manifest = _manifest(model, job, spec, files, wanted, report)
     path = FileSystems.join(out, MANIFEST)
     run_job._write_json(path, manifest)

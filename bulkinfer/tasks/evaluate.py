@@ -44,6 +44,7 @@ from bulkinfer.tasks.evaluate_transform import (  # noqa: F401 - the transform, 
     RenameFields,
     ZeroShot,
 )
+from bulkinfer.tasks.interrupt import run_interruptibly
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +207,14 @@ def _evaluate_files(files: list[str], out: str, *, num_classes: int, label_field
                          bootstrap=spec.bootstrap, seed=spec.seed, percentiles=spec.percentiles,
                          field_names={label_field: f"{spec.label_field!r} (kept as {label_field!r})"}
                          if label_field != spec.label_field else None)
-    with beam.Pipeline(runner=run_job._default_runner(options), options=options) as p:
-        rows = p | "ReadPredictions" >> (io.ReadDataset(files=files) if files else beam.Create([]))
-        metrics, failed = rows | "Evaluate" >> evaluate_.with_exception_handling()
-        _ = failed | "WriteFailed" >> io.WriteDataset(out, format="jsonl", prefix="failed-eval")
-        _ = metrics | "WriteResult" >> beam.Map(_write_result, result_path)
+    p = beam.Pipeline(runner=run_job._default_runner(options), options=options)
+    rows = p | "ReadPredictions" >> (io.ReadDataset(files=files) if files else beam.Create([]))
+    metrics, failed = rows | "Evaluate" >> evaluate_.with_exception_handling()
+    _ = failed | "WriteFailed" >> io.WriteDataset(out, format="jsonl", prefix="failed-eval")
+    _ = metrics | "WriteResult" >> beam.Map(_write_result, result_path)
+    run_interruptibly(p, kept="the predictions are kept; rerun the same command", failed=lambda e: run_job.JobFailed(
+        f"the evaluation pipeline over {len(files)} prediction files failed: {run_job._cause(e)}; rerun the same "
+        "command (the predictions are kept)"))
     with FileSystems.open(result_path) as f:
         result = json.loads(f.read())
     FileSystems.delete([result_path])

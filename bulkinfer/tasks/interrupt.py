@@ -17,15 +17,64 @@ from collections.abc import Callable, Iterator
 
 from bulkinfer.tasks.beam_log import BEAM_LOGGERS
 
+log = logging.getLogger(__name__)
+
 
 class Interrupt:
-    """Whether SIGINT arrived inside `interruptible`; as a logging filter, drops every record after it."""
+    """Whether SIGINT arrived inside `interruptible`; as a logging filter, drops the records of the
+    interrupted bundle (those naming a KeyboardInterrupt) once it did."""
 
     def __init__(self):
         self.requested = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not self.requested
+        if not self.requested:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, KeyboardInterrupt) or "KeyboardInterrupt" in str(record.msg))
+
+
+def was_interrupted(watch: Interrupt, error: BaseException) -> bool:
+    """Whether a pipeline failure is the Ctrl-C `watch` noted: SIGINT arrived and the failure names a
+    KeyboardInterrupt (in its chain or its text; runners hand it back as a RuntimeError naming it).  A
+    failure after a swallowed SIGINT (Python ignores exceptions raised in finalizers) is not one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, KeyboardInterrupt) or "KeyboardInterrupt" in f"{error}":
+            return watch.requested
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def cancel(result) -> None:
+    """Cancels a pipeline a runner still runs (a cluster runner's job outlives the launcher's wait);
+    logs when the runner cannot.  `result`: what `Pipeline.run` returned, or None."""
+    if result is None:
+        return
+    try:
+        result.cancel()
+    except Exception as e:  # noqa: BLE001 -- the embedded runner cannot cancel a finished pipeline
+        log.warning("could not cancel the pipeline on its runner (%s: %s); it may still be running: cancel "
+                    "it there before rerunning", type(e).__name__, e)
+
+
+def run_interruptibly(p, *, kept: str, failed: Callable[[Exception], Exception]) -> None:
+    """Runs pipeline `p` to completion.  Ctrl-C: cancels it where a runner still runs it and raises
+    KeyboardInterrupt with `kept` as its text; any other failure raises `failed(error)` from it."""
+    with interruptible(lambda: kept) as interrupt:
+        result = None
+        try:
+            result = p.run()
+            result.wait_until_finish()
+        except KeyboardInterrupt:
+            cancel(result)
+            raise
+        except Exception as e:  # noqa: BLE001 -- any pipeline failure: say what failed
+            if was_interrupted(interrupt, e):
+                cancel(result)
+                raise KeyboardInterrupt from e
+            raise failed(e) from e
 
 
 @contextlib.contextmanager
@@ -49,11 +98,11 @@ def interruptible(kept: Callable[[], str] | None = None) -> Iterator[Interrupt]:
         previous(signum, frame)
 
     on_sigint.bulkinfer_interruptible = True
-    if ours:
-        for logger in loggers:
-            logger.addFilter(watch)
-        signal.signal(signal.SIGINT, on_sigint)
     try:
+        if ours:
+            for logger in loggers:
+                logger.addFilter(watch)
+            signal.signal(signal.SIGINT, on_sigint)
         yield watch
     except KeyboardInterrupt as e:
         if kept is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import logging
 import sys
@@ -32,10 +33,12 @@ from bulkinfer.beam.transform import BulkInference
 from bulkinfer.beam.units import UNIT_SIZE, Unit, delete, escape_glob, plan_units
 from bulkinfer.errors import BadSettings, ModelUnavailable
 from bulkinfer.tasks.beam_log import quiet_own_errors
-from bulkinfer.tasks.interrupt import interruptible
+from bulkinfer.tasks.interrupt import cancel, interruptible, was_interrupted
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
+_OURS = ("part-*", "failed-*", ".tmp-*", "report.json", "_*")  # what runs write in DIR (prepare_output)
+_LISTED = 50  # entries of DIR listed to warn of others' files: enough to name a few, cheap on a bucket
 PLAN_FILE = "_plan.json"  # the unit keys of the latest run, to tell resumed units from new ones
 
 
@@ -166,12 +169,13 @@ def prepare_output(model, job: JobSpec, units: list[Unit]) -> Plan:
                                   "it, or choose another --output")
     elif FileSystems.match([FileSystems.join(escape_glob(out), "part-*")])[0].metadata_list:
         raise FileExistsError(f"{out} holds outputs that are not from a bulkinfer run; pass --overwrite")
-    else:
-        others = [m.path for m in FileSystems.match([FileSystems.join(escape_glob(out), "*")])[0].metadata_list]
-        if others:  # nothing of ours to clash with, but a mistyped --output is likelier than a shared folder
-            names = ", ".join(sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in others)[:3])
-            log.warning("%s already holds %d file(s) that no bulkinfer run wrote (%s%s); the job writes its "
-                        "outputs beside them", out, len(others), names, ", ..." if len(others) > 3 else "")
+    else:  # nothing of ours to clash with, but a mistyped --output is likelier than a shared folder
+        listed = FileSystems.match([FileSystems.join(escape_glob(out), "*")], limits=[_LISTED])[0].metadata_list
+        names = sorted(n for n in (m.path.rstrip("/").rsplit("/", 1)[-1] for m in listed)
+                       if not any(fnmatch.fnmatchcase(n, ours) for ours in _OURS))
+        if names:
+            log.warning("%s already holds entries that no bulkinfer run wrote (%s%s); the job writes its outputs "
+                        "beside them", out, ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
     earlier = set(_read_json(FileSystems.join(out, PLAN_FILE), []))
     _write_json(settings_path, _settings(model, job))
     # Units whose input changed since their commit: forget them (records first, then files).
@@ -262,11 +266,16 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
                                         prior_failed=failed)
             p = beam.Pipeline(runner=_default_runner(options), options=options)
             build(p, model, job, wave, limit=limit, transform=transform, preprocess=preprocess)
+            result = None
             try:
                 result = p.run()
                 result.wait_until_finish()
+            except KeyboardInterrupt:  # a cluster runner's job outlives the launcher's wait
+                cancel(result)
+                raise
             except Exception as e:  # noqa: BLE001 -- any pipeline failure: say what failed, keep what committed
-                if interrupt.requested:  # Ctrl-C, which the runner hands back as a RuntimeError naming it
+                if was_interrupted(interrupt, e):  # Ctrl-C, which the runner hands back as a RuntimeError naming it
+                    cancel(result)
                     raise KeyboardInterrupt from e
                 cause = _cause(e)
                 if cause.startswith(("BadSettings", "bulkinfer.errors.BadSettings")):  # no rerun fixes it

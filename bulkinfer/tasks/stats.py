@@ -43,7 +43,7 @@ from bulkinfer.metrics.drift import stats_drift
 from bulkinfer.tasks import run as run_job
 from bulkinfer.tasks.evaluate import empty_slice_warnings
 from bulkinfer.tasks.evaluate_transform import RenameFields
-from bulkinfer.tasks.interrupt import interruptible
+from bulkinfer.tasks.interrupt import run_interruptibly
 from bulkinfer.tasks.run import JobFailed, JobSpec
 from bulkinfer.tasks.stats_transform import (  # noqa: F401 -- the transform's names, re-exported
     OVERALL,
@@ -192,14 +192,9 @@ def aggregate(files: list[str], layout: Layout, spec: StatsSpec, pipeline_args: 
     result, failed = p | "ReadPredictions" >> io.ReadDataset(files=files) | statistics.with_exception_handling()
     _ = failed | "WriteFailed" >> io.WriteDataset(out, format="jsonl", prefix="failed-stats")
     _ = result | "HandBack" >> beam.Map(_hand_back, handoff)
-    with interruptible(lambda: "the predictions are kept; rerun the same command") as interrupt:
-        try:
-            p.run().wait_until_finish()
-        except Exception as e:  # noqa: BLE001 -- any pipeline failure: say what failed
-            if interrupt.requested:  # Ctrl-C, handed back by the runner as a RuntimeError naming it
-                raise KeyboardInterrupt from e
-                raise JobFailed(f"the statistics pipeline over {len(files)} prediction files failed: "
-                            f"{run_job._cause(e)}; rerun the same command (the predictions are kept)") from e
+    run_interruptibly(p, kept="the predictions are kept; rerun the same command", failed=lambda e: JobFailed(
+        f"the statistics pipeline over {len(files)} prediction files failed: {run_job._cause(e)}; rerun the same "
+        "command (the predictions are kept)"))
     with FileSystems.open(handoff) as f:
         result = json.loads(f.read())
     delete([handoff])

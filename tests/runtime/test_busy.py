@@ -20,7 +20,6 @@ def test_an_idle_watcher_ends_so_dropped_clocks_are_collected():
         ticket = clock.track(jnp.ones(3) * 2)
         ticket.wait()
         assert ticket.error is None and float(ticket.output.sum()) == 6.0
-    assert all(c._thread is not None or c._queue.empty() for c in clocks)
     refs = [weakref.ref(c) for c in clocks]
     del clocks, clock
     # A watcher holds its clock: the clocks can go only once their watchers ended.

@@ -2,6 +2,7 @@ import logging
 import os
 import signal
 
+import apache_beam as beam
 import pytest
 
 from bulkinfer.tasks.beam_log import BEAM_LOGGERS
@@ -61,4 +62,38 @@ def test_nested_blocks_both_note_the_signal_and_restore_each_others_handlers():
             assert inner.requested and outer.requested
             assert signal.getsignal(signal.SIGINT) is outer_handler
             raise KeyboardInterrupt
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_failure_is_an_interrupt_only_when_it_names_one_after_the_signal():
+    from bulkinfer.tasks.interrupt import Interrupt, was_interrupted
+
+    watch = Interrupt()
+    wrapped = RuntimeError("KeyboardInterrupt [while running 'Infer']")
+    assert not was_interrupted(watch, wrapped)  # no SIGINT noted
+    watch.requested = True  # a SIGINT arrived, and perhaps was swallowed in a finalizer
+    assert was_interrupted(watch, wrapped)
+    assert not was_interrupted(watch, RuntimeError("disk full"))  # a genuine failure stays one
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ValueError("while stopping") from e
+    except ValueError as chained:
+        assert was_interrupted(watch, chained)
+
+
+class _Fails(beam.DoFn):
+    def process(self, x):
+        raise ValueError(f"row {x} is bad")
+
+
+def test_a_failing_pipeline_raises_what_failed_makes_of_it_and_no_interrupt():
+    from bulkinfer.tasks.interrupt import run_interruptibly
+
+    p = beam.Pipeline(runner="FnApiRunner")
+    _ = p | beam.Create([1]) | beam.ParDo(_Fails())
+    with pytest.raises(LookupError, match="^failed: .*row 1 is bad") as raised:
+        run_interruptibly(p, kept="kept", failed=lambda e: LookupError(f"failed: {e}"))
+    assert "row 1 is bad" in str(raised.value.__cause__)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
