@@ -27,8 +27,10 @@ A file that fails to load is logged and ignored (the caller compiles), never an 
 Nothing is stored while JAX's own persistent cache is in use in the process (`jax_cache_in_use`): an
 executable it served fails to run once stored.  A model using this cache therefore leaves JAX's off
 (`LoadedTextEmbedder` does).  Files are written owner-only (the directory 0700, entries 0600), and a file
-that another user owns or others may write is not loaded.  Nothing is evicted: each change of the code
-key (a new bulkinfer version, say) adds a set of files; delete the directory to reclaim the space.
+that another user owns or others may write is not loaded.  Each change of the code key (a new bulkinfer
+version, say) adds a set of files; a load marks its entry used (its modification time), and the first
+store of a process deletes the entries unused for `max_age_days` (default 30) and temporary files a
+killed writer left over a day ago.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import os
 import pickle
 import platform
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -120,13 +123,18 @@ class ExecutableCache:
 
     directory: a local directory (created on the first store).
     code_key: what identifies the function's code and settings (see the module docstring).
+    max_age_days: entries neither loaded nor stored for this many days are deleted by the first store
+      of this instance (stale code keys, shapes no job uses any more).
     """
 
-    def __init__(self, directory: str | os.PathLike, code_key: str):
+    def __init__(self, directory: str | os.PathLike, code_key: str, *, max_age_days: float = 30.0):
         self.directory = Path(directory)
         self.code_key = code_key
+        self.max_age_days = max_age_days
         self.hits = 0
         self.misses = 0
+        self.evicted = 0
+        self._swept = False
 
     @classmethod
     def beside(cls, compilation_cache_dir: str | None, code_key: str) -> ExecutableCache | None:
@@ -174,6 +182,10 @@ class ExecutableCache:
             self.misses += 1
             return None
         self.hits += 1
+        try:
+            os.utime(path)  # used: kept by `_sweep` for another max_age_days
+        except OSError:
+            pass  # a read-only cache still serves
         return exe
 
     def store(self, parts: Mapping[str, str], compiled: jax.stages.Compiled) -> bool:
@@ -198,4 +210,25 @@ class ExecutableCache:
         except Exception as e:  # noqa: BLE001 - the cache is an optimisation; the executable still runs
             log.warning("cannot cache the executable in %s (%s: %s)", self.directory, type(e).__name__, e)
             return False
+        if not self._swept:
+            self._swept = True
+            self._sweep()
         return True
+
+    def _sweep(self) -> None:
+        """Deletes entries unused for max_age_days and temporary files older than a day."""
+        now = time.time()
+        for entry in self.directory.iterdir():
+            try:
+                age_days = (now - entry.stat().st_mtime) / 86400
+            except OSError:
+                continue  # deleted by another process's sweep meanwhile
+            if (entry.suffix == ".exe" and age_days > self.max_age_days) or (entry.suffix == ".tmp" and age_days > 1):
+                try:
+                    entry.unlink()
+                    self.evicted += 1
+                except OSError:
+                    pass  # another process's sweep, or a file not ours to delete
+        if self.evicted:
+            log.info("deleted %d cached executables unused for %g days from %s", self.evicted, self.max_age_days,
+                     self.directory)

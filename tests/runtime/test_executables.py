@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -107,3 +108,27 @@ def test_the_source_digest_follows_the_modules_source():
     a = ex.source_digest("bulkinfer.models.bert")
     assert a == ex.source_digest("bulkinfer.models.bert") != ex.source_digest("bulkinfer.models.bert",
                                                                                "bulkinfer.models.text")
+
+
+def test_entries_unused_for_max_age_days_go_at_the_first_store_and_a_load_keeps_its_entry(tmp_path, monkeypatch):
+    # This process may have JAX's own cache configured by earlier tests, which blocks every store (see
+    # jax_cache_in_use); the entry here is loaded in this process only, where that hazard does not arise.
+    monkeypatch.setattr(ex, "jax_cache_in_use", lambda environ=None: False)
+    fn, params = tiny_bert()
+    cache = ex.ExecutableCache(tmp_path, ex.source_digest("bulkinfer.models.bert"), max_age_days=30)
+    engine = Engine(fn, params, inputs=TINY_BERT_INPUTS, bucketing=Bucketing(lengths=(8,), token_budget=64, ladder=0),
+                    executable_cache=cache)
+    ((batch, length),) = engine.bucketing.shapes()
+    spec = engine.batch_spec(batch, length)
+    old, recent, left = tmp_path / ("0" * 64 + ".exe"), tmp_path / ("1" * 64 + ".exe"), tmp_path / "x.exe.tmp"
+    for path, days in ((old, 31), (recent, 29), (left, 2)):
+        path.write_bytes(b"an entry")
+        os.utime(path, (time.time() - days * 86400,) * 2)
+    engine.warmup()  # compiles the one shape and stores it: the first store sweeps
+    entry = cache._path(engine._key_parts(spec))
+    assert entry.exists() and recent.exists() and not old.exists() and not left.exists()
+    assert cache.evicted == 2
+    os.utime(entry, (time.time() - 40 * 86400,) * 2)
+    reloaded = ex.ExecutableCache(tmp_path, cache.code_key, max_age_days=30)
+    assert reloaded.load(engine._key_parts(spec), list(engine._mesh.devices.flat)) is not None
+    assert time.time() - entry.stat().st_mtime < 60  # marked used by the load
