@@ -92,7 +92,7 @@ class FailureLimit:
             raise TooManyFailures(
                 f"{failed} of {rows} rows failed ({failed / rows:.0%}), more than --max-failed-fraction "
                 f"{self.max_fraction:g}: a systemic fault (wrong --input-field? a broken model?), so nothing "
-                "more is committed; see the dead letters' errors, fix the cause and rerun, or raise the limit")
+                "more is committed; fix the cause and rerun, or raise the limit")
 
 
 def committed(directory: str) -> dict[str, dict]:

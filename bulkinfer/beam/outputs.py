@@ -56,6 +56,15 @@ def attach(batch: Batch, valid: list[int] | None, preds: Mapping[str, np.ndarray
     return batch.take(rows, table), failed
 
 
+def absent_fields(batch: Batch, fields: Sequence[str]) -> list[str]:
+    """The fields in no row of the batch (a table's missing columns; for dict rows, a field no row has):
+    kept fields written as null throughout, most likely a misspelt name."""
+    if batch.table is not None:
+        return [f for f in fields if f not in batch.table.column_names]
+    seen = set().union(*(row.keys() for row in batch.rows if isinstance(row, dict)))
+    return [f for f in fields if f not in seen]
+
+
 def arrow_column(preds: np.ndarray) -> pa.Array:
     """[N] -> a plain column; [N, D] -> fixed-size lists of D (nested for more dimensions); no per-row Python."""
     column = pa.array(preds.reshape(-1) if preds.ndim > 1 else preds)

@@ -17,6 +17,7 @@ Inference Protocol server instead (`bulkinfer serve`, Triton, ...; see `bulkinfe
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 
 import apache_beam as beam
@@ -28,11 +29,13 @@ from bulkinfer.beam.batch import FAILED, NAMESPACE, Batch, Rebatch, dead_letter,
 from bulkinfer.beam.inputs import model_inputs
 from bulkinfer.beam.isolate import predict_isolating
 from bulkinfer.beam.loading import load_shared, report_engine_stats, report_load
-from bulkinfer.beam.outputs import attach
+from bulkinfer.beam.outputs import absent_fields, attach
 from bulkinfer.errors import BadSettings
 from bulkinfer.models.resolve import model_spec
 from bulkinfer.runtime import EngineStats
 from bulkinfer.runtime.process import share_accelerator_memory
+
+log = logging.getLogger(__name__)
 
 
 class BulkInference(beam.PTransform):
@@ -146,6 +149,7 @@ class _InferDoFn(beam.DoFn):
         self._input_field, self._id_field = input_field, id_field
         self._output_field, self._keep = output_field, keep_fields
         self._flush_rows = flush_rows
+        self._warned: set[str] = set()  # kept fields already named as absent
         self._rows_in = Metrics.counter(NAMESPACE, "infer_rows_in")
         self._rows_out = Metrics.counter(NAMESPACE, "infer_rows_out")
         self._failed = Metrics.counter(NAMESPACE, "infer_rows_failed")
@@ -195,6 +199,13 @@ class _InferDoFn(beam.DoFn):
                              position=pos, unit=batch.unit)
         return beam.pvalue.TaggedOutput(FAILED, letter)
 
+    def _warn_absent(self, batch: Batch) -> None:
+        """Logs, once per field and worker, a kept field that no row of a batch has (its column is all null)."""
+        for name in absent_fields(batch, [f for f in self._keep or () if f not in self._warned]):
+            self._warned.add(name)
+            log.warning("keep_fields: %r is in no row of %s, so its output column is null; a misspelt field name?",
+                        name, batch.source or "a batch")
+
     def _flush(self):
         pending, self._pending, self._pending_rows = self._pending, [], 0
         n = sum(k for *_, k in pending)
@@ -208,6 +219,7 @@ class _InferDoFn(beam.DoFn):
         progress.advance(0, tokens=stats.real_tokens)
         offset = 0
         for batch, valid, _, k in pending:
+            self._warn_absent(batch)
             out, failed = attach(batch, valid, preds, errors, offset, self._out_fields, self._keep)
             for i, error in failed:
                 yield self._letter(batch, i, error)

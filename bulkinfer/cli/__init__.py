@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
+import signal
 import sys
+import threading
 
 from bulkinfer.cli.args import _beam_flags_error
 from bulkinfer.cli.distill import _distill, _distill_parser
@@ -31,7 +34,27 @@ def _parser() -> argparse.ArgumentParser:
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
 
 
+def _on_sigint(signum, frame):
+    """The command's Ctrl-C: the first raises KeyboardInterrupt (the job stops, waits for its running
+    batches and says what it kept); a second one during that clean-up or the exit leaves at once, with
+    status 130 (raising again there could interrupt native code's clean-up, which aborts the process)."""
+    if _on_sigint.seen:
+        os.write(2, b"\nbulkinfer: interrupted again; stopping now\n")
+        os._exit(INTERRUPTED)
+    _on_sigint.seen = True
+    signal.default_int_handler(signum, frame)
+
+
+_on_sigint.seen = False
+_on_sigint.bulkinfer_interruptible = True  # tasks.interrupt.interruptible chains it
+
+
 def main(argv: list[str] | None = None) -> int:
+    ours = threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if ours:
+        _on_sigint.seen = False
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         return _main(argv)
     except JobExit as e:  # its error line is already on stderr
@@ -39,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; a job's text says what it kept
         print(f"bulkinfer: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
         return INTERRUPTED
+    finally:
+        if ours and not _on_sigint.seen:  # after a Ctrl-C the handler stays, for a second one during exit
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def entry() -> None:

@@ -278,12 +278,17 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
                     cancel(result)
                     raise KeyboardInterrupt from e
                 cause = _cause(e)
-                if cause.startswith(("BadSettings", "bulkinfer.errors.BadSettings")):  # no rerun fixes it
-                    if not commit.committed(job.out):  # nothing done: a corrected command starts afresh here
-                        delete([FileSystems.join(job.out, name) for name in (JOB_FILE, PLAN_FILE)
-                                if FileSystems.exists(FileSystems.join(job.out, name))])
+                settings = cause.startswith(("BadSettings", "bulkinfer.errors.BadSettings"))  # no rerun fixes it
+                systemic = "TooManyFailures" in cause  # nor this one, until its cause is fixed
+                if (settings or systemic) and not commit.committed(job.out):
+                    # Nothing done, and the settings may be what is wrong: a corrected command starts afresh.
+                    delete([FileSystems.join(job.out, name) for name in (JOB_FILE, PLAN_FILE)
+                            if FileSystems.exists(FileSystems.join(job.out, name))])
+                if settings:
                     raise BadSettings(cause.split(": ", 1)[-1]) from e
-                raise JobFailed(f"wave {k + 1} of {len(waves)} failed: {cause}; {kept()}") from e
+                then = (f"units committed so far are kept ({len(commit.committed(job.out))})" if systemic
+                        else kept())
+                raise JobFailed(f"wave {k + 1} of {len(waves)} failed: {cause}; {then}") from e
             for record in commit.records_of(job.out, [u.key for u in wave]):
                 seen, failed = seen + record["rows_in"], failed + record["rows_failed"]
             for name, value in _counters(result).items():

@@ -201,7 +201,7 @@ def test_a_model_value_that_is_no_model_fails_at_construction_with_one_line():
 
 
 @pytest.mark.parametrize("form", ["rows", "table"])
-def test_keep_fields_carries_input_fields_beside_the_predictions(form):
+def test_keep_fields_carries_input_fields_beside_the_predictions(form, caplog):
     rows = [{"id": i, "text": "x" * i, "label": i % 2, "note": f"n{i}"} for i in range(5)]
     element = bulkinfer.Batch(pa.Table.from_pylist(rows)) if form == "table" else None
 
@@ -214,3 +214,6 @@ def test_keep_fields_carries_input_fields_beside_the_predictions(form):
         out = source | bulkinfer.BulkInference(CountingModel(), keep_fields=["label", "absent"]) | beam.FlatMap(as_tuples)
         expected = [tuple(sorted({"id": i, "label": i % 2, "absent": None, "length": i}.items())) for i in range(5)]
         assert_that(out, equal_to(expected))
+    named = [r.getMessage() for r in caplog.records if r.name == "bulkinfer.beam.transform"]
+    assert named == ["keep_fields: 'absent' is in no row of a batch, so its output column is null; a misspelt "
+                     "field name?"]  # once, and only the absent field

@@ -279,7 +279,12 @@ def test_a_job_whose_rows_fail_systemically_stops(tmp_path):
     with pytest.raises(job.JobFailed, match="1200 of 1200 rows failed .* --max-failed-fraction 0.5") as failure:
         job.run(CountingModel(), job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(out)))
     assert "for example: " in str(failure.value) and "field 'text' is missing" in str(failure.value)
+    assert "rerun the same command" not in str(failure.value)  # the same command would fail the same way
     assert not list(out.glob("_committed/*.json")) and not list(out.glob("failed-*"))
+    assert not (out / "_job.json").exists()  # so the corrected command is not refused as "other settings"
+    fixed = job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(out), input_field="body")
+    assert job.run(CountingModel(), fixed)["rows_out"] == 1200
+    out = tmp_path / "out-again"
     small = job.JobSpec(input=str(tmp_path / "a.jsonl"), output=str(tmp_path / "o2"), min_rows_for_failed_fraction=1201)
     with pytest.raises(job.JobFailed, match="1200 of 1200 rows failed"):  # a small job all of whose rows fail
         job.run(CountingModel(), small)
