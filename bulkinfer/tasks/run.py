@@ -37,9 +37,9 @@ from bulkinfer.tasks.interrupt import cancel, interruptible, was_interrupted
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
+PLAN_FILE = "_plan.json"  # the unit keys of the latest run, to tell resumed units from new ones
 _OURS = ("part-*", "failed-*", ".tmp-*", "report.json", "_*")  # what runs write in DIR (prepare_output)
 _LISTED = 50  # entries of DIR listed to warn of others' files: enough to name a few, cheap on a bucket
-PLAN_FILE = "_plan.json"  # the unit keys of the latest run, to tell resumed units from new ones
 
 
 class JobFailed(RuntimeError):
@@ -253,6 +253,7 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
     embedded = not options.view_as(StandardOptions).runner
     live = progress.Progress(io.estimate_rows(todo_files) if plan.todo and sys.stderr.isatty() else None) if (
         embedded) else contextlib.nullcontext()
+
     def kept() -> str:
         return f"units committed so far are kept ({len(commit.committed(job.out))}); rerun the same command to resume"
 
