@@ -417,3 +417,10 @@ def test_a_negative_max_in_flight_is_a_flag_error(tmp_path):
     proc = bulkinfer("run", "--model", "minilm", "--input", ROOT / "data/sample/part-0.jsonl", "--output",
                      tmp_path / "o", "--max-in-flight=-1")
     assert proc.returncode == 2 and "argument --max-in-flight: '-1' must be >= 0" in proc.stderr
+
+
+def test_version_names_the_package_version():
+    import bulkinfer as package
+
+    done = bulkinfer("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"bulkinfer {package.__version__}"

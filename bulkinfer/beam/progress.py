@@ -35,18 +35,26 @@ def computed(n: int) -> None:
 
 
 class Progress:
-    """Prints one refreshing line to stderr while a job runs, if stderr is a terminal."""
+    """Prints one refreshing line to stderr while a job runs, if stderr is a terminal.
 
-    def __init__(self, total: int | None, *, interval: float = 0.5, stream=None):
+    Its rows/s, and the ETA from it, count from the first rows the line saw, once a second has passed
+    since: before them the job loads the model and compiles, which says nothing of the rate to come.
+    clock: seconds, monotonic (default `time.perf_counter`).
+    """
+
+    def __init__(self, total: int | None, *, interval: float = 0.5, stream=None, clock=time.perf_counter):
         self._total, self._interval = total, interval
         self._stream = stream or sys.stderr
+        self._clock = clock
+        self._first: tuple[float, int] | None = None  # (time, rows) when the line first saw rows
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self):
         global _done, _computed, _tokens
         _done, _computed, _tokens = 0, 0, 0
-        self._t0 = time.perf_counter()
+        self._t0 = self._clock()
+        self._first = None
         if self._stream.isatty():
             self._thread.start()
         return self
@@ -58,11 +66,15 @@ class Progress:
             self._stream.write("\n")
 
     def line(self) -> str:
-        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        now = self._clock()
+        elapsed = max(now - self._t0, 1e-9)
         n = max(_done, _computed)  # computed rows may pass the rows seen (a failed batch's rows rerun)
         if self._total:
             n = min(n, max(_done, self._total))
-        rate = n / elapsed
+        if n and self._first is None:
+            self._first = (now, n)
+        since, base = self._first or (now, n)
+        rate = (n - base) / (now - since) if now - since >= 1.0 and n > base else n / elapsed
         text = f"{n:,} rows  {rate:,.0f} rows/s"
         if self._total:
             text = f"{n:,}/{self._total:,} rows ({100 * n / self._total:.0f}%)  {rate:,.0f} rows/s"

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 
+from bulkinfer import __version__
 from bulkinfer.cli.args import _beam_flags_error
 from bulkinfer.cli.distill import _distill, _distill_parser
 from bulkinfer.cli.evaluate import _eval, _eval_parser
@@ -24,6 +25,7 @@ from bulkinfer.cli.stats import _stats, _stats_parser
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bulkinfer", description="Bulk (offline) ML inference on Apache Beam.")
+    parser.add_argument("--version", action="version", version=f"bulkinfer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = {"run": _run_parser(sub), "eval": _eval_parser(sub), "serve": _serve_parser(sub),
                        "distill": _distill_parser(sub), "stats": _stats_parser(sub), "plan": _plan_parser(sub),

@@ -43,7 +43,8 @@ Outputs in DIR:
 Examples:
   bulkinfer run --model minilm --input 'data/sample/*.jsonl' --output out/demo
   bulkinfer run --model minilm --server http://127.0.0.1:8000 --input 'data/sample/*.jsonl' --output out/remote
-  bulkinfer run --model digits --input 'digits/*.parquet' --output out/digits --keep-fields target
+  bulkinfer run --model digits --input 'data/digits/*.jsonl' --output out/digits
+      (its rows' own "label" would clash with the model's output of that name: `bulkinfer eval` compares them)
 """
 
 

@@ -61,3 +61,14 @@ def test_bulk_inference_reports_each_completed_engine_batch_to_the_progress_line
     finally:
         Engine.run = run
     assert seen == [(50, 0)]  # all 50 rows computed (7 batches of 8) before any left the flush
+
+
+def test_the_rate_and_eta_count_from_the_first_rows_not_from_the_load():
+    now = [0.0]
+    with progress.Progress(total=1000, stream=io.StringIO(), clock=lambda: now[0]) as p:
+        now[0] = 10.0  # ten seconds of model load and compiles, then the first batch completes
+        progress.computed(100)
+        assert p.line() == "100/1,000 rows (10%)  10 rows/s  ETA 1:30"  # nothing to go on yet but the mean
+        now[0] = 12.0
+        progress.computed(100)
+        assert p.line() == "200/1,000 rows (20%)  50 rows/s  ETA 0:16"  # 100 rows in the 2 s since the first
