@@ -316,7 +316,7 @@ class Engine:
         with self._lock:
             t0 = time.perf_counter()
             compiles, loads, compile_s = self.stats.compiles, self.stats.cache_loads, self.stats.compile_s
-            out = self._run_locked(arrays, lengths, call, stats.on_rows if stats is not None else None)
+            out = _Call(self, arrays, lengths, call, stats.on_rows if stats is not None else None).run()
             call.rows = len(lengths)
             call.real_tokens = int(lengths.sum())
             call.compiles = self.stats.compiles - compiles
@@ -326,77 +326,6 @@ class Engine:
             self.stats.add(call, compiles=False)
         if stats is not None:
             stats.add(call)
-        return out
-
-    def _run_locked(self, arrays, lengths: np.ndarray, call: EngineStats,
-                    on_rows: Callable[[int], None] | None) -> dict[str, np.ndarray]:
-        n = len(lengths)
-        out: dict[str, np.ndarray] = {}
-        todo = collections.deque([np.arange(n)])  # groups of rows still to plan and run
-        pending: collections.deque[_InFlight] = collections.deque()
-
-        def drain_one():
-            job = pending[0]  # still pending while waited for: an interrupted wait leaves it to `_abandon`
-            try:
-                ticket = job.future.result()  # raises what padding or the call raised
-                ticket.wait()
-                error = ticket.error
-            except Exception as e:
-                error = e
-            pending.popleft()
-            if error is not None:
-                if not is_out_of_memory(error):
-                    raise error
-                self._back_off(job.budget, job.shape, error, call)
-                todo.append(job.rows)
-                return
-            for name, value in ticket.output.items():
-                host = np.asarray(value)  # [B, ...]; already copied, does not block
-                if name not in out:
-                    out[name] = np.empty((n,) + host.shape[1:], host.dtype)
-                out[name][job.rows] = host[: len(job.rows)]
-            call.batches += 1
-            call.padded_tokens += job.shape[2] if self.packed else job.shape[0] * job.shape[1]
-            call.busy_s += ticket.busy_s
-            if on_rows is not None:
-                try:
-                    on_rows(len(job.rows))
-                except Exception:  # noqa: BLE001 -- a progress hook must not fail the rows
-                    log.exception("stats.on_rows raised; the batch's rows are kept")
-
-        try:
-            while todo or pending:
-                if not todo:
-                    drain_one()
-                    continue
-                group = todo.popleft()
-                bucketing = self.bucketing
-                plan = (bucketing.pack(lengths[group]) if self.packed else
-                        [(batch, length, None, idx) for batch, length, idx in bucketing.plan(lengths[group])])
-                for k, (batch, length, tokens, idx) in enumerate(plan):
-                    rows = group[idx]
-                    shape = (batch, length, tokens) if self.packed else (batch, length)
-                    try:
-                        exe = self._executable(batch, length, tokens)
-                    except Exception as e:
-                        if not is_out_of_memory(e):
-                            raise
-                        self._back_off(bucketing.token_budget, shape, e, call)
-                        # This batch and the rest of the plan were cut for the old budget: replan them.
-                        todo.append(np.concatenate([rows] + [group[rest] for *_, rest in plan[k + 1:]]))
-                        break
-                    future = self._dispatcher().submit(self._dispatch, exe, arrays, rows, lengths[rows], shape)
-                    pending.append(_InFlight(rows, shape, bucketing.token_budget, future))
-                    if len(pending) > self._max_in_flight:
-                        drain_one()
-                        if self.bucketing is not bucketing and k + 1 < len(plan):
-                            # A batch failed while running and the budget was halved: the rest of this plan
-                            # was cut for the old budget, so replan it instead of running into the same failure.
-                            todo.append(np.concatenate([group[rest] for *_, rest in plan[k + 1:]]))
-                            break
-        except BaseException:
-            _abandon(pending)
-            raise
         return out
 
     def _dispatcher(self) -> ThreadPoolExecutor:
@@ -449,3 +378,93 @@ class Engine:
                     "to %d for the rest of the run and rerunning its rows: %s",
                     what, budget, half.token_budget, str(error).splitlines()[0][:200])
         self.bucketing = half
+
+
+class _Call:
+    """One `Engine.run` call: plans its rows into batches (again, with the halved budget, after an
+    out-of-memory back-off), keeps up to `max_in_flight + 1` of them dispatched, and gathers their outputs
+    into [N, ...] arrays in the caller's row order."""
+
+    def __init__(self, engine: Engine, arrays, lengths: np.ndarray, stats: EngineStats,
+                 on_rows: Callable[[int], None] | None):
+        self.engine, self.arrays, self.lengths = engine, arrays, lengths
+        self.stats, self.on_rows = stats, on_rows
+        self.out: dict[str, np.ndarray] = {}
+        self.todo = collections.deque([np.arange(len(lengths))])  # groups of rows still to plan and run
+        self.pending: collections.deque[_InFlight] = collections.deque()
+
+    def run(self) -> dict[str, np.ndarray]:
+        try:
+            while self.todo or self.pending:
+                if self.todo:
+                    self._dispatch_group(self.todo.popleft())
+                else:
+                    self._drain_one()
+        except BaseException:
+            _abandon(self.pending)
+            raise
+        return self.out
+
+    def _dispatch_group(self, group: np.ndarray) -> None:
+        """Plans `group` (row indices) and dispatches its batches, draining the oldest past max_in_flight.
+        After a back-off the rest of the plan, cut for the old budget, goes back to `todo` to be replanned."""
+        engine, lengths = self.engine, self.lengths
+        bucketing = engine.bucketing
+        plan = (bucketing.pack(lengths[group]) if engine.packed else
+                [(batch, length, None, idx) for batch, length, idx in bucketing.plan(lengths[group])])
+        for k, (batch, length, tokens, idx) in enumerate(plan):
+            rows = group[idx]
+            shape = (batch, length, tokens) if engine.packed else (batch, length)
+            try:
+                exe = engine._executable(batch, length, tokens)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                engine._back_off(bucketing.token_budget, shape, e, self.stats)
+                self.todo.append(np.concatenate([rows] + [group[rest] for *_, rest in plan[k + 1:]]))
+                return
+            future = engine._dispatcher().submit(engine._dispatch, exe, self.arrays, rows, lengths[rows], shape)
+            self.pending.append(_InFlight(rows, shape, bucketing.token_budget, future))
+            if len(self.pending) > engine._max_in_flight:
+                self._drain_one()
+                if engine.bucketing is not bucketing and k + 1 < len(plan):
+                    # A batch failed while running and the budget was halved: replan the rest of this plan
+                    # instead of running into the same failure.
+                    self.todo.append(np.concatenate([group[rest] for *_, rest in plan[k + 1:]]))
+                    return
+
+    def _drain_one(self) -> None:
+        """Waits for the oldest batch in flight; keeps its outputs, or backs off and requeues its rows on
+        out-of-memory; raises any other error."""
+        job = self.pending[0]  # still pending while waited for: an interrupted wait leaves it to `_abandon`
+        try:
+            ticket = job.future.result()  # raises what padding or the call raised
+            ticket.wait()
+            error = ticket.error
+        except Exception as e:
+            error = e
+        self.pending.popleft()
+        if error is not None:
+            if not is_out_of_memory(error):
+                raise error
+            self.engine._back_off(job.budget, job.shape, error, self.stats)
+            self.todo.append(job.rows)
+            return
+        self._keep(job, ticket)
+
+    def _keep(self, job: _InFlight, ticket) -> None:
+        """A completed batch's outputs into their rows of `out`, its counts into the call's stats."""
+        n = len(self.lengths)
+        for name, value in ticket.output.items():
+            host = np.asarray(value)  # [B, ...]; already copied, does not block
+            if name not in self.out:
+                self.out[name] = np.empty((n,) + host.shape[1:], host.dtype)
+            self.out[name][job.rows] = host[: len(job.rows)]
+        self.stats.batches += 1
+        self.stats.padded_tokens += job.shape[2] if self.engine.packed else job.shape[0] * job.shape[1]
+        self.stats.busy_s += ticket.busy_s
+        if self.on_rows is not None:
+            try:
+                self.on_rows(len(job.rows))
+            except Exception:  # noqa: BLE001 -- a progress hook must not fail the rows
+                log.exception("stats.on_rows raised; the batch's rows are kept")

@@ -230,7 +230,7 @@ def distill(model, job: run_job.JobSpec, spec: DistillSpec = DistillSpec(),
         _ = (p | "Units" >> beam.Create(todo)
              | "WriteShards" >> beam.ParDo(_WriteUnitShards(out, spec.format, spec.rows_per_shard)))
         kept = "units whose shards were written are kept; rerun the same command to resume"
-        run_interruptibly(p, kept=kept, failed=lambda e: run_job.JobFailed(
+        run_interruptibly(p, kept=lambda: kept, failed=lambda e: run_job.JobFailed(
             f"writing shards failed: {run_job._cause(e)}; {kept}"))
     manifest = _manifest(model, job, spec, files, wanted, report)
     path = FileSystems.join(out, MANIFEST)

@@ -212,7 +212,7 @@ def _evaluate_files(files: list[str], out: str, *, num_classes: int, label_field
     metrics, failed = rows | "Evaluate" >> evaluate_.with_exception_handling()
     _ = failed | "WriteFailed" >> io.WriteDataset(out, format="jsonl", prefix="failed-eval")
     _ = metrics | "WriteResult" >> beam.Map(_write_result, result_path)
-    run_interruptibly(p, kept="the predictions are kept; rerun the same command", failed=lambda e: run_job.JobFailed(
+    run_interruptibly(p, kept=lambda: "the predictions are kept; rerun the same command", failed=lambda e: run_job.JobFailed(
         f"the evaluation pipeline over {len(files)} prediction files failed: {run_job._cause(e)}; rerun the same "
         "command (the predictions are kept)"))
     with FileSystems.open(result_path) as f:

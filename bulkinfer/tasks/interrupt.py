@@ -59,10 +59,11 @@ def cancel(result) -> None:
                     "it there before rerunning", type(e).__name__, e)
 
 
-def run_interruptibly(p, *, kept: str, failed: Callable[[Exception], Exception]) -> None:
-    """Runs pipeline `p` to completion.  Ctrl-C: cancels it where a runner still runs it and raises
-    KeyboardInterrupt with `kept` as its text; any other failure raises `failed(error)` from it."""
-    with interruptible(lambda: kept) as interrupt:
+def run_interruptibly(p, *, kept: Callable[[], str], failed: Callable[[Exception], Exception]):
+    """Runs pipeline `p` to completion and returns its PipelineResult.  Ctrl-C: cancels it where a runner
+    still runs it and raises KeyboardInterrupt with `kept()` as its text; any other failure raises
+    `failed(error)` from it."""
+    with interruptible(kept) as interrupt:
         result = None
         try:
             result = p.run()
@@ -75,6 +76,7 @@ def run_interruptibly(p, *, kept: str, failed: Callable[[Exception], Exception])
                 cancel(result)
                 raise KeyboardInterrupt from e
             raise failed(e) from e
+    return result
 
 
 @contextlib.contextmanager

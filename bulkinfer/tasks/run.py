@@ -33,7 +33,7 @@ from bulkinfer.beam.transform import BulkInference
 from bulkinfer.beam.units import UNIT_SIZE, Unit, delete, escape_glob, plan_units
 from bulkinfer.errors import BadSettings, ModelUnavailable
 from bulkinfer.tasks.beam_log import quiet_own_errors
-from bulkinfer.tasks.interrupt import cancel, interruptible, was_interrupted
+from bulkinfer.tasks.interrupt import interruptible, run_interruptibly
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
@@ -258,7 +258,7 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
         return f"units committed so far are kept ({len(commit.committed(job.out))}); rerun the same command to resume"
 
     own = (BadSettings, ModelUnavailable, commit.UnitNotReconciled, commit.TooManyFailures)  # said in one line
-    with live, interruptible(kept) as interrupt, quiet_own_errors(own):
+    with live, interruptible(kept), quiet_own_errors(own):  # interruptible: Ctrl-C between waves too
         before = [r for key, r in commit.committed(job.out).items() if key in keys]
         seen, failed = sum(r["rows_in"] for r in before), sum(r["rows_failed"] for r in before)
         for k, wave in enumerate(waves):
@@ -267,29 +267,7 @@ def run(model, job: JobSpec, pipeline_args: list[str] | None = None, *,
                                         prior_failed=failed)
             p = beam.Pipeline(runner=_default_runner(options), options=options)
             build(p, model, job, wave, limit=limit, transform=transform, preprocess=preprocess)
-            result = None
-            try:
-                result = p.run()
-                result.wait_until_finish()
-            except KeyboardInterrupt:  # a cluster runner's job outlives the launcher's wait
-                cancel(result)
-                raise
-            except Exception as e:  # noqa: BLE001 -- any pipeline failure: say what failed, keep what committed
-                if was_interrupted(interrupt, e):  # Ctrl-C, which the runner hands back as a RuntimeError naming it
-                    cancel(result)
-                    raise KeyboardInterrupt from e
-                cause = _cause(e)
-                settings = cause.startswith(("BadSettings", "bulkinfer.errors.BadSettings"))  # no rerun fixes it
-                systemic = "TooManyFailures" in cause  # nor this one, until its cause is fixed
-                if (settings or systemic) and not commit.committed(job.out):
-                    # Nothing done, and the settings may be what is wrong: a corrected command starts afresh.
-                    delete([FileSystems.join(job.out, name) for name in (JOB_FILE, PLAN_FILE)
-                            if FileSystems.exists(FileSystems.join(job.out, name))])
-                if settings:
-                    raise BadSettings(cause.split(": ", 1)[-1]) from e
-                then = (f"units committed so far are kept ({len(commit.committed(job.out))})" if systemic
-                        else kept())
-                raise JobFailed(f"wave {k + 1} of {len(waves)} failed: {cause}; {then}") from e
+            result = run_interruptibly(p, kept=kept, failed=lambda e, k=k: _wave_failed(e, job, k, len(waves)))
             for record in commit.records_of(job.out, [u.key for u in wave]):
                 seen, failed = seen + record["rows_in"], failed + record["rows_failed"]
             for name, value in _counters(result).items():
@@ -314,6 +292,23 @@ def _default_runner(options: PipelineOptions):
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     return FnApiRunner()
+
+
+def _wave_failed(error: Exception, job: JobSpec, k: int, waves: int) -> Exception:
+    """What wave k's pipeline failure becomes: BadSettings for a bad setting, else JobFailed saying what is
+    kept.  A bad setting or a systemic failure with nothing committed also removes the run's settings, so
+    that the corrected command starts afresh instead of being refused as "other settings"."""
+    cause = _cause(error)
+    settings = cause.startswith(("BadSettings", "bulkinfer.errors.BadSettings"))  # no rerun fixes it
+    systemic = "TooManyFailures" in cause  # nor this one, until its cause is fixed
+    committed = len(commit.committed(job.out))
+    if (settings or systemic) and not committed:
+        delete([FileSystems.join(job.out, name) for name in (JOB_FILE, PLAN_FILE)
+                if FileSystems.exists(FileSystems.join(job.out, name))])
+    if settings:
+        return BadSettings(cause.split(": ", 1)[-1])
+    then = "" if systemic else "; rerun the same command to resume"
+    return JobFailed(f"wave {k + 1} of {waves} failed: {cause}; units committed so far are kept ({committed}){then}")
 
 
 def _cause(error: BaseException) -> str:

@@ -192,7 +192,7 @@ def aggregate(files: list[str], layout: Layout, spec: StatsSpec, pipeline_args: 
     result, failed = p | "ReadPredictions" >> io.ReadDataset(files=files) | statistics.with_exception_handling()
     _ = failed | "WriteFailed" >> io.WriteDataset(out, format="jsonl", prefix="failed-stats")
     _ = result | "HandBack" >> beam.Map(_hand_back, handoff)
-    run_interruptibly(p, kept="the predictions are kept; rerun the same command", failed=lambda e: JobFailed(
+    run_interruptibly(p, kept=lambda: "the predictions are kept; rerun the same command", failed=lambda e: JobFailed(
         f"the statistics pipeline over {len(files)} prediction files failed: {run_job._cause(e)}; rerun the same "
         "command (the predictions are kept)"))
     with FileSystems.open(handoff) as f:

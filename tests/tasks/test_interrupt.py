@@ -94,6 +94,6 @@ def test_a_failing_pipeline_raises_what_failed_makes_of_it_and_no_interrupt():
     p = beam.Pipeline(runner="FnApiRunner")
     _ = p | beam.Create([1]) | beam.ParDo(_Fails())
     with pytest.raises(LookupError, match="^failed: .*row 1 is bad") as raised:
-        run_interruptibly(p, kept="kept", failed=lambda e: LookupError(f"failed: {e}"))
+        run_interruptibly(p, kept=lambda: "kept", failed=lambda e: LookupError(f"failed: {e}"))
     assert "row 1 is bad" in str(raised.value.__cause__)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
