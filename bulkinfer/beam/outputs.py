@@ -59,6 +59,8 @@ def attach(batch: Batch, valid: list[int] | None, preds: Mapping[str, np.ndarray
 def absent_fields(batch: Batch, fields: Sequence[str]) -> list[str]:
     """The fields in no row of the batch (a table's missing columns; for dict rows, a field no row has):
     kept fields written as null throughout, most likely a misspelt name."""
+    if not fields:
+        return []
     if batch.table is not None:
         return [f for f in fields if f not in batch.table.column_names]
     seen = set().union(*(row.keys() for row in batch.rows if isinstance(row, dict)))

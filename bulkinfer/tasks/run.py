@@ -38,7 +38,8 @@ from bulkinfer.tasks.interrupt import interruptible, run_interruptibly
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
 PLAN_FILE = "_plan.json"  # the unit keys of the latest run, to tell resumed units from new ones
-_OURS = ("part-*", "failed-*", ".tmp-*", "report.json", "_*")  # what runs write in DIR (prepare_output)
+# What runs write in DIR: deleted by --overwrite, and not named as others' files.
+_OURS = ("part-*", "failed-*", ".tmp-*", "report.json", JOB_FILE, PLAN_FILE, f"{commit.COMMITTED}/*")
 _LISTED = 50  # entries of DIR listed to warn of others' files: enough to name a few, cheap on a bucket
 
 
@@ -153,8 +154,7 @@ def prepare_output(model, job: JobSpec, units: list[Unit]) -> Plan:
     _check_writable(out)
     settings_path = FileSystems.join(out, JOB_FILE)
     if job.overwrite:
-        ours = [m.path for pattern in ("part-*", "failed-*", ".tmp-*", "report.json", JOB_FILE, PLAN_FILE,
-                                       "_committed/*")
+        ours = [m.path for pattern in _OURS
                 for m in FileSystems.match([FileSystems.join(escape_glob(out), pattern)])[0].metadata_list]
         if ours:
             delete(ours)
@@ -172,7 +172,7 @@ def prepare_output(model, job: JobSpec, units: list[Unit]) -> Plan:
     else:  # nothing of ours to clash with, but a mistyped --output is likelier than a shared folder
         listed = FileSystems.match([FileSystems.join(escape_glob(out), "*")], limits=[_LISTED])[0].metadata_list
         names = sorted(n for n in (m.path.rstrip("/").rsplit("/", 1)[-1] for m in listed)
-                       if not any(fnmatch.fnmatchcase(n, ours) for ours in _OURS))
+                       if not any(fnmatch.fnmatchcase(n, ours.split("/")[0]) for ours in _OURS))
         if names:
             log.warning("%s already holds entries that no bulkinfer run wrote (%s%s); the job writes its outputs "
                         "beside them", out, ", ".join(names[:3]), ", ..." if len(names) > 3 else "")
